@@ -1,0 +1,104 @@
+"""``ButterflyLinear``: an ``nn.Linear`` whose weight is a chain of KS factors.
+
+State dict layout (the artifact uses the same names): ``factors.{ℓ}.twiddle`` of
+shape ``(a, d, b, c)`` for ``ℓ = 0 … L-1`` and ``bias``. The forward pass is
+``y = x @ (X_1 … X_L).T + bias`` through the reference einsum product in
+``butterfly.py``; the CUDA kernels plug in there when they are available.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lyoncompress.butterfly import Chain
+from lyoncompress.errors import PatternError
+from lyoncompress.factorize import project
+
+
+class _Factor(nn.Module):
+    """Holds one twiddle so that its state-dict name is ``factors.{ℓ}.twiddle``."""
+
+    def __init__(self, twiddle: torch.Tensor) -> None:
+        super().__init__()
+        self.twiddle = nn.Parameter(twiddle)
+
+
+class ButterflyLinear(nn.Module):
+    """Linear layer ``y = x W^T + bias`` with ``W = X_1 … X_L`` Kronecker-sparse.
+
+    Args:
+        in_features, out_features: as in ``nn.Linear``; must equal ``chain.shape[::-1]``.
+        chain: the factor patterns.
+        bias: whether to learn an additive bias.
+        dtype, device: of the parameters (twiddles start at zero).
+
+    Example:
+        >>> layer = ButterflyLinear.from_linear(nn.Linear(16, 16), square_butterfly(16))
+        >>> layer(torch.randn(3, 16)).shape
+        torch.Size([3, 16])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        chain: Chain,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if chain.shape != (out_features, in_features):
+            raise PatternError(
+                f"chain {chain} has shape {chain.shape}, but the layer maps "
+                f"{in_features} -> {out_features} features (needs ({out_features}, {in_features}))"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.chain = chain
+        self.factors = nn.ModuleList(
+            _Factor(torch.zeros(shape, dtype=dtype, device=device)) for shape in chain.twiddle_shapes
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_twiddles(
+        cls, chain: Chain, twiddles: list[torch.Tensor], bias: torch.Tensor | None = None
+    ) -> "ButterflyLinear":
+        """Layer holding the given twiddles (copied) and optional bias."""
+        chain.check_twiddles(twiddles)
+        m, n = chain.shape
+        layer = cls(n, m, chain, bias=bias is not None, dtype=twiddles[0].dtype, device=twiddles[0].device)
+        with torch.no_grad():
+            for factor, twiddle in zip(layer.factors, twiddles):
+                factor.twiddle.copy_(twiddle)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, chain: Chain, order: str = "left-to-right") -> "ButterflyLinear":
+        """Project ``linear.weight`` onto ``chain`` (error-guaranteed projection) and keep its bias."""
+        with torch.no_grad():
+            projection = project(linear.weight.detach(), chain, order)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls.from_twiddles(chain, projection.twiddles, bias)
+
+    @property
+    def twiddles(self) -> list[torch.Tensor]:
+        return [factor.twiddle for factor in self.factors]
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight ``X_1 … X_L``."""
+        return self.chain.to_dense(self.twiddles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.chain.apply(self.twiddles, x)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"chain={self.chain}, params={self.chain.params}, bias={self.bias is not None}"
+        )
