@@ -1,9 +1,11 @@
 """``ButterflyLinear``: an ``nn.Linear`` whose weight is a chain of KS factors.
 
 State dict layout (the artifact uses the same names): ``factors.{ℓ}.twiddle`` of
-shape ``(a, d, b, c)`` for ``ℓ = 0 … L-1`` and ``bias``. The forward pass is
-``y = x @ (X_1 … X_L).T + bias`` through the reference einsum product in
-``butterfly.py``; the CUDA kernels plug in there when they are available.
+shape ``(a, d, b, c)`` for ``ℓ = 0 … L-1``, optionally ``lowrank.0.twiddle``
+``(1, 1, m, r)`` and ``lowrank.1.twiddle`` ``(1, 1, r, n)`` for a rank-``r`` term
+``U V`` added to the chain (the butterfly + low-rank hybrid), and ``bias``. The
+forward pass is ``y = x @ (X_1 … X_L + U V).T + bias`` through the reference
+einsum product in ``butterfly.py``; the CUDA kernels plug in there when available.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lyoncompress.butterfly import Chain
+from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import PatternError
 from lyoncompress.factorize import project
 
@@ -25,12 +27,13 @@ class _Factor(nn.Module):
 
 
 class ButterflyLinear(nn.Module):
-    """Linear layer ``y = x W^T + bias`` with ``W = X_1 … X_L`` Kronecker-sparse.
+    """Linear layer ``y = x W^T + bias`` with ``W = X_1 … X_L (+ U V)`` Kronecker-sparse.
 
     Args:
         in_features, out_features: as in ``nn.Linear``; must equal ``chain.shape[::-1]``.
         chain: the factor patterns.
         bias: whether to learn an additive bias.
+        lowrank_rank: rank ``r`` of an extra low-rank term ``U V`` (0: none).
         dtype, device: of the parameters (twiddles start at zero).
 
     Example:
@@ -47,6 +50,7 @@ class ButterflyLinear(nn.Module):
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        lowrank_rank: int = 0,
     ) -> None:
         super().__init__()
         if chain.shape != (out_features, in_features):
@@ -57,22 +61,40 @@ class ButterflyLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.chain = chain
-        self.factors = nn.ModuleList(
-            _Factor(torch.zeros(shape, dtype=dtype, device=device)) for shape in chain.twiddle_shapes
-        )
+        self.factors = _factor_list(chain, dtype, device)
+        self.lowrank_chain = lowrank(out_features, in_features, lowrank_rank) if lowrank_rank else None
+        self.lowrank = _factor_list(self.lowrank_chain, dtype, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_twiddles(
-        cls, chain: Chain, twiddles: list[torch.Tensor], bias: torch.Tensor | None = None
+        cls,
+        chain: Chain,
+        twiddles: list[torch.Tensor],
+        bias: torch.Tensor | None = None,
+        lowrank_twiddles: list[torch.Tensor] | None = None,
     ) -> "ButterflyLinear":
-        """Layer holding the given twiddles (copied) and optional bias."""
+        """Layer holding copies of the given twiddles, optional bias and optional
+        low-rank term (twiddles ``(1, 1, m, r)`` and ``(1, 1, r, n)``)."""
         chain.check_twiddles(twiddles)
         m, n = chain.shape
-        layer = cls(n, m, chain, bias=bias is not None, dtype=twiddles[0].dtype, device=twiddles[0].device)
+        rank = lowrank_twiddles[0].shape[-1] if lowrank_twiddles else 0
+        layer = cls(
+            n,
+            m,
+            chain,
+            bias=bias is not None,
+            dtype=twiddles[0].dtype,
+            device=twiddles[0].device,
+            lowrank_rank=rank,
+        )
         with torch.no_grad():
             for factor, twiddle in zip(layer.factors, twiddles):
                 factor.twiddle.copy_(twiddle)
+            if lowrank_twiddles:
+                layer.lowrank_chain.check_twiddles(lowrank_twiddles)
+                for factor, twiddle in zip(layer.lowrank, lowrank_twiddles):
+                    factor.twiddle.copy_(twiddle)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
@@ -89,16 +111,37 @@ class ButterflyLinear(nn.Module):
     def twiddles(self) -> list[torch.Tensor]:
         return [factor.twiddle for factor in self.factors]
 
+    @property
+    def lowrank_twiddles(self) -> list[torch.Tensor]:
+        return [factor.twiddle for factor in self.lowrank] if self.lowrank is not None else []
+
+    @property
+    def params(self) -> int:
+        """Stored weight parameters (twiddles and low-rank term, bias excluded)."""
+        return self.chain.params + (self.lowrank_chain.params if self.lowrank_chain else 0)
+
     def to_dense(self) -> torch.Tensor:
-        """The ``(out_features, in_features)`` weight ``X_1 … X_L``."""
-        return self.chain.to_dense(self.twiddles)
+        """The ``(out_features, in_features)`` weight ``X_1 … X_L (+ U V)``."""
+        dense = self.chain.to_dense(self.twiddles)
+        if self.lowrank_chain is not None:
+            dense = dense + self.lowrank_chain.to_dense(self.lowrank_twiddles)
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.chain.apply(self.twiddles, x)
+        if self.lowrank_chain is not None:
+            y = y + self.lowrank_chain.apply(self.lowrank_twiddles, x)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"chain={self.chain}, params={self.chain.params}, bias={self.bias is not None}"
+            f"chain={self.chain}, lowrank={self.lowrank_chain.patterns[0].c if self.lowrank_chain else 0}, "
+            f"params={self.params}, bias={self.bias is not None}"
         )
+
+
+def _factor_list(chain: Chain, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.ModuleList:
+    return nn.ModuleList(
+        _Factor(torch.zeros(shape, dtype=dtype, device=device)) for shape in chain.twiddle_shapes
+    )
