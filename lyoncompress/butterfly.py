@@ -17,10 +17,9 @@ it imports nothing from the package except the error types.
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -40,9 +39,7 @@ class KSPattern:
         for name in ("a", "b", "c", "d"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PatternError(
-                    f"KSPattern{self.as_tuple()}: {name}={value!r} must be a positive integer"
-                )
+                raise PatternError(f"KSPattern{self.as_tuple()}: {name}={value!r} must be a positive integer")
 
     def as_tuple(self) -> tuple[int, int, int, int]:
         return (self.a, self.b, self.c, self.d)
@@ -63,7 +60,7 @@ class KSPattern:
     def nnz(self) -> int:
         return self.a * self.b * self.c * self.d
 
-    def transpose(self) -> "KSPattern":
+    def transpose(self) -> KSPattern:
         """Pattern of ``X.T``; its twiddle is ``twiddle.transpose(-1, -2)``."""
         return KSPattern(self.a, self.c, self.b, self.d)
 
@@ -97,9 +94,7 @@ class KSPattern:
         """``x @ X.T``: ``x (B, a*c*d) -> y (B, a*b*d)`` as one einsum."""
         a, b, c, d = self.as_tuple()
         if x.shape[-1] != a * c * d:
-            raise PatternError(
-                f"pattern {self} takes inputs with {a * c * d} features, got {x.shape[-1]}"
-            )
+            raise PatternError(f"pattern {self} takes inputs with {a * c * d} features, got {x.shape[-1]}")
         lead = x.shape[:-1]
         x4 = x.reshape(-1, a, c, d)  # (B, a, c, d)
         y4 = torch.einsum("adbc,Bacd->Babd", twiddle, x4)  # (B, a, b, d)
@@ -108,8 +103,7 @@ class KSPattern:
     def check_twiddle(self, twiddle: torch.Tensor) -> None:
         if tuple(twiddle.shape) != self.twiddle_shape:
             raise PatternError(
-                f"pattern {self} needs a twiddle of shape {self.twiddle_shape}, "
-                f"got {tuple(twiddle.shape)}"
+                f"pattern {self} needs a twiddle of shape {self.twiddle_shape}, got {tuple(twiddle.shape)}"
             )
 
 
@@ -120,9 +114,7 @@ class Chain:
     patterns: tuple[KSPattern, ...]
 
     def __post_init__(self) -> None:
-        patterns = tuple(
-            p if isinstance(p, KSPattern) else KSPattern(*p) for p in self.patterns
-        )
+        patterns = tuple(p if isinstance(p, KSPattern) else KSPattern(*p) for p in self.patterns)
         object.__setattr__(self, "patterns", patterns)
         if not patterns:
             raise PatternError("a chain needs at least one factor (depth 0 given)")
@@ -134,7 +126,7 @@ class Chain:
                 )
 
     @classmethod
-    def of(cls, *patterns: Sequence[int] | KSPattern) -> "Chain":
+    def of(cls, *patterns: Sequence[int] | KSPattern) -> Chain:
         """``Chain.of((1, 2, 2, 4), (2, 2, 2, 2), …)``."""
         return cls(tuple(p if isinstance(p, KSPattern) else KSPattern(*p) for p in patterns))
 
@@ -185,7 +177,7 @@ class Chain:
         self.check_chainable()
         return [l.a * l.c // r.a for l, r in zip(self.patterns, self.patterns[1:])]
 
-    def transpose(self) -> "Chain":
+    def transpose(self) -> Chain:
         """Chain of ``W.T = X_L.T … X_1.T``; twiddles map by ``transpose_twiddles``."""
         return Chain(tuple(p.transpose() for p in reversed(self.patterns)))
 
@@ -225,17 +217,13 @@ def square_butterfly(n: int, radix: int = 2) -> Chain:
             f"a radix-{radix} butterfly needs a size that is a power of {radix}, got {n}; "
             "use search_chains() for other sizes"
         )
-    return Chain.of(
-        *[(radix ** (i - 1), radix, radix, radix ** (depth - i)) for i in range(1, depth + 1)]
-    )
+    return Chain.of(*[(radix ** (i - 1), radix, radix, radix ** (depth - i)) for i in range(1, depth + 1)])
 
 
 def monarch(m: int, n: int, blocks: int, rank: int = 1) -> Chain:
     """Monarch ``(1, m/k, k·r, k) (k, k·r, n/k, 1)`` with ``k = blocks`` block-diagonal parts."""
     if blocks < 1 or m % blocks or n % blocks:
-        raise PatternError(
-            f"Monarch with {blocks} blocks needs the block count to divide both {m} and {n}"
-        )
+        raise PatternError(f"Monarch with {blocks} blocks needs the block count to divide both {m} and {n}")
     if rank < 1:
         raise PatternError(f"Monarch rank must be >= 1, got {rank}")
     k = blocks
@@ -263,9 +251,7 @@ def _divisors(value: int) -> list[int]:
     return [k for k in range(1, value + 1) if value % k == 0]
 
 
-def chain_from_splits(
-    m: int, n: int, p: Sequence[int], q: Sequence[int], r: Sequence[int]
-) -> Chain:
+def chain_from_splits(m: int, n: int, p: Sequence[int], q: Sequence[int], r: Sequence[int]) -> Chain:
     """The chainable chain with dense support (``a_1 = d_L = 1``) given per split ``ℓ``:
     ``p_ℓ = a_{ℓ+1}/a_ℓ``, ``q_ℓ = d_ℓ/d_{ℓ+1}`` and the rank ``r_ℓ``.
 

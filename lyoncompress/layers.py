@@ -73,7 +73,7 @@ class ButterflyLinear(nn.Module):
         twiddles: list[torch.Tensor],
         bias: torch.Tensor | None = None,
         lowrank_twiddles: list[torch.Tensor] | None = None,
-    ) -> "ButterflyLinear":
+    ) -> ButterflyLinear:
         """Layer holding copies of the given twiddles, optional bias and optional
         low-rank term (twiddles ``(1, 1, m, r)`` and ``(1, 1, r, n)``)."""
         chain.check_twiddles(twiddles)
@@ -100,7 +100,7 @@ class ButterflyLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, chain: Chain, order: str = "left-to-right") -> "ButterflyLinear":
+    def from_linear(cls, linear: nn.Linear, chain: Chain, order: str = "left-to-right") -> ButterflyLinear:
         """Project ``linear.weight`` onto ``chain`` (error-guaranteed projection) and keep its bias."""
         with torch.no_grad():
             projection = project(linear.weight.detach(), chain, order)

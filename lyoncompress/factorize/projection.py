@@ -24,8 +24,9 @@ i.e. the KS pattern ``(A, M, N, D)`` whose twiddle ``T`` already is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -90,9 +91,7 @@ def project(
     if order not in ORDERS:
         raise InputError(f"unknown projection order {order!r}; choose one of {', '.join(ORDERS)}")
     if tuple(weight.shape) != chain.shape:
-        raise InputError(
-            f"chain {chain} has shape {chain.shape} but the matrix is {tuple(weight.shape)}"
-        )
+        raise InputError(f"chain {chain} has shape {chain.shape} but the matrix is {tuple(weight.shape)}")
     first, last = chain.patterns[0], chain.patterns[-1]
     if first.a != 1 or last.d != 1:
         raise InputError(
@@ -122,14 +121,10 @@ def _project(
     q = left_pat.d // outer_d  # d_ℓ inside this sub-problem
     rank = left_pat.a * left_pat.c // right_pat.a
     left, right = _split(target, p, q, rank, keep)
-    return _project(left, patterns[:split], order, keep) + _project(
-        right, patterns[split:], order, keep
-    )
+    return _project(left, patterns[:split], order, keep) + _project(right, patterns[split:], order, keep)
 
 
-def _split(
-    target: torch.Tensor, p: int, q: int, rank: int, keep: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(target: torch.Tensor, p: int, q: int, rank: int, keep: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Best split of ``target (A, D, M, N)`` into KS halves ``(1, M/q, p·r, q)`` and
     ``(p, r·q, N/p, 1)`` (per batch entry), by one batched truncated SVD. ``keep``
     says which half gets the orthonormal factor: ``left``, ``right`` or ``sqrt`` (neither).
