@@ -10,12 +10,16 @@ einsum product in ``butterfly.py``; the CUDA kernels plug in there when availabl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from lyoncompress.artifact import Artifact, load_artifact
 from lyoncompress.butterfly import Chain, lowrank
-from lyoncompress.errors import PatternError
+from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorize import project
+from lyoncompress.kernels import ks_chain_apply, use_cuda_kernels
 
 
 class _Factor(nn.Module):
@@ -128,7 +132,10 @@ class ButterflyLinear(nn.Module):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.chain.apply(self.twiddles, x)
+        if use_cuda_kernels(x):
+            y = ks_chain_apply(self.chain.patterns, self.twiddles, x)
+        else:
+            y = self.chain.apply(self.twiddles, x)
         if self.lowrank_chain is not None:
             y = y + self.lowrank_chain.apply(self.lowrank_twiddles, x)
         return y if self.bias is None else y + self.bias
@@ -145,3 +152,58 @@ def _factor_list(chain: Chain, dtype: torch.dtype | None, device: torch.device |
     return nn.ModuleList(
         _Factor(torch.zeros(shape, dtype=dtype, device=device)) for shape in chain.twiddle_shapes
     )
+
+
+def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Module:
+    """Swap the artifact's compressed layers into ``model`` and load every tensor, strictly.
+
+    Each compressed layer must be an ``nn.Linear`` of the recorded shape in ``model``;
+    it becomes a ``ButterflyLinear`` (quantized payloads are dequantized). Then the
+    whole state dict is loaded: a missing or an extra tensor is an ``InputError``.
+
+    Args:
+        model: the architecture the artifact was made from (weights may be on ``meta``).
+        artifact: an ``Artifact`` or the path of one.
+
+    Returns:
+        ``model``, modified in place.
+    """
+    art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    for name, entry in art.layers.items():
+        _swap_in(model, name, entry)
+    state = {name: art.load(name) for name in art.tensors.names()}
+    expected = set(model.state_dict())
+    # non-persistent buffers (e.g. BERT's position_ids) are saved by some exporters
+    buffers = {n for n, _ in model.named_buffers()} - expected
+    missing = sorted(expected - set(state))
+    extra = sorted(set(state) - expected - buffers)
+    if missing or extra:
+        raise InputError(
+            f"{art.path} does not match the model: "
+            + (f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"unexpected {extra[:5]}{' …' if len(extra) > 5 else ''}" if extra else "")
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    return model
+
+
+def _swap_in(model: nn.Module, name: str, entry: dict) -> None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise InputError(f"the artifact compresses layer {name!r}, which the model does not have") from err
+    shape = (entry["out_features"], entry["in_features"])
+    if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != shape:
+        raise InputError(f"layer {name!r} is {module!r} in the model, the artifact expects Linear{shape[::-1]}")
+    layer = ButterflyLinear(
+        entry["in_features"],
+        entry["out_features"],
+        Chain.of(*entry["chain"]),
+        bias=entry["bias"],
+        dtype=getattr(torch, entry["dtype"]),
+        device="meta",
+        lowrank_rank=entry["lowrank_rank"],
+    )
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, layer)
