@@ -348,3 +348,46 @@ def _chains_with_ranks(
 
     for ranks in extend((), 0):
         yield chain_from_splits(m, n, p, q, ranks)
+
+
+def budget_chains(m: int, n: int, depth: int, max_params: int) -> list[Chain]:
+    """Chains of ``depth`` factors with one rank ``r`` at every split, the largest ``r``
+    that fits ``max_params``, for every choice of non-trivial splits
+    (``p_ℓ, q_ℓ >= 2``, so every factor is truly sparse); most parameters first.
+
+    ``search_chains`` enumerates every rank combination, which explodes past depth 2
+    for real layer sizes (millions of chains for 1536×384 at depth 3); a uniform rank
+    keeps one candidate per split structure, which is what a parameter budget needs.
+    """
+    if depth < 1:
+        raise PatternError(f"depth must be >= 1, got {depth}; a chain needs at least one factor")
+    found = []
+    splits = depth - 1
+    for q in _ordered_factorizations(m, splits):
+        for p in _ordered_factorizations(n, splits):
+            if min((*p, *q), default=2) < 2:
+                continue
+            # params(r) = Σ_ℓ a_ℓ d_ℓ b_ℓ c_ℓ is a quadratic in r with non-negative
+            # coefficients: read them off r = 1, 2, 3 and solve for the largest r.
+            sizes = [chain_from_splits(m, n, p, q, [r] * splits).params for r in (1, 2, 3)]
+            if sizes[0] > max_params:
+                continue
+            quad = (sizes[2] - 2 * sizes[1] + sizes[0]) / 2
+            lin = sizes[1] - sizes[0] - 3 * quad
+            const = sizes[0] - quad - lin
+            if quad > 0:
+                rank = int((-lin + math.sqrt(lin * lin - 4 * quad * (const - max_params))) / (2 * quad))
+            else:
+                rank = int((max_params - const) // lin) if lin > 0 else 1
+            rank = max(1, min(rank, m, n))
+            chain = chain_from_splits(m, n, p, q, [rank] * splits)
+            while chain.params > max_params:  # guard against float rounding
+                rank -= 1
+                chain = chain_from_splits(m, n, p, q, [rank] * splits)
+            found.append(chain)
+    if not found:
+        raise PatternError(
+            f"no chain of depth {depth} fits a {m}x{n} matrix in {max_params} parameters; "
+            "raise the budget or lower the depth"
+        )
+    return sorted(found, key=lambda chain: (-chain.params, str(chain)))

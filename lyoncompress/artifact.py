@@ -1,0 +1,234 @@
+"""The compressed artifact: streamed, sharded, atomic safetensors writes and strict loading.
+
+Layout (specified in docs/FORMAT.md): a folder with ``model.safetensors`` (or
+``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``),
+``config.json`` with a ``quantization_config`` (``quant_method: "lyoncompress"``) and
+``report.json``. Every shard's header metadata carries the layer table as JSON
+under the key ``lyoncompress``.
+
+Writing streams one tensor at a time: tensor bytes go to a per-shard data file as
+they are produced, and a shard is closed (header + data) once it is full, so memory
+stays at one tensor whatever the checkpoint size. Everything is written into a
+temporary folder beside the output and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from lyoncompress.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
+from lyoncompress.errors import InputError
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "lyoncompress"
+METADATA_KEY = "lyoncompress"
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: its layer table, config, report and lazily readable tensors."""
+
+    path: Path
+    layers: dict[str, dict[str, Any]]
+    config: dict[str, Any]
+    report: dict[str, Any]
+    tensors: Checkpoint
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.tensors.load(name)
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Refuse an existing output unless ``force``; checked before any work starts."""
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists; choose another -o or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; remove it first")
+    if not out.parent.exists():
+        raise InputError(f"{out.parent}: output's parent folder does not exist")
+
+
+def write_artifact(
+    out: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layers: dict[str, dict[str, Any]],
+    config: dict[str, Any],
+    report: Callable[[], dict[str, Any]],
+    max_shard_size: int,
+    force: bool = False,
+) -> None:
+    """Stream ``tensors`` into a new artifact at ``out``, atomically.
+
+    ``tensors`` is consumed lazily; ``layers`` may be filled while it is consumed
+    and ``report()`` is called after the last tensor, so both can describe work
+    done during the stream. On any error or Ctrl-C the temporary folder is
+    removed and ``out`` is left as it was.
+    """
+    prepare_output(out, force)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_into(staging, tensors, layers, config, report, max_shard_size)
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_into(
+    folder: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layers: dict[str, dict[str, Any]],
+    config: dict[str, Any],
+    report: Callable[[], dict[str, Any]],
+    max_shard_size: int,
+) -> None:
+    shards: list[_ShardWriter] = []
+    seen: set[str] = set()
+    for name, tensor in tensors:
+        if name in seen:
+            raise ValueError(f"tensor {name} written twice")
+        seen.add(name)
+        size = tensor.numel() * tensor.element_size()
+        if not shards or (shards[-1].size and shards[-1].size + size > max_shard_size):
+            shards.append(_ShardWriter(folder / f".shard-{len(shards)}.data"))
+        shards[-1].add(name, tensor)
+    if not shards:
+        raise ValueError("an artifact needs at least one tensor")
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "layers": layers})}
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for shard, name in zip(shards, names):
+        shard.finish(folder / name, metadata)
+        weight_map.update({tensor: name for tensor in shard.entries})
+    if len(shards) > 1:
+        total = sum(shard.size for shard in shards)
+        _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = dict(config)
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+    }
+    _write_json(folder / "config.json", config)
+    _write_json(folder / "report.json", report())
+
+
+class _ShardWriter:
+    """Appends raw tensor bytes to a data file; ``finish`` prepends the safetensors header."""
+
+    def __init__(self, data_path: Path) -> None:
+        self.data_path = data_path
+        self.handle = data_path.open("wb")
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
+        start = self.size
+        self.handle.write(memoryview(raw))
+        self.size += flat.numel() * flat.element_size()
+        self.entries[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [start, self.size],
+        }
+
+    def finish(self, path: Path, metadata: dict[str, str]) -> None:
+        self.handle.close()
+        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # align the data to 8 bytes, as safetensors does
+        with path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, length=16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        self.data_path.unlink()
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    with path.open("w") as handle:
+        json.dump(document, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the finished folder into place; an old ``out`` (``--force``) goes only after."""
+    _fsync_dir(staging)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        staging.rename(out)
+        shutil.rmtree(trash)
+    else:
+        staging.rename(out)
+    _fsync_dir(out.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Open an artifact written by ``factorize`` or ``quantize``.
+
+    Args:
+        path: the artifact folder.
+
+    Returns:
+        ``Artifact`` with the per-layer table (structure, chain, format …), the
+        config, the report, and tensors readable one at a time.
+
+    Example:
+        >>> art = load_artifact("fact/")
+        >>> sorted(art.layers)[:1]
+        ['fc1']
+    """
+    path = Path(path)
+    tensors = open_checkpoint(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: an artifact is a folder written by `lyoncompress factorize`")
+    first = next(iter(sorted(path.glob("*.safetensors"))), None)
+    with safe_open(first, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if METADATA_KEY not in metadata:
+        raise InputError(f"{path}: not a lyoncompress artifact (no '{METADATA_KEY}' metadata); run factorize first")
+    document = json.loads(metadata[METADATA_KEY])
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: artifact format version {version} is not supported (this reads {FORMAT_VERSION})")
+    report_path = path / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return Artifact(path, document["layers"], tensors.config or {}, report, tensors)
+
+
+def iter_source_tensors(checkpoint: Checkpoint, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Untouched tensors, bytes unchanged, one at a time."""
+    for name in checkpoint.names():
+        if name not in skip:
+            yield name, checkpoint.load(name)

@@ -1,0 +1,277 @@
+"""The ``lyoncompress`` command line: thin typer wrappers over the library verbs.
+
+Tables and progress go to stderr; ``--json`` prints one document on stdout.
+Exit codes: 0 ok, 1 an accuracy gate failed, 2 usage or bad input, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lyoncompress.artifact import load_artifact
+from lyoncompress.errors import LyoncompressError
+from lyoncompress.factorize import factorize as factorize_checkpoint
+from lyoncompress.recipe import Recipe
+
+EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
+
+app = typer.Typer(
+    help=(
+        "Compress trained networks with butterfly (Kronecker-sparse) factors.\n\n"
+        "Example:  lyoncompress factorize model.safetensors -o fact/ && lyoncompress inspect fact/"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+
+
+def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes -> one line and exit 2; bugs -> traceback and exit 3."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LyoncompressError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+        except Exception:
+            err_console.print("[bold red]internal error[/] (please report it):")
+            err_console.print(traceback.format_exc(), highlight=False, markup=False)
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _show_progress(quiet: bool, as_json: bool) -> bool:
+    return not (quiet or as_json or os.environ.get("CI", "").lower() in ("1", "true"))
+
+
+class _LayerProgress:
+    """A rich progress bar over layers, on stderr; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.progress = (
+            Progress(
+                TextColumn(label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            )
+            if enabled
+            else None
+        )
+        self.task = None
+
+    def __enter__(self) -> "_LayerProgress":
+        if self.progress:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if not self.progress:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task(name, total=total)
+        self.progress.update(self.task, completed=done, description=name)
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def _factorize_table(report: dict[str, Any]) -> Table:
+    table = Table(title="factorized layers", title_justify="left")
+    for column in ("layer", "structure", "chain", "params", "kept", "weight error", "s"):
+        table.add_column(column, justify="right" if column in ("params", "kept", "weight error", "s") else "left")
+    for row in report["layers"]:
+        table.add_row(
+            row["name"],
+            row["structure"],
+            row["chain"],
+            f"{row['params_after']:,}",
+            f"{row['ratio']:.1%}",
+            f"{row['rel_error']:.4f}",
+            f"{row['seconds']:.2f}",
+        )
+    totals = report["totals"]
+    table.add_section()
+    table.add_row(
+        f"{totals['layers']} layers",
+        "",
+        "",
+        f"{totals['params_after']:,}",
+        f"{totals['ratio']:.1%}",
+        "",
+        f"{report['seconds']:.2f}",
+    )
+    return table
+
+
+def _recipe_from(recipe_path: Optional[Path], **flags: Any) -> Recipe:
+    base = Recipe.from_yaml(recipe_path) if recipe_path else Recipe()
+    return base.replace(**flags)
+
+
+@app.command()
+@_reports_errors
+def factorize(
+    checkpoint: Annotated[Path, typer.Argument(help=".safetensors file, HF model folder, or .bin/.pt state dict.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to create.")],
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (configs/*.yaml); flags win.")] = None,
+    target: Annotated[
+        Optional[list[str]], typer.Option(help="Regex (re.fullmatch) of module names to compress; repeatable.")
+    ] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Regex of module names to keep dense; repeatable.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="auto | butterfly | monarch | lowrank.")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="Factors per butterfly chain.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Fraction of each layer's parameters to keep.")] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest shard, e.g. 5GB.")] = None,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Factorize the chosen layers of CHECKPOINT into butterfly factors, written to OUT.
+
+    Example:  lyoncompress factorize model.safetensors -o fact/ --method monarch --budget 0.25
+    """
+    options = _recipe_from(
+        recipe,
+        targets=tuple(target or ()),
+        ignore=tuple(ignore or ()),
+        method=method,
+        depth=depth,
+        budget=budget,
+        max_shard_size=max_shard_size,
+    )
+    with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
+        report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress)
+    for warning in report["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    if as_json:
+        _print_json(report)
+    else:
+        err_console.print(_factorize_table(report))
+        err_console.print(f"wrote {out}")
+
+
+@app.command()
+@_reports_errors
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by factorize or quantize.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show each compressed layer: structure, chain, parameters, error and bits.
+
+    Example:  lyoncompress inspect fact/ --json
+    """
+    art = load_artifact(artifact)
+    rows = {row["name"]: row for row in art.report.get("layers", [])}
+    layers = []
+    for name, entry in art.layers.items():
+        row = rows.get(name, {})
+        dense = entry["in_features"] * entry["out_features"]
+        params = row.get("params_after")
+        quant = entry.get("quantization") or {}
+        layers.append(
+            {
+                "name": name,
+                "structure": entry["structure"],
+                "chain": " ".join("({},{},{},{})".format(*p) for p in entry["chain"]),
+                "params_before": dense,
+                "params_after": params,
+                "compression": round(dense / params, 2) if params else None,
+                "rel_error": row.get("rel_error"),
+                "bits": quant.get("bits_per_weight", 8 * _itemsize(entry["dtype"])),
+            }
+        )
+    before = sum(layer["params_before"] for layer in layers)
+    after = sum(layer["params_after"] or 0 for layer in layers)
+    document = {"artifact": str(artifact), "layers": layers, "totals": {"params_before": before, "params_after": after}}
+    if as_json:
+        _print_json(document)
+        return
+    table = Table(title=f"{artifact}", title_justify="left")
+    for column in ("layer", "structure", "chain", "params", "compression", "weight error", "bits"):
+        table.add_column(column, justify="left" if column in ("layer", "structure", "chain") else "right")
+    for layer in layers:
+        table.add_row(
+            layer["name"],
+            layer["structure"],
+            layer["chain"],
+            f"{layer['params_after']:,}" if layer["params_after"] else "?",
+            f"{layer['compression']:.2f}x" if layer["compression"] else "?",
+            f"{layer['rel_error']:.4f}" if layer["rel_error"] is not None else "?",
+            f"{layer['bits']:g}",
+        )
+    table.add_section()
+    table.add_row("total", "", "", f"{after:,}", f"{before / after:.2f}x" if after else "?", "", "")
+    err_console.print(table)
+
+
+def _itemsize(dtype_name: str) -> int:
+    import torch
+
+    return getattr(torch, dtype_name).itemsize
+
+
+@app.command()
+@_reports_errors
+def demo(
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Run the whole pipeline on the built-in digits MLP (trained offline in seconds).
+
+    Example:  lyoncompress demo
+    """
+    from lyoncompress.demo import cache_dir, demo_checkpoint
+
+    checkpoint = demo_checkpoint()
+    out = cache_dir() / "demo-out" / "fact"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    err_console.print(f"demo checkpoint: {checkpoint}")
+    with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
+        report = factorize_checkpoint(checkpoint, out, Recipe(), force=True, progress=progress)
+    if as_json:
+        _print_json({"factorize": report})
+        return
+    err_console.print(_factorize_table(report))
+    err_console.print(f"wrote {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

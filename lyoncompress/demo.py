@@ -1,0 +1,79 @@
+"""The built-in demo: a small MLP trained on scikit-learn's bundled digits, offline.
+
+``demo_checkpoint()`` trains it once (seeded, a few seconds) and saves it as a
+Hugging Face-style folder (``model.safetensors`` + ``config.json``) in the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
+
+SIZES = [64, 256, 256, 10]
+SEED = 0
+TRAIN_EPOCHS = 150
+
+
+def cache_dir() -> Path:
+    """``$LYONCOMPRESS_CACHE``, else ``~/.cache/lyoncompress``."""
+    root = os.environ.get("LYONCOMPRESS_CACHE") or Path.home() / ".cache" / "lyoncompress"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """Inputs scaled to [0, 1] and integer labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def digits_split() -> DigitsSplit:
+    """The seeded 70/30 split of sklearn's 1797 bundled 8×8 digits (no download)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=0.3, random_state=SEED, stratify=data.target)
+    return DigitsSplit(
+        torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(), torch.from_numpy(x_te), torch.from_numpy(y_te).long()
+    )
+
+
+def train_demo_model() -> DemoMLP:
+    torch.manual_seed(SEED)
+    split = digits_split()
+    model = DemoMLP(SIZES)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(TRAIN_EPOCHS):
+        for batch in torch.randperm(len(split.x_train)).split(128):
+            loss = torch.nn.functional.cross_entropy(model(split.x_train[batch]), split.y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def demo_checkpoint(folder: Path | None = None) -> Path:
+    """Path of the demo checkpoint folder, training and saving it on first use."""
+    folder = folder or cache_dir() / "demo-mlp"
+    weights = folder / "model.safetensors"
+    if weights.exists() and (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    model = train_demo_model()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    config = {"model_type": DEMO_MODEL_TYPE, "architectures": ["DemoMLP"], "sizes": SIZES}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

@@ -1,0 +1,125 @@
+"""Factorization methods (a registry): dense weight + layer options -> chosen factors.
+
+Each method tries a few structures that fit the layer's parameter budget, projects
+the weight onto each, and keeps the one with the lowest relative weight error. The
+candidates it measured are kept so the report can say what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lyoncompress.butterfly import Chain, budget_chains, lowrank, monarch
+from lyoncompress.errors import InputError, PatternError
+from lyoncompress.factorize.projection import project
+
+CANDIDATES_PER_METHOD = 6
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A structure that was tried: what it was, its size and its error."""
+
+    structure: str
+    chain: str
+    params: int
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """The factors chosen for one layer."""
+
+    structure: str  # method that produced the winner: butterfly | monarch | lowrank
+    chain: Chain
+    twiddles: list[torch.Tensor]
+    rel_error: float
+    candidates: list[Candidate] = field(default_factory=list)
+    lowrank_twiddles: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return self.chain.params + sum(t.numel() for t in self.lowrank_twiddles)
+
+
+def _best_of(structure: str, weight: torch.Tensor, chains: list[Chain], order: str) -> LayerFactors:
+    best, tried = None, []
+    for chain in chains:
+        projection = project(weight, chain, order)
+        tried.append(Candidate(structure, str(chain), chain.params, projection.rel_error))
+        if best is None or projection.rel_error < best.rel_error:
+            best = projection
+    if best is None:
+        raise InputError(f"no {structure} structure fits the budget")
+    return LayerFactors(structure, best.chain, best.twiddles, best.rel_error, tried)
+
+
+def lowrank_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    """Truncated SVD at the largest rank within the budget."""
+    m, n = weight.shape
+    rank = max(1, math.floor(budget * m * n / (m + n)))
+    return _best_of("lowrank", weight, [lowrank(m, n, min(rank, m, n))], order)
+
+
+def monarch_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    """Monarch ``(1, m/k, k·r, k) (k, k·r, n/k, 1)``: ``k·r·(m+n)`` parameters; tries the
+    block counts nearest ``√min(m, n)`` with the largest rank that fits."""
+    m, n = weight.shape
+    width = budget * m * n / (m + n)  # k·r must not exceed this
+    blocks = [k for k in range(2, math.gcd(m, n) + 1) if math.gcd(m, n) % k == 0 and k <= width]
+    if not blocks:
+        raise InputError(f"no Monarch structure fits a {m}x{n} weight at budget {budget}")
+    target = math.sqrt(min(m, n))
+    blocks.sort(key=lambda k: abs(math.log(k / target)))
+    chains = [monarch(m, n, k, max(1, math.floor(width / k))) for k in blocks[:CANDIDATES_PER_METHOD]]
+    return _best_of("monarch", weight, chains, order)
+
+
+def butterfly_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    """Chains of ``depth`` factors with a uniform rank that fill the budget; the few with
+    the most parameters and the most balanced blocks are projected, the best is kept."""
+    m, n = weight.shape
+    try:
+        chains = budget_chains(m, n, depth, int(budget * m * n))
+    except PatternError as err:
+        raise InputError(str(err)) from err
+    most = chains[0].params
+    full = [c for c in chains if c.params >= 0.9 * most]
+    full.sort(key=lambda c: max(max(p.b, p.c) for p in c.patterns))
+    return _best_of("butterfly", weight, full[:CANDIDATES_PER_METHOD], order)
+
+
+def auto_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    """Every other method; the lowest weight error wins."""
+    results = []
+    for name, method in METHODS.items():
+        if name == "auto":
+            continue
+        try:
+            results.append(method(weight, budget, depth, order))
+        except InputError:
+            continue  # a structure that cannot fit this shape is simply not a candidate
+    if not results:
+        raise InputError(f"no structure fits a {tuple(weight.shape)} weight at budget {budget}")
+    best = min(results, key=lambda r: r.rel_error)
+    tried = [c for r in results for c in r.candidates]
+    return LayerFactors(best.structure, best.chain, best.twiddles, best.rel_error, tried)
+
+
+Method = Callable[[torch.Tensor, float, int, str], LayerFactors]
+METHODS: dict[str, Method] = {
+    "auto": auto_method,
+    "butterfly": butterfly_method,
+    "monarch": monarch_method,
+    "lowrank": lowrank_method,
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; registered methods: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,189 @@
+"""The ``factorize`` verb: checkpoint -> plan -> factors -> artifact, one layer at a time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from lyoncompress.artifact import iter_source_tensors, prepare_output, write_artifact
+from lyoncompress.checkpoint import Checkpoint, open_checkpoint
+from lyoncompress.errors import InputError
+from lyoncompress.factorize.methods import LayerFactors, get_method
+from lyoncompress.factorize.projection import ORDERS, check_matrix
+from lyoncompress.plan import LayerPlan, Plan, make_plan
+from lyoncompress.recipe import Recipe, parse_size
+
+Progress = Callable[[str, int, int], None]  # (layer name, index done, total)
+
+# Projections run in float64: the SVDs are cheap next to reading the checkpoint and
+# the extra digits keep exact structures exact; factors are stored in the source dtype.
+COMPUTE_DTYPE = torch.float64
+
+
+def factorize(
+    checkpoint: str | Path,
+    out: str | Path,
+    recipe: Recipe | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Compress the selected layers of ``checkpoint`` into a new artifact at ``out``.
+
+    Args:
+        checkpoint: ``.safetensors`` file, HF model folder or ``.bin``/``.pt`` state dict.
+        out: artifact folder to create (refused if it exists, unless ``force``).
+        recipe: options (defaults: ``Recipe()``: auto method, budget 0.5).
+        force: replace an existing ``out``.
+        progress: called after each compressed layer with (name, done, total).
+
+    Returns:
+        The report (also written to ``out/report.json``).
+
+    Example:
+        >>> report = factorize("model.safetensors", "fact/", Recipe(method="monarch"))
+        >>> report["totals"]["ratio"]
+        0.5
+    """
+    recipe = recipe or Recipe()
+    out = Path(out)
+    get_method(recipe.method)
+    for override in recipe.layers:
+        if override.method:
+            get_method(override.method)
+    if recipe.order not in ORDERS:
+        raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
+    prepare_output(out, force)
+    source = open_checkpoint(checkpoint)
+    plan = make_plan(source, recipe)
+    started = time.perf_counter()
+    layers: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+
+    def finish_report() -> dict[str, Any]:
+        # called by the writer once every layer has been factorized
+        report.update(
+            command="factorize",
+            source=str(source.path),
+            recipe=recipe.to_dict(),
+            warnings=plan.warnings,
+            layers=rows,
+            totals=totals(rows, source),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return report
+
+    write_artifact(
+        out,
+        _stream(source, plan, recipe, layers, rows, progress),
+        layers,
+        dict(source.config or {}),
+        finish_report,
+        parse_size(recipe.max_shard_size),
+        force,
+    )
+    return report
+
+
+def _stream(
+    source: Checkpoint,
+    plan: Plan,
+    recipe: Recipe,
+    layers: dict[str, dict[str, Any]],
+    rows: list[dict[str, Any]],
+    progress: Progress | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Source tensors in order, each target weight replaced by its factors."""
+    by_weight = {layer.weight_name: layer for layer in plan.layers}
+    for name, tensor in iter_source_tensors(source, skip=set()):
+        layer = by_weight.get(name)
+        if layer is None:
+            yield name, tensor
+            continue
+        begin = time.perf_counter()
+        factors = factorize_layer(tensor, layer, recipe.order)
+        seconds = time.perf_counter() - begin
+        layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
+        rows.append(report_row(layer, factors, seconds))
+        for index, twiddle in enumerate(factors.twiddles):
+            yield f"{layer.name}.factors.{index}.twiddle", twiddle.to(tensor.dtype)
+        for index, twiddle in enumerate(factors.lowrank_twiddles):
+            yield f"{layer.name}.lowrank.{index}.twiddle", twiddle.to(tensor.dtype)
+        if progress is not None:
+            progress(layer.name, len(rows), len(plan.layers))
+
+
+def factorize_layer(weight: torch.Tensor, layer: LayerPlan, order: str) -> LayerFactors:
+    """Run the layer's method on its weight (NaN/Inf and non-float weights refused)."""
+    check_matrix(weight, layer.weight_name)
+    if not weight.dtype.is_floating_point:
+        raise InputError(f"{layer.weight_name}: dtype {weight.dtype} is not a float type")
+    return get_method(layer.method)(weight.to(COMPUTE_DTYPE), layer.budget, layer.depth, order)
+
+
+def layer_entry(layer: LayerPlan, factors: LayerFactors, dtype: torch.dtype) -> dict[str, Any]:
+    """The layer's record in the artifact metadata (see docs/FORMAT.md)."""
+    return {
+        "structure": factors.structure,
+        "in_features": layer.shape[1],
+        "out_features": layer.shape[0],
+        "chain": factors.chain.to_json(),
+        "lowrank_rank": factors.lowrank_twiddles[0].shape[-1] if factors.lowrank_twiddles else 0,
+        "bias": layer.has_bias,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": None,
+    }
+
+
+def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[str, Any]:
+    dense = layer.shape[0] * layer.shape[1]
+    return {
+        "name": layer.name,
+        "shape": list(layer.shape),
+        "structure": factors.structure,
+        "chain": str(factors.chain),
+        "params_before": dense,
+        "params_after": factors.params,
+        "ratio": round(factors.params / dense, 4),
+        "rel_error": factors.rel_error,
+        "seconds": round(seconds, 3),
+        "why": _why(factors),
+        "candidates": [asdict(c) for c in factors.candidates],
+    }
+
+
+def _why(factors: LayerFactors) -> str:
+    others = [c for c in factors.candidates if c.structure != factors.structure]
+    if not others:
+        return f"lowest weight error of {len(factors.candidates)} {factors.structure} candidates"
+    runner_up = min(others, key=lambda c: c.rel_error)
+    return (
+        f"lowest weight error {factors.rel_error:.4f} of {len(factors.candidates)} candidates; "
+        f"best other: {runner_up.structure} {runner_up.rel_error:.4f}"
+    )
+
+
+def totals(rows: list[dict[str, Any]], source: Checkpoint) -> dict[str, Any]:
+    before = sum(r["params_before"] for r in rows)
+    after = sum(r["params_after"] for r in rows)
+    model_before = sum(_numel(info.shape) for info in source.infos.values())
+    return {
+        "layers": len(rows),
+        "params_before": before,
+        "params_after": after,
+        "ratio": round(after / before, 4) if before else None,
+        "model_params_before": model_before,
+        "model_params_after": model_before - before + after,
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+

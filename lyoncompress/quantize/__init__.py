@@ -1,0 +1,22 @@
+"""Quantize butterfly factors: storage formats and the rescalings that make rounding cheaper.
+
+One verb, ``quantize_chain(chain, twiddles, fmt, rescale=…)``; the registries
+``FORMATS`` and ``RESCALINGS`` list the names it accepts.
+"""
+
+from lyoncompress.quantize.chain import QuantizedChain, quantize_chain
+from lyoncompress.quantize.formats import FORMATS, QuantFormat, get_format
+from lyoncompress.quantize.rankone import RankOneSolution, solve_rank_one
+from lyoncompress.quantize.rescale import PRE_PASSES, RESCALINGS
+
+__all__ = [
+    "FORMATS",
+    "PRE_PASSES",
+    "RESCALINGS",
+    "QuantFormat",
+    "QuantizedChain",
+    "RankOneSolution",
+    "get_format",
+    "quantize_chain",
+    "solve_rank_one",
+]

@@ -1,0 +1,67 @@
+"""The diagonal freedom between two KS factors: views of their columns and rows, and scalings.
+
+Between ``X_ℓ`` (pattern ``(a,b,c,d)``) and ``X_{ℓ+1}`` the shared index ``j`` is
+column ``(i, l, k) ∈ a×c×d`` of ``X_ℓ`` and row ``(i', j', k') ∈ a'×b'×d'`` of
+``X_{ℓ+1}``, both flattened row-major (``a·c·d = a'·b'·d'``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lyoncompress.butterfly import Chain, KSPattern
+from lyoncompress.quantize.formats import QuantFormat
+
+
+@dataclass(frozen=True)
+class Rescaled:
+    """Twiddles to hand to the format, and per factor the scale to use (None: the format's own)."""
+
+    twiddles: tuple[torch.Tensor, ...]
+    scales: tuple[torch.Tensor | None, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a rescaling may look at."""
+
+    chain: Chain
+    fmt: QuantFormat
+    group_size: int | None
+    calib: torch.Tensor | None  # (B, n) inputs of the layer, or None
+
+
+
+def cols(pattern: KSPattern, twiddle: torch.Tensor) -> torch.Tensor:
+    """Columns of the factor on their support: twiddle ``(a, d, b, c)`` -> ``(a·c·d, b)``."""
+    a, b, c, d = pattern.as_tuple()
+    return twiddle.permute(0, 3, 1, 2).reshape(a * c * d, b)
+
+
+def rows(pattern: KSPattern, twiddle: torch.Tensor) -> torch.Tensor:
+    """Rows of the factor on their support: twiddle ``(a, d, b, c)`` -> ``(a·b·d, c)``."""
+    a, b, c, d = pattern.as_tuple()
+    return twiddle.permute(0, 2, 1, 3).reshape(a * b * d, c)
+
+
+def scale_cols(pattern: KSPattern, twiddle: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``X diag(s)`` for ``s (a·c·d,)``."""
+    a, b, c, d = pattern.as_tuple()
+    return twiddle * s.reshape(a, c, d).permute(0, 2, 1).unsqueeze(2)  # (a, d, 1, c)
+
+
+def scale_rows(pattern: KSPattern, twiddle: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``diag(s) X`` for ``s (a·b·d,)``."""
+    a, b, c, d = pattern.as_tuple()
+    return twiddle * s.reshape(a, b, d).permute(0, 2, 1).unsqueeze(-1)  # (a, d, b, 1)
+
+
+def rescale_pair(
+    job: Job, twiddles: list[torch.Tensor], left: int, lam: torch.Tensor, mu: torch.Tensor
+) -> None:
+    """Scale column j of factor ``left`` by ``lam_j`` and row j of the next factor by ``mu_j``."""
+    pats = job.chain.patterns
+    twiddles[left] = scale_cols(pats[left], twiddles[left], lam)
+    twiddles[left + 1] = scale_rows(pats[left + 1], twiddles[left + 1], mu)

@@ -1,0 +1,183 @@
+"""Recipes: every option of ``factorize`` as a strict, versioned, frozen dataclass.
+
+A recipe is YAML (see ``configs/``). Unknown keys and wrong types are errors that
+name the key and the file; a flag given on the command line wins over the recipe.
+
+Layer selection: ``targets`` and ``ignore`` are regular expressions matched with
+``re.fullmatch`` against *module* names (the tensor name without ``.weight``),
+e.g. ``encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense``. An optional ``re:``
+prefix is accepted and ignored, for recipes written for torchao / compressed-tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lyoncompress.errors import InputError
+
+RECIPE_VERSION = 1
+
+
+def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
+    """Compile a layer-selection regex; a bad one is an ``InputError`` naming it."""
+    body = pattern[3:] if pattern.startswith("re:") else pattern
+    try:
+        return re.compile(body)
+    except re.error as err:
+        raise InputError(f"{where}: invalid regular expression {pattern!r}: {err}") from err
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Options for the layers whose module name fully matches ``pattern``."""
+
+    pattern: str
+    method: str | None = None
+    budget: float | None = None
+    depth: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """All options of ``factorize``.
+
+    Attributes:
+        version: recipe format version (1).
+        targets: regexes of module names to compress; empty = every 2-D ``*.weight``
+            except embeddings and output heads.
+        ignore: regexes of module names to leave dense.
+        method: ``auto`` | ``butterfly`` | ``monarch`` | ``lowrank`` (see ``factorize.METHODS``).
+        depth: number of factors of ``butterfly`` chains.
+        budget: fraction of each layer's dense parameters the compressed layer may keep.
+        order: projection order (``left-to-right`` carries the error guarantee).
+        calib: calibration data for data-aware refinement (None: weights only).
+        max_shard_size: largest artifact shard, e.g. ``5GB`` or ``200MB``.
+        layers: per-layer overrides, first match wins.
+    """
+
+    version: int = RECIPE_VERSION
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    method: str = "auto"
+    depth: int = 2
+    budget: float = 0.5
+    order: str = "left-to-right"
+    calib: str | None = None
+    max_shard_size: str = "5GB"
+    layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        validate(self, "recipe")
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with the given fields replaced; ``None`` values are ignored (flag not given)."""
+        given = {k: v for k, v in changes.items() if v is not None and v != ()}
+        return dataclasses.replace(self, **given)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise InputError(f"recipe {path}: not valid YAML ({err})") from err
+        return from_dict(data, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (int,),
+    "targets": (list, tuple),
+    "ignore": (list, tuple),
+    "method": (str,),
+    "depth": (int,),
+    "budget": (float, int),
+    "order": (str,),
+    "calib": (str, type(None)),
+    "max_shard_size": (str,),
+    "layers": (dict,),
+}
+_OVERRIDE_KEYS = {"method": (str,), "budget": (float, int), "depth": (int,)}
+
+
+def from_dict(data: Any, where: str) -> Recipe:
+    """Build a recipe from parsed YAML, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: a recipe is a mapping of options, got {type(data).__name__}")
+    for key, value in data.items():
+        if key not in _TYPES:
+            raise InputError(f"{where}: unknown key {key!r}; valid keys: {', '.join(_TYPES)}")
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+            expected = " or ".join(t.__name__ for t in _TYPES[key])
+            raise InputError(f"{where}: key {key!r} must be {expected}, got {value!r}")
+    kwargs = dict(data)
+    for key in ("targets", "ignore"):
+        if key in kwargs:
+            if not all(isinstance(p, str) for p in kwargs[key]):
+                raise InputError(f"{where}: every entry of {key!r} must be a string")
+            kwargs[key] = tuple(kwargs[key])
+    if "layers" in kwargs:
+        kwargs["layers"] = tuple(_override(p, o, where) for p, o in kwargs["layers"].items())
+    if "budget" in kwargs:
+        kwargs["budget"] = float(kwargs["budget"])
+    try:
+        return Recipe(**kwargs)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from err
+
+
+def _override(pattern: str, options: Any, where: str) -> LayerOverride:
+    if not isinstance(options, dict):
+        raise InputError(f"{where}: layers.{pattern} must be a mapping of options")
+    for key, value in options.items():
+        if key not in _OVERRIDE_KEYS:
+            raise InputError(
+                f"{where}: unknown key {key!r} in layers.{pattern}; valid: {', '.join(_OVERRIDE_KEYS)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, _OVERRIDE_KEYS[key]):
+            raise InputError(f"{where}: layers.{pattern}.{key} has the wrong type: {value!r}")
+    budget = options.get("budget")
+    return LayerOverride(
+        pattern=pattern,
+        method=options.get("method"),
+        budget=float(budget) if budget is not None else None,
+        depth=options.get("depth"),
+    )
+
+
+def validate(recipe: Recipe, where: str) -> None:
+    """Range checks shared by YAML and CLI options; registries are checked by their owners."""
+    if recipe.version != RECIPE_VERSION:
+        raise InputError(f"version {recipe.version} is not supported; this lyoncompress reads version 1")
+    budgets = [recipe.budget] + [o.budget for o in recipe.layers if o.budget is not None]
+    for budget in budgets:
+        if not 0.0 < budget < 1.0:
+            raise InputError(f"budget {budget} must be a fraction in (0, 1), e.g. 0.5")
+    depths = [recipe.depth] + [o.depth for o in recipe.layers if o.depth is not None]
+    for depth in depths:
+        if depth < 1:
+            raise InputError(f"depth {depth} must be >= 1 (number of butterfly factors)")
+    for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):
+        compile_pattern(pattern, where)
+    parse_size(recipe.max_shard_size)
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units as in transformers; KiB/MiB/GiB binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", text.upper())
+    if not match or int(float(match.group(1)) * _UNITS[match.group(2)]) < 1:
+        raise InputError(f"max_shard_size {text!r} is not a size like 5GB, 200MB or 512KiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
