@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -94,8 +94,4 @@ def quantize_chain(
     job = Job(chain=chain, fmt=format_, group_size=group_size, calib=calib)
     found = rescale_fn(job, [t.detach().double() for t in twiddles], rescale)
     payloads = tuple(format_.quantize(t, group_size, s) for t, s in zip(found.twiddles, found.scales))
-    return QuantizedChain(
-        chain=chain, format=fmt, rescale=rescale, group_size=group_size, payloads=payloads
-    )
-
-
+    return QuantizedChain(chain=chain, format=fmt, rescale=rescale, group_size=group_size, payloads=payloads)

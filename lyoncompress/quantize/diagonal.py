@@ -33,7 +33,6 @@ class Job:
     calib: torch.Tensor | None  # (B, n) inputs of the layer, or None
 
 
-
 def cols(pattern: KSPattern, twiddle: torch.Tensor) -> torch.Tensor:
     """Columns of the factor on their support: twiddle ``(a, d, b, c)`` -> ``(a·c·d, b)``."""
     a, b, c, d = pattern.as_tuple()

@@ -61,9 +61,7 @@ def breakpoints(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, to
     return beta.flatten(-2), d_dot.flatten(-2), d_norm2.flatten(-2)
 
 
-def solve_rank_one(
-    x: torch.Tensor, y: torch.Tensor, t: int, partner: float = 1.0
-) -> RankOneSolution:
+def solve_rank_one(x: torch.Tensor, y: torch.Tensor, t: int, partner: float = 1.0) -> RankOneSolution:
     """Best ``(λ, μ)`` for each rank-one ``x_k y_kᵀ``.
 
     Args:

@@ -13,7 +13,7 @@ scales to use, for scaled formats). Names joined by ``+`` compose:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,9 +25,7 @@ from lyoncompress.quantize.rankone import solve_rank_one
 GRID_POINTS = 64  # candidate λ per index for formats without an exact scan
 
 
-def _search_pair(
-    job: Job, twiddles: list[torch.Tensor], left: int, partner: bool
-) -> torch.Tensor | None:
+def _search_pair(job: Job, twiddles: list[torch.Tensor], left: int, partner: bool) -> torch.Tensor | None:
     """Per-index search between factors ``left`` and ``left+1``, applied in place.
 
     Float grids without scales use the exact rank-one scan (``partner`` adds the

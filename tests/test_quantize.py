@@ -1,0 +1,275 @@
+"""Quantized butterfly factors: formats, the exact rank-one solver, rescalings, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lyoncompress.butterfly import Chain, monarch, square_butterfly
+from lyoncompress.errors import InputError
+from lyoncompress.quantize import FORMATS, RESCALINGS, get_format, quantize_chain, solve_rank_one
+from lyoncompress.quantize.diagonal import cols, rows, scale_cols, scale_rows
+from lyoncompress.quantize.formats import pack_int4, round_significand, unpack_int4
+
+F64 = torch.float64
+
+
+def _gaussian(chain: Chain, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.twiddle_shape, generator=gen, dtype=F64) for p in chain.patterns]
+
+
+def _product_error(chain: Chain, twiddles: list[torch.Tensor], **kwargs) -> float:
+    weight = chain.to_dense(twiddles)
+    quantized = quantize_chain(chain, twiddles, **kwargs)
+    return float(torch.linalg.norm(chain.to_dense(quantized.dequantized(F64)) - weight) / weight.norm())
+
+
+# ---------------------------------------------------------------- rank-one solver vs brute force
+
+
+def _grid(t: int, exponents: range, signs: tuple[float, ...]) -> torch.Tensor:
+    significands = 1 + torch.arange(2 ** (t - 1), dtype=F64) * 2.0 ** (1 - t)
+    return torch.cat([s * significands * 2.0**e for e in exponents for s in signs])
+
+
+def _brute_force(x: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
+    """min over every t-bit x̂ (in a window) of ‖x yᵀ - x̂ ŷᵀ‖², ŷ = fl(μ y) optimal for x̂.
+
+    By scale invariance x̂_0 (x sorted so that |x_0| is largest) lies in [1, 2); the
+    other entries range over 0 and ±[2^-3, 4), which covers |x_i| / |x_0| ∈ [1/4, 1].
+    """
+    batch, m = x.shape
+    others = torch.cat((torch.zeros(1, dtype=F64), _grid(t, range(-3, 2), (1.0, -1.0))))
+    cand = torch.cartesian_prod(_grid(t, range(1), (1.0,)), *[others] * (m - 1)).reshape(-1, m)  # (C, m)
+    mu = (x @ cand.T) / (cand * cand).sum(-1)  # (B, C)
+    y_hat = round_significand(mu.unsqueeze(-1) * y.unsqueeze(1), t)  # (B, C, n)
+    full = x[:, None, :, None] * y[:, None, None, :]  # (B, 1, m, n)
+    approx = cand[None, :, :, None] * y_hat[:, :, None, :]  # (B, C, m, n)
+    return ((full - approx) ** 2).sum((-1, -2)).min(-1).values
+
+
+@pytest.mark.parametrize("m,n,t", list(itertools.product((1, 2, 3), (1, 2, 3), (1, 2, 3, 4))))
+def test_rank_one_solver_vs_brute_force(m: int, n: int, t: int) -> None:
+    # 36 shapes x 30 cases = 1080 random rank-one problems
+    gen = torch.Generator().manual_seed(100 * m + 10 * n + t)
+    x = torch.empty(30, m, dtype=F64).uniform_(0.25, 1, generator=gen)
+    x = x * torch.randn(30, m, generator=gen, dtype=F64).sign()
+    x = x[torch.arange(30)[:, None], x.abs().argsort(-1, descending=True)]  # largest entry first
+    y = torch.randn(30, n, generator=gen, dtype=F64)
+    solved = solve_rank_one(x, y, t)
+    scale = (x * x).sum(-1) * (y * y).sum(-1)
+    best = _brute_force(x, y, t)
+    # equal up to the cancellation in ‖x‖²‖y‖² - (direction part), hence the absolute term
+    assert ((solved.cost - best).abs() <= 1e-12 * scale + 1e-9 * best).all()
+    # the returned (λ, μ) realise the reported cost
+    x_hat = round_significand(solved.lam[:, None] * x, t)
+    y_hat = round_significand(solved.mu[:, None] * y, t)
+    direct = ((x[:, :, None] * y[:, None] - x_hat[:, :, None] * y_hat[:, None]) ** 2).sum((1, 2))
+    assert torch.allclose(direct, solved.cost, rtol=1e-9, atol=1e-12)
+    rtn = (
+        x[:, :, None] * y[:, None] - round_significand(x, t)[:, :, None] * round_significand(y, t)[:, None]
+    ) ** 2
+    assert (solved.cost <= rtn.sum((1, 2)) * (1 + 1e-9)).all()
+
+
+def test_rank_one_zero_vector_costs_nothing() -> None:
+    solved = solve_rank_one(torch.zeros(2, 3, dtype=F64), torch.randn(2, 2, dtype=F64), 3)
+    assert torch.equal(solved.cost, torch.zeros(2, dtype=F64))
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    "name", ["float:t3", "float:t8", "bf16", "fp16", "fp8-e4m3", "fp8-e5m2", "int8", "int4"]
+)
+def test_round_trip_is_exact_for_representable_values(name: str) -> None:
+    fmt = get_format(name)
+    x = torch.randn(2, 3, 4, 8, dtype=F64)
+    once = fmt.dequantize(fmt.quantize(x), x.shape, F64)  # representable by construction
+    again = fmt.dequantize(fmt.quantize(once), x.shape, F64)
+    assert torch.equal(once, again)
+    assert torch.equal(fmt.fake(x, None, None), once)
+
+
+@pytest.mark.parametrize("name,dtype", [("fp8-e4m3", torch.float8_e4m3fn), ("fp8-e5m2", torch.float8_e5m2)])
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_fp8_matches_torch_cast(name: str, dtype: torch.dtype, group_size: int | None) -> None:
+    fmt = get_format(name)
+    x = torch.randn(2, 2, 3, 8, dtype=torch.float32) * 10
+    payload = fmt.quantize(x, group_size)
+    scale = payload["scale"]
+    wide = scale if group_size is None else scale.repeat_interleave(group_size, -1)
+    assert payload["qdata"].dtype == dtype
+    assert torch.equal(payload["qdata"].view(torch.uint8), (x / wide).to(dtype).view(torch.uint8))
+    assert torch.equal(fmt.dequantize(payload, x.shape), (x / wide).to(dtype).float() * wide)
+
+
+def test_int4_packing_round_trips_all_16_codes() -> None:
+    codes = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 1, 2, 8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 1, 2, 4)
+    assert torch.equal(unpack_int4(packed, 8), codes)
+    odd = codes[..., :7]
+    assert torch.equal(unpack_int4(pack_int4(odd), 7), odd)
+
+
+def test_int_payload_dtypes_and_scales() -> None:
+    x = torch.randn(2, 3, 4, 64, dtype=F64)
+    int8 = get_format("int8").quantize(x)
+    assert int8["qdata"].dtype == torch.int8 and int8["scale"].shape == (2, 3, 4, 1)
+    int4 = get_format("int4").quantize(x, 32)
+    assert int4["qdata"].dtype == torch.uint8 and int4["qdata"].shape == (2, 3, 4, 32)
+    assert int4["scale"].shape == (2, 3, 4, 2)
+    assert int(unpack_int4(int4["qdata"], 64).abs().max()) == 7
+
+
+def test_bits_per_weight_counts_scales() -> None:
+    chain = monarch(64, 64, 4)  # c = 4 and 16
+    q = quantize_chain(chain, _gaussian(chain), "int4", rescale="none", group_size=4)
+    assert q.bits_per_weight == pytest.approx(4 + 32 / 4)
+    assert quantize_chain(chain, _gaussian(chain), "float:t5").bits_per_weight == 5
+
+
+# ---------------------------------------------------------------- rescalings
+
+
+def test_diagonal_acts_on_the_shared_index() -> None:
+    chain = Chain.of((2, 3, 2, 2), (4, 2, 3, 1))  # middle index a·c·d = 8 = a'·b'·d'
+    tw = _gaussian(chain)
+    s = torch.rand(8, dtype=F64) + 0.5
+    moved = [scale_cols(chain.patterns[0], tw[0], s), scale_rows(chain.patterns[1], tw[1], 1 / s)]
+    assert torch.allclose(chain.to_dense(moved), chain.to_dense(tw))
+    dense0, dense1 = chain.patterns[0].to_dense(tw[0]), chain.patterns[1].to_dense(tw[1])
+    assert torch.allclose(cols(chain.patterns[0], tw[0]).abs().sum(-1), dense0.abs().sum(0))
+    assert torch.allclose(rows(chain.patterns[1], tw[1]).abs().sum(-1), dense1.abs().sum(1))
+
+
+def test_optimal_two_factor_equals_rank_one_optimum() -> None:
+    # a 4x4 butterfly has rank-one blocks: the product error is the sum of the solver's costs
+    chain = square_butterfly(4)
+    tw = _gaussian(chain, 3)
+    solved = solve_rank_one(cols(chain.patterns[0], tw[0]), rows(chain.patterns[1], tw[1]), 3)
+    err = _product_error(chain, tw, fmt="float:t3", rescale="optimal")
+    assert err**2 * chain.to_dense(tw).norm() ** 2 == pytest.approx(float(solved.cost.sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("rescale", ["optimal", "pairwise", "left-to-right"])
+def test_rescaling_never_worse_than_rtn_on_two_factors(rescale: str) -> None:
+    chain = monarch(64, 64, 8)
+    for seed in range(3):
+        tw = _gaussian(chain, seed)
+        assert _product_error(chain, tw, fmt="float:t4", rescale=rescale) <= _product_error(
+            chain, tw, fmt="float:t4", rescale="none"
+        )
+
+
+@pytest.mark.parametrize("fmt", ["float:t4", "int8", "fp8-e4m3"])
+def test_left_to_right_beats_rtn_on_butterflies(fmt: str) -> None:
+    chain = square_butterfly(64)
+    tw = _gaussian(chain)
+    base = _product_error(chain, tw, fmt=fmt, rescale="none")
+    assert _product_error(chain, tw, fmt=fmt, rescale="equalize+left-to-right") < 0.7 * base
+
+
+def test_equalize_undoes_a_diagonal_rebalancing() -> None:
+    chain = square_butterfly(64)
+    tw = _gaussian(chain)
+    gen = torch.Generator().manual_seed(1)
+    skewed = list(tw)
+    for i in range(len(chain) - 1):
+        s = torch.exp(2 * torch.randn(64, generator=gen, dtype=F64))
+        skewed[i] = scale_cols(chain.patterns[i], skewed[i], s)
+        skewed[i + 1] = scale_rows(chain.patterns[i + 1], skewed[i + 1], 1 / s)
+    kwargs = {"fmt": "int8", "rescale": "equalize+left-to-right"}
+    assert _product_error(chain, skewed, **kwargs) == pytest.approx(
+        _product_error(chain, tw, **kwargs), rel=0.1
+    )
+
+
+def test_learned_is_never_worse_on_held_out_data() -> None:
+    chain = square_butterfly(16)
+    tw = _gaussian(chain)
+    calib = torch.randn(64, 16, dtype=F64)
+    q = quantize_chain(chain, tw, "int4", rescale="learned", calib=calib)
+    start = quantize_chain(chain, tw, "int4", rescale="left-to-right")
+    held = calib[48:]
+
+    def out_err(quantized) -> float:
+        ref = chain.apply(tw, held)
+        return float(((chain.apply(quantized.dequantized(F64), held) - ref) ** 2).sum())
+
+    assert out_err(q) <= out_err(start) * (1 + 1e-12)
+
+
+# ---------------------------------------------------------------- shapes (property based)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pats=st.lists(st.tuples(*[st.integers(1, 3)] * 4), min_size=1, max_size=3),
+    fmt=st.sampled_from(["float:t3", "bf16", "fp8-e4m3", "int8", "int4"]),
+    rescale=st.sampled_from(["none", "pairwise", "left-to-right", "equalize+left-to-right"]),
+)
+def test_any_valid_chain_round_trips_shapes(pats, fmt, rescale) -> None:
+    # make consecutive patterns match by deriving each b,d from the previous columns
+    patterns = [pats[0]]
+    for a, _, c, _ in pats[1:]:
+        width = patterns[-1][0] * patterns[-1][2] * patterns[-1][3]
+        if width % a:
+            break
+        patterns.append((a, width // a, c, 1))
+    chain = Chain.of(*patterns)
+    tw = _gaussian(chain)
+    q = quantize_chain(chain, tw, fmt, rescale=rescale)
+    out = q.dequantized()
+    assert [tuple(t.shape) for t in out] == chain.twiddle_shapes
+    assert all(torch.isfinite(t).all() for t in out)
+    assert _product_error(chain, tw, fmt=fmt, rescale=rescale) < 0.6
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_format_lists_registered_names() -> None:
+    with pytest.raises(InputError, match="int8.*int4|int4.*int8"):
+        get_format("int3")
+    assert "float:t8" in FORMATS and "fp8-e4m3" in FORMATS
+
+
+def test_unknown_rescaling_lists_registered_names() -> None:
+    chain = square_butterfly(4)
+    with pytest.raises(InputError, match="left-to-right"):
+        quantize_chain(chain, _gaussian(chain), "int8", rescale="magic")
+    assert set(RESCALINGS) >= {"none", "optimal", "pairwise", "left-to-right", "learned"}
+
+
+def test_group_size_must_divide_c() -> None:
+    chain = monarch(64, 64, 8)  # c = 8 in both factors
+    with pytest.raises(InputError, match="does not divide the c axis"):
+        quantize_chain(chain, _gaussian(chain), "int4", group_size=3)
+
+
+def test_formats_without_scales_refuse_group_size() -> None:
+    chain = square_butterfly(4)
+    with pytest.raises(InputError, match="has no scales"):
+        quantize_chain(chain, _gaussian(chain), "bf16", group_size=2)
+
+
+def test_optimal_needs_two_factors() -> None:
+    chain = square_butterfly(8)
+    with pytest.raises(InputError, match="two factors"):
+        quantize_chain(chain, _gaussian(chain), "float:t4", rescale="optimal")
+
+
+def test_non_finite_twiddles_are_refused() -> None:
+    chain = square_butterfly(4)
+    tw = _gaussian(chain)
+    tw[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        quantize_chain(chain, tw, "int8")
