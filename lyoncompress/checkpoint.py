@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -198,7 +199,9 @@ def _dtype(name: str, file: Path) -> torch.dtype:
 
 def _open_torch_file(file: Path, config: dict | None, shown_as: Path | None = None) -> Checkpoint:
     try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        # mmap keeps memory flat, but only zip-format files (torch >= 1.6) support it
+        mmap = zipfile.is_zipfile(file)
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise InputError(
             f"{file}: refused to unpickle: it holds more than plain tensors (weights_only=True "

@@ -19,7 +19,7 @@ from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
 
 SIZES = [64, 256, 256, 10]
 SEED = 0
-TRAIN_EPOCHS = 150
+TRAIN_EPOCHS = 60
 
 
 def cache_dir() -> Path:
