@@ -1,0 +1,159 @@
+"""Artifact round trips: streamed shards, atomic writes, strict reloads."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lyoncompress.artifact import load_artifact, write_artifact
+from lyoncompress.butterfly import Chain
+from lyoncompress.errors import InputError
+from lyoncompress.factorize import factorize
+from lyoncompress.layers import ButterflyLinear, apply_artifact
+from lyoncompress.models import DemoMLP, load_compressed
+from lyoncompress.recipe import Recipe
+from tests.helpers import SIZES, make_mlp_checkpoint
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    return make_mlp_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("method", ["butterfly", "monarch", "lowrank", "auto"])
+def test_factorize_reload_matches_factors(tmp_path, mlp, method):
+    folder, model = mlp
+    out = tmp_path / "fact"
+    report = factorize(folder, out, Recipe(method=method, budget=0.5))
+    assert [row["name"] for row in report["layers"]] == ["fc1", "fc2"]
+    assert all(row["params_after"] <= 0.5 * row["params_before"] for row in report["layers"])
+    art = load_artifact(out)
+    assert set(art.layers) == {"fc1", "fc2"}
+    assert art.config["quantization_config"]["quant_method"] == "lyoncompress"
+    # untouched tensors keep names and bytes
+    assert torch.equal(art.load("head.weight"), model.head.weight.detach())
+    assert torch.equal(art.load("fc1.bias"), model.fc1.bias.detach())
+    reloaded = load_compressed(out)
+    assert isinstance(reloaded.fc1, ButterflyLinear) and isinstance(reloaded.head, torch.nn.Linear)
+    # the reloaded weights are the projection the report describes
+    for row in report["layers"]:
+        dense = getattr(model, row["name"]).weight.detach().double()
+        approx = getattr(reloaded, row["name"]).to_dense().detach().double()
+        assert float((dense - approx).norm() / dense.norm()) == pytest.approx(row["rel_error"], rel=1e-4)
+    x = torch.rand(5, SIZES[0])
+    manual = DemoMLP(SIZES)
+    manual.load_state_dict(model.state_dict())
+    for name in ("fc1", "fc2"):
+        setattr(manual, name, getattr(reloaded, name))
+    torch.testing.assert_close(reloaded(x), manual(x))
+
+
+def test_sharding_and_header_metadata(tmp_path, mlp):
+    folder, _ = mlp
+    out = tmp_path / "fact"
+    factorize(folder, out, Recipe(method="monarch", max_shard_size="40KB"))
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    with safe_open(shards[0], framework="pt") as handle:
+        document = json.loads(handle.metadata()["lyoncompress"])
+    assert document["format_version"] == 1
+    assert document["layers"]["fc1"]["chain"] == [list(p.as_tuple()) for p in Chain.of(*document["layers"]["fc1"]["chain"]).patterns]
+    reloaded = load_compressed(out)
+    assert isinstance(reloaded.fc2, ButterflyLinear)
+
+
+def test_golden_header_of_a_tiny_artifact(tmp_path):
+    """Pins the on-disk format that docs/FORMAT.md specifies."""
+    out = tmp_path / "a"
+    twiddle = torch.arange(8, dtype=torch.float32).reshape(1, 2, 2, 2)
+    layers = {"p": {"structure": "butterfly", "in_features": 4, "out_features": 4, "chain": [[1, 2, 2, 2]]}}
+    write_artifact(out, iter([("p.factors.0.twiddle", twiddle)]), layers, {}, lambda: {}, 10**9)
+    raw = (out / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    assert size % 8 == 0
+    assert header["p.factors.0.twiddle"] == {"dtype": "F32", "shape": [1, 2, 2, 2], "data_offsets": [0, 32]}
+    assert header["__metadata__"]["format"] == "pt"
+    assert json.loads(header["__metadata__"]["lyoncompress"]) == {"format_version": 1, "layers": layers}
+    assert raw[8 + size :] == twiddle.numpy().tobytes()
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "lyoncompress",
+        "format_version": 1,
+        "layers": layers,
+    }
+
+
+def _failing_stream(after: int, error: BaseException):
+    for index in range(10):
+        if index == after:
+            raise error
+        yield f"t{index}", torch.zeros(1000)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failure_midway_leaves_nothing(tmp_path, error):
+    out = tmp_path / "a"
+    with pytest.raises(type(error)):
+        write_artifact(out, _failing_stream(3, error), {}, {}, lambda: {}, 5000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_with_force_keeps_the_old_artifact(tmp_path, mlp):
+    folder, _ = mlp
+    out = tmp_path / "fact"
+    factorize(folder, out, Recipe(method="lowrank"))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RuntimeError):
+        write_artifact(out, _failing_stream(2, RuntimeError("boom")), {}, {}, lambda: {}, 5000, force=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "fact"]
+
+
+def test_existing_output_refused_without_force(tmp_path, mlp):
+    folder, _ = mlp
+    (tmp_path / "fact").mkdir()
+    with pytest.raises(InputError, match="--force"):
+        factorize(folder, tmp_path / "fact", Recipe())
+
+
+def test_apply_artifact_is_strict(tmp_path, mlp):
+    folder, _ = mlp
+    out = tmp_path / "fact"
+    factorize(folder, out, Recipe(method="lowrank"))
+    wider = DemoMLP([64, 128, 128, 12])  # head differs: a shape mismatch in an untouched tensor
+    with pytest.raises((InputError, RuntimeError)):
+        apply_artifact(wider, out)
+
+    class Extra(DemoMLP):
+        def __init__(self):
+            super().__init__(SIZES)
+            self.extra = torch.nn.Linear(2, 2)
+
+    with pytest.raises(InputError, match="missing"):
+        apply_artifact(Extra(), out)
+
+    class Fewer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            ref = DemoMLP(SIZES)
+            self.fc1, self.fc2 = ref.fc1, ref.fc2
+
+    with pytest.raises(InputError, match="unexpected"):
+        apply_artifact(Fewer(), out)
+
+
+def test_bin_checkpoint_and_nan_refused(tmp_path, mlp):
+    _, model = mlp
+    torch.save(model.state_dict(), tmp_path / "m.bin")
+    report = factorize(tmp_path / "m.bin", tmp_path / "f1", Recipe(method="lowrank"))
+    assert report["totals"]["layers"] == 2
+    state = model.state_dict()
+    state["fc2.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.bin")
+    with pytest.raises(InputError, match="NaN"):
+        factorize(tmp_path / "nan.bin", tmp_path / "f2", Recipe())
+    assert not (tmp_path / "f2").exists()
+    assert not any(p.name.startswith(".f2") for p in tmp_path.iterdir())
