@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -106,7 +107,10 @@ def _write_into(
         shards[-1].add(name, tensor)
     if not shards:
         raise ValueError("an artifact needs at least one tensor")
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "layers": layers})}
+    metadata = {
+        "format": "pt",
+        METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "layers": layers}),
+    }
     names = (
         ["model.safetensors"]
         if len(shards) == 1
@@ -217,11 +221,15 @@ def load_artifact(path: str | Path) -> Artifact:
     with safe_open(first, framework="pt") as handle:
         metadata = handle.metadata() or {}
     if METADATA_KEY not in metadata:
-        raise InputError(f"{path}: not a lyoncompress artifact (no '{METADATA_KEY}' metadata); run factorize first")
+        raise InputError(
+            f"{path}: not a lyoncompress artifact (no '{METADATA_KEY}' metadata); run factorize first"
+        )
     document = json.loads(metadata[METADATA_KEY])
     version = document.get("format_version")
     if version != FORMAT_VERSION:
-        raise InputError(f"{path}: artifact format version {version} is not supported (this reads {FORMAT_VERSION})")
+        raise InputError(
+            f"{path}: artifact format version {version} is not supported (this reads {FORMAT_VERSION})"
+        )
     report_path = path / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     return Artifact(path, document["layers"], tensors.config or {}, report, tensors)

@@ -11,8 +11,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lyoncompress.artifact import load_artifact
-from lyoncompress.errors import LyoncompressError
+from lyoncompress.errors import InputError, LyoncompressError
+from lyoncompress.evaluate import DEFAULT_SAMPLES, Gates
+from lyoncompress.evaluate import evaluate as evaluate_artifact
 from lyoncompress.factorize import factorize as factorize_checkpoint
 from lyoncompress.recipe import Recipe
 
@@ -88,7 +91,7 @@ class _LayerProgress:
         )
         self.task = None
 
-    def __enter__(self) -> "_LayerProgress":
+    def __enter__(self) -> _LayerProgress:
         if self.progress:
             self.progress.__enter__()
         return self
@@ -112,7 +115,9 @@ def _print_json(document: Any) -> None:
 def _factorize_table(report: dict[str, Any]) -> Table:
     table = Table(title="factorized layers", title_justify="left")
     for column in ("layer", "structure", "chain", "params", "kept", "weight error", "s"):
-        table.add_column(column, justify="right" if column in ("params", "kept", "weight error", "s") else "left")
+        table.add_column(
+            column, justify="right" if column in ("params", "kept", "weight error", "s") else "left"
+        )
     for row in report["layers"]:
         table.add_row(
             row["name"],
@@ -137,7 +142,7 @@ def _factorize_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _recipe_from(recipe_path: Optional[Path], **flags: Any) -> Recipe:
+def _recipe_from(recipe_path: Path | None, **flags: Any) -> Recipe:
     base = Recipe.from_yaml(recipe_path) if recipe_path else Recipe()
     return base.replace(**flags)
 
@@ -145,17 +150,24 @@ def _recipe_from(recipe_path: Optional[Path], **flags: Any) -> Recipe:
 @app.command()
 @_reports_errors
 def factorize(
-    checkpoint: Annotated[Path, typer.Argument(help=".safetensors file, HF model folder, or .bin/.pt state dict.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help=".safetensors file, HF model folder, or .bin/.pt state dict.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to create.")],
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (configs/*.yaml); flags win.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (configs/*.yaml); flags win.")] = None,
     target: Annotated[
-        Optional[list[str]], typer.Option(help="Regex (re.fullmatch) of module names to compress; repeatable.")
+        list[str] | None,
+        typer.Option(help="Regex (re.fullmatch) of module names to compress; repeatable."),
     ] = None,
-    ignore: Annotated[Optional[list[str]], typer.Option(help="Regex of module names to keep dense; repeatable.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="auto | butterfly | monarch | lowrank.")] = None,
-    depth: Annotated[Optional[int], typer.Option(help="Factors per butterfly chain.")] = None,
-    budget: Annotated[Optional[float], typer.Option(help="Fraction of each layer's parameters to keep.")] = None,
-    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest shard, e.g. 5GB.")] = None,
+    ignore: Annotated[
+        list[str] | None, typer.Option(help="Regex of module names to keep dense; repeatable.")
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="auto | butterfly | monarch | lowrank.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Factors per butterfly chain.")] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="Fraction of each layer's parameters to keep.")
+    ] = None,
+    max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -216,7 +228,11 @@ def inspect(
         )
     before = sum(layer["params_before"] for layer in layers)
     after = sum(layer["params_after"] or 0 for layer in layers)
-    document = {"artifact": str(artifact), "layers": layers, "totals": {"params_before": before, "params_after": after}}
+    document = {
+        "artifact": str(artifact),
+        "layers": layers,
+        "totals": {"params_before": before, "params_after": after},
+    }
     if as_json:
         _print_json(document)
         return
@@ -238,6 +254,124 @@ def inspect(
     err_console.print(table)
 
 
+def _eval_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"eval {report['artifact']} vs {report['reference']}", title_justify="left")
+    for column in ("task", "metric", "value", "gate", "result"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    gates = {(g["task"], g["metric"]): g for g in report["gates"]}
+    for task, metrics in report["tasks"].items():
+        for metric, value in metrics.items():
+            gate = gates.get((task, metric))
+            verdict = "" if gate is None else ("[green]pass[/]" if gate["passed"] else "[bold red]FAIL[/]")
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(task, metric, shown, gate["threshold"] if gate else "", verdict)
+    return table
+
+
+def _layer_error_table(report: dict[str, Any]) -> Table:
+    table = Table(title="per layer", title_justify="left")
+    columns = [
+        c for c in ("rel_error", "output_error", "compression") if any(c in r for r in report["layers"])
+    ]
+    table.add_column("layer")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in report["layers"]:
+        table.add_row(row["name"], *(f"{row[c]:.4f}" if c in row else "" for c in columns))
+    return table
+
+
+def _write_plot(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise InputError("--plot needs matplotlib: pip install 'lyoncompress[plot]'") from err
+    rows = [r for r in report["layers"] if "compression" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, marker in (("rel_error", "o"), ("output_error", "s")):
+        points = [(r["compression"], r[key]) for r in rows if key in r]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, label=key.replace("_", " "))
+    ax.set_xlabel("compression ratio (dense params / stored params)")
+    ax.set_ylabel("relative error")
+    ax.set_title("per-layer error vs compression")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _add_to_report(artifact: Path, key: str, document: dict[str, Any]) -> None:
+    """Add ``document`` under ``key`` to the artifact's report.json, atomically."""
+    path = artifact / "report.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report[key] = document
+    staging = path.with_name(f".report.json.tmp-{os.getpid()}")
+    staging.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    staging.replace(path)
+
+
+@app.command(name="eval")
+@_reports_errors
+def eval_(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (factorized or quantized).")],
+    reference: Annotated[Path, typer.Option(help="The original checkpoint (HF folder to run the model).")],
+    task: Annotated[
+        list[str] | None,
+        typer.Option(help="weights | outputs | classification | embeddings | perplexity; repeatable."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Text (.txt), .npy, .npz (x, y) or .safetensors inputs.")
+    ] = None,
+    min_recovery: Annotated[float | None, typer.Option(help="Gate: recovery must be >= this.")] = None,
+    max_output_error: Annotated[
+        float | None, typer.Option(help="Gate: final output error <= this.")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Samples drawn (seeded) from the data.")] = DEFAULT_SAMPLES,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of per-layer error vs compression.")
+    ] = None,
+    write_report: Annotated[
+        bool, typer.Option(help="Also store the result in the artifact's report.json.")
+    ] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Measure what compression cost; exit 1 when a gate fails (for CI).
+
+    Example:  lyoncompress eval q/ --reference model/ --min-recovery 0.99 --max-output-error 0.05
+    """
+    if samples < 1:
+        raise InputError(f"--samples must be >= 1, got {samples}")
+    with _LayerProgress(_show_progress(quiet, as_json), "evaluating") as progress:
+        report = evaluate_artifact(
+            artifact,
+            reference,
+            tasks=task,
+            data=data,
+            gates=Gates(min_recovery=min_recovery, max_output_error=max_output_error),
+            samples=samples,
+            progress=progress,
+        )
+    if plot is not None:
+        _write_plot(report, plot)
+    if write_report:
+        _add_to_report(artifact, "eval", report)
+    if as_json:
+        _print_json(report)
+    else:
+        err_console.print(_eval_table(report))
+        if report["layers"]:
+            err_console.print(_layer_error_table(report))
+        failed = [g for g in report["gates"] if not g["passed"]]
+        err_console.print("[bold red]gate failed[/]" if failed else "[green]all gates passed[/]")
+    if not report["passed"]:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
 def _itemsize(dtype_name: str) -> int:
     import torch
 
@@ -254,19 +388,23 @@ def demo(
 
     Example:  lyoncompress demo
     """
-    from lyoncompress.demo import cache_dir, demo_checkpoint
+    from lyoncompress.demo import DEMO_RECIPE, cache_dir, demo_checkpoint
 
     checkpoint = demo_checkpoint()
     out = cache_dir() / "demo-out" / "fact"
     out.parent.mkdir(parents=True, exist_ok=True)
     err_console.print(f"demo checkpoint: {checkpoint}")
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
-        report = factorize_checkpoint(checkpoint, out, Recipe(), force=True, progress=progress)
+        report = factorize_checkpoint(checkpoint, out, DEMO_RECIPE, force=True, progress=progress)
+    evaluation = evaluate_artifact(out, checkpoint, gates=Gates(min_recovery=0.97, max_output_error=0.2))
     if as_json:
-        _print_json({"factorize": report})
-        return
-    err_console.print(_factorize_table(report))
-    err_console.print(f"wrote {out}")
+        _print_json({"factorize": report, "eval": evaluation})
+    else:
+        err_console.print(_factorize_table(report))
+        err_console.print(f"wrote {out}")
+        err_console.print(_eval_table(evaluation))
+    if not evaluation["passed"]:
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def main() -> None:

@@ -16,10 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
+from lyoncompress.recipe import Recipe
 
 SIZES = [64, 256, 256, 10]
 SEED = 0
 TRAIN_EPOCHS = 60
+# The same options as configs/demo.yaml (a test keeps them equal); built in so that
+# an installed package needs no files from the source tree.
+DEMO_RECIPE = Recipe(targets=("fc1", "fc2"), method="auto", budget=0.5, depth=2)
 
 
 def cache_dir() -> Path:
@@ -45,9 +49,14 @@ def digits_split() -> DigitsSplit:
 
     data = load_digits()
     x = (data.data / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=0.3, random_state=SEED, stratify=data.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, data.target, test_size=0.3, random_state=SEED, stratify=data.target
+    )
     return DigitsSplit(
-        torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(), torch.from_numpy(x_te), torch.from_numpy(y_te).long()
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y_tr).long(),
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te).long(),
     )
 
 

@@ -6,8 +6,9 @@ handed to transformers (``AutoModel``), so every architecture it knows works.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -75,13 +75,13 @@ class Recipe:
     def __post_init__(self) -> None:
         validate(self, "recipe")
 
-    def replace(self, **changes: Any) -> "Recipe":
+    def replace(self, **changes: Any) -> Recipe:
         """A copy with the given fields replaced; ``None`` values are ignored (flag not given)."""
         given = {k: v for k, v in changes.items() if v is not None and v != ()}
         return dataclasses.replace(self, **given)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Recipe":
+    def from_yaml(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.exists():
             raise InputError(f"recipe {path}: no such file")

@@ -60,7 +60,9 @@ def test_sharding_and_header_metadata(tmp_path, mlp):
     with safe_open(shards[0], framework="pt") as handle:
         document = json.loads(handle.metadata()["lyoncompress"])
     assert document["format_version"] == 1
-    assert document["layers"]["fc1"]["chain"] == [list(p.as_tuple()) for p in Chain.of(*document["layers"]["fc1"]["chain"]).patterns]
+    assert document["layers"]["fc1"]["chain"] == [
+        list(p.as_tuple()) for p in Chain.of(*document["layers"]["fc1"]["chain"]).patterns
+    ]
     reloaded = load_compressed(out)
     assert isinstance(reloaded.fc2, ButterflyLinear)
 

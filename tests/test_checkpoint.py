@@ -28,7 +28,9 @@ def test_sharded_hf_folder(tmp_path):
     state = _state()
     save_file({"a.weight": state["a.weight"], "a.bias": state["a.bias"]}, tmp_path / "s1.safetensors")
     save_file({"b.weight": state["b.weight"]}, tmp_path / "s2.safetensors")
-    index = {"weight_map": {"a.weight": "s1.safetensors", "a.bias": "s1.safetensors", "b.weight": "s2.safetensors"}}
+    index = {
+        "weight_map": {"a.weight": "s1.safetensors", "a.bias": "s1.safetensors", "b.weight": "s2.safetensors"}
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text('{"model_type": "x"}')
     ckpt = open_checkpoint(tmp_path)

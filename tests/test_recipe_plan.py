@@ -43,7 +43,9 @@ def test_flags_win_over_recipe():
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("512KiB") == 512 * 1024 and parse_size("10 mb") == 10**7
+    assert (
+        parse_size("5GB") == 5 * 10**9 and parse_size("512KiB") == 512 * 1024 and parse_size("10 mb") == 10**7
+    )
     with pytest.raises(InputError):
         parse_size("lots")
 

@@ -8,8 +8,8 @@ candidates it measured are kept so the report can say what was chosen and why.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -186,4 +187,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for dim in shape:
         count *= dim
     return count
-

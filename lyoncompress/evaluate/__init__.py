@@ -1,0 +1,145 @@
+"""The ``evaluate`` verb: run tasks on reference and compressed models, check the gates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lyoncompress.artifact import Artifact, load_artifact
+from lyoncompress.checkpoint import Checkpoint, open_checkpoint
+from lyoncompress.errors import InputError
+from lyoncompress.evaluate.data import Samples, builtin_corpus, load_samples
+from lyoncompress.evaluate.tasks import FITTING, TASKS, EvalContext, TaskResult
+
+DEFAULT_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds; None disables a gate.
+
+    Attributes:
+        min_recovery: lowest acceptable recovery (classification accuracy ratio,
+            embedding cosine, perplexity ratio).
+        max_output_error: highest acceptable relative error of the final outputs.
+    """
+
+    min_recovery: float | None = None
+    max_output_error: float | None = None
+
+
+def check_same_model(reference: Checkpoint, artifact: Artifact) -> None:
+    """Every artifact tensor must come from the reference: same names, same shapes."""
+    for name, entry in artifact.layers.items():
+        info = reference.infos.get(f"{name}.weight")
+        expected = (entry["out_features"], entry["in_features"])
+        if info is None or info.shape != expected:
+            found = "missing" if info is None else f"shape {info.shape}"
+            raise InputError(
+                f"reference and artifact differ: artifact layer {name} is {expected}, reference {name}.weight is {found}"
+            )
+    compressed = tuple(f"{name}." for name in artifact.layers)
+    for name in artifact.tensors.names():
+        if name.startswith(compressed) and not name.endswith(".bias"):
+            continue
+        info = reference.infos.get(name)
+        if info is None or info.shape != artifact.tensors.infos[name].shape:
+            found = "missing" if info is None else f"shape {info.shape}"
+            raise InputError(
+                f"reference and artifact differ: artifact tensor {name} has shape "
+                f"{artifact.tensors.infos[name].shape}, reference: {found}"
+            )
+
+
+def _gate(task: str, result: TaskResult, gates: Gates) -> dict[str, Any] | None:
+    if result.gate == "recovery" and gates.min_recovery is not None:
+        return {
+            "task": task,
+            "metric": "recovery",
+            "value": result.gate_value,
+            "threshold": f">= {gates.min_recovery}",
+            "passed": result.gate_value >= gates.min_recovery,
+        }
+    if result.gate == "output_error" and gates.max_output_error is not None:
+        return {
+            "task": task,
+            "metric": "output_error",
+            "value": result.gate_value,
+            "threshold": f"<= {gates.max_output_error}",
+            "passed": result.gate_value <= gates.max_output_error,
+        }
+    return None
+
+
+def evaluate(
+    artifact: str | Path,
+    reference: str | Path,
+    tasks: Sequence[str] | None = None,
+    data: str | Path | None = None,
+    gates: Gates | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Compare a compressed artifact with its reference checkpoint.
+
+    Args:
+        artifact: folder written by ``factorize`` or ``quantize``.
+        reference: the original checkpoint (HF folder for models that must run).
+        tasks: names from ``TASKS``; default: every task that fits the model.
+        data: ``--data`` file (text, .npy, .npz, .safetensors); default: built-in data.
+        gates: thresholds; the report's ``passed`` is False when one fails.
+        samples: how many samples to draw (seeded) from the data.
+
+    Returns:
+        ``{"tasks": {name: metrics}, "layers": {...}, "gates": [...], "passed": bool}``.
+
+    Example:
+        >>> report = evaluate("fact/", "model/", gates=Gates(min_recovery=0.99))
+        >>> report["passed"]
+        True
+    """
+    gates = gates or Gates()
+    art = load_artifact(artifact)
+    ref = open_checkpoint(reference)
+    check_same_model(ref, art)
+    loaded: Samples | None = load_samples(data, samples, seed) if data is not None else None
+    ctx = EvalContext(Path(reference), ref, art, loaded, samples, seed)
+    fitting = FITTING[ctx.kind]
+    chosen = list(tasks) if tasks else list(fitting)
+    for name in chosen:
+        if name not in TASKS:
+            raise InputError(f"unknown task {name!r}; registered tasks: {', '.join(TASKS)}")
+        if name not in fitting:
+            raise InputError(
+                f"task {name!r} does not fit this model ({ctx.kind}); tasks that do: {', '.join(fitting)}"
+            )
+    results: dict[str, Any] = {}
+    layer_rows: dict[str, dict[str, Any]] = {}
+    checks = []
+    for index, name in enumerate(chosen):
+        result = TASKS[name](ctx)
+        results[name] = {**result.metrics, **({result.gate: result.gate_value} if result.gate else {})}
+        for row in result.layers:
+            layer_rows.setdefault(row["name"], {}).update(row)
+        check = _gate(name, result, gates)
+        if check is not None:
+            checks.append(check)
+        if progress is not None:
+            progress(name, index + 1, len(chosen))
+    return {
+        "command": "eval",
+        "artifact": str(artifact),
+        "reference": str(reference),
+        "model_kind": ctx.kind,
+        "gates_given": asdict(gates),
+        "tasks": results,
+        "layers": list(layer_rows.values()),
+        "gates": checks,
+        "passed": all(check["passed"] for check in checks),
+    }
+
+
+__all__ = ["DEFAULT_SAMPLES", "Gates", "TASKS", "builtin_corpus", "evaluate", "load_samples"]

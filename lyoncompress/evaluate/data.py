@@ -1,0 +1,108 @@
+"""Evaluation and calibration data: user files, and built-in defaults that work offline.
+
+``--data`` takes a text file (one sample a line), ``.npy`` / ``.safetensors`` inputs
+(the first tensor, or the one named ``inputs``), or a labelled ``.npz`` with arrays
+``x`` and ``y``. Without it: the digits split for the demo MLP, and for text models
+sentences from the Python standard library's docstrings (no download).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from lyoncompress.errors import InputError
+
+# Modules whose docstrings make the built-in corpus: prose-heavy, stable across
+# Python versions, and importable everywhere.
+CORPUS_MODULES = (
+    "json", "argparse", "collections", "functools", "itertools", "pathlib", "re", "string",
+    "textwrap", "logging", "datetime", "calendar", "random", "statistics", "fractions",
+    "decimal", "heapq", "bisect", "shutil", "tempfile", "csv", "configparser", "difflib",
+    "email.message", "http.client", "urllib.parse", "zipfile", "tarfile", "gzip", "queue",
+    "threading", "subprocess", "unittest", "doctest", "pprint", "dataclasses", "enum",
+    "contextlib", "abc", "typing", "inspect", "ast", "tokenize", "codecs", "locale",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What a task runs on: texts, or input tensors with optional labels."""
+
+    texts: list[str] | None = None
+    inputs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.texts is not None else len(self.inputs)
+
+
+def builtin_corpus(count: int, seed: int = 0, split: str = "eval") -> list[str]:
+    """``count`` sentences from stdlib docstrings, seeded; ``split`` is ``calib`` or
+    ``eval`` (disjoint halves, so calibration never sees evaluation text)."""
+    sentences: set[str] = set()
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *vars(module).values()]:
+            doc = (
+                inspect.getdoc(obj)
+                if (inspect.isclass(obj) or inspect.isfunction(obj) or obj is module)
+                else None
+            )
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
+                if 40 <= len(sentence) <= 300 and sentence[0].isupper() and ">>>" not in sentence:
+                    sentences.add(sentence)
+    ordered = sorted(sentences)
+    random.Random(seed).shuffle(ordered)
+    half = ordered[::2] if split == "calib" else ordered[1::2]
+    if count > len(half):
+        raise InputError(f"the built-in corpus has {len(half)} {split} sentences; ask for at most that many")
+    return half[:count]
+
+
+def load_samples(path: str | Path, count: int | None = None, seed: int = 0) -> Samples:
+    """Read ``--data``; a seeded subsample of ``count`` items when given."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data file {path}: no such file")
+    suffix = path.suffix
+    if suffix in (".txt", ".text", ""):
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        samples = Samples(texts=texts)
+    elif suffix == ".npy":
+        samples = Samples(inputs=torch.from_numpy(np.load(path, allow_pickle=False)))
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive:
+                raise InputError(f"data file {path}: a labelled .npz needs arrays 'x' (and 'y')")
+            labels = torch.from_numpy(archive["y"]).long() if "y" in archive else None
+            samples = Samples(inputs=torch.from_numpy(archive["x"]), labels=labels)
+    elif suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+            if not keys:
+                raise InputError(f"data file {path}: holds no tensors")
+            samples = Samples(inputs=handle.get_tensor("inputs" if "inputs" in keys else keys[0]))
+    else:
+        raise InputError(f"data file {path}: use .txt (one sample a line), .npy, .npz (x, y) or .safetensors")
+    if len(samples) == 0:
+        raise InputError(f"data file {path}: no samples in it")
+    if count is not None and count < len(samples):
+        keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count]
+        samples = _subset(samples, keep)
+    return samples
+
+
+def _subset(samples: Samples, keep: torch.Tensor) -> Samples:
+    if samples.texts is not None:
+        return Samples(texts=[samples.texts[int(i)] for i in keep])
+    labels = samples.labels[keep] if samples.labels is not None else None
+    return Samples(inputs=samples.inputs[keep], labels=labels)

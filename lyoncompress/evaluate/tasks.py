@@ -1,0 +1,278 @@
+"""Evaluation tasks (a registry). Each compares the reference and compressed models.
+
+A task returns ``TaskResult``: named metrics for the reference and the compressed
+model, and the one number its gate checks (``recovery`` or ``output_error``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lyoncompress.artifact import Artifact
+from lyoncompress.checkpoint import Checkpoint
+from lyoncompress.errors import InputError
+from lyoncompress.evaluate.data import Samples, builtin_corpus
+from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
+
+TEXT_MAX_LENGTH = 128
+BATCH = 32
+
+
+@dataclass
+class EvalContext:
+    """Both sides of the comparison; models are built on first use."""
+
+    reference_path: Path
+    reference: Checkpoint
+    artifact: Artifact
+    samples: Samples | None
+    count: int
+    seed: int
+
+    @property
+    def kind(self) -> str:
+        config = self.reference.config or {}
+        if config.get("model_type") == DEMO_MODEL_TYPE:
+            return "mlp"
+        if not config.get("model_type"):
+            return "weights-only"
+        if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+            return "causal-lm"
+        return "encoder"
+
+    @functools.cached_property
+    def reference_model(self) -> nn.Module:
+        return load_reference(self.reference_path)
+
+    @functools.cached_property
+    def compressed_model(self) -> nn.Module:
+        return load_compressed(self.artifact.path)
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.reference_path)
+        except (OSError, ValueError) as err:
+            raise InputError(f"{self.reference_path}: no tokenizer files to encode text ({err})") from err
+
+    def texts(self) -> list[str]:
+        if self.samples is not None:
+            if self.samples.texts is None:
+                raise InputError("this task needs text data (a .txt file, one sample a line)")
+            return self.samples.texts
+        return builtin_corpus(self.count, self.seed, split="eval")
+
+    def tensor_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.samples is not None:
+            if self.samples.inputs is None:
+                raise InputError("this task needs tensor data (.npy, .npz or .safetensors)")
+            return self.samples.inputs.float(), self.samples.labels
+        if self.kind != "mlp":
+            raise InputError("no built-in tensor data for this model; pass --data")
+        from lyoncompress.demo import digits_split
+
+        split = digits_split()
+        return split.x_test, split.y_test
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Metrics of one task; ``gate_value`` is what its gate compares."""
+
+    metrics: dict[str, Any]
+    gate: str | None = None  # "recovery" (higher is better) or "output_error" (lower is better)
+    gate_value: float | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _dense_weight(ctx: EvalContext, name: str) -> torch.Tensor:
+    return ctx.compressed_model.get_submodule(name).to_dense().detach().double()
+
+
+def weights_task(ctx: EvalContext) -> TaskResult:
+    """Relative Frobenius error of every compressed matrix (no data, no model needed)."""
+    rows = []
+    for name, entry in ctx.artifact.layers.items():
+        reference = ctx.reference.load(f"{name}.weight").double()
+        layer = _standalone_layer(ctx.artifact, name, entry)
+        approx = layer.to_dense().detach().double()
+        error = float((reference - approx).norm() / reference.norm().clamp_min(1e-30))
+        rows.append({"name": name, "rel_error": error, "compression": reference.numel() / layer.params})
+    mean = sum(r["rel_error"] for r in rows) / len(rows)
+    return TaskResult(
+        {"mean_rel_error": mean, "max_rel_error": max(r["rel_error"] for r in rows)}, layers=rows
+    )
+
+
+def _layer_tensors(artifact: Artifact, name: str) -> dict[str, torch.Tensor]:
+    prefix = f"{name}."
+    return {k: artifact.load(k) for k in artifact.tensors.names() if k.startswith(prefix)}
+
+
+def _standalone_layer(artifact: Artifact, name: str, entry: dict) -> nn.Module:
+    """A compressed layer rebuilt without its model (for checkpoints with no config)."""
+    from lyoncompress.layers import _swap_in
+
+    holder = nn.Module()
+    holder.add_module(
+        "layer", nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"], device="meta")
+    )
+    _swap_in(holder, "layer", entry)
+    state = {k.removeprefix(f"{name}."): v for k, v in _layer_tensors(artifact, name).items()}
+    holder.layer.load_state_dict(state, strict=True, assign=True)
+    return holder.layer
+
+
+def _run(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
+    """Final outputs of ``model`` on the task data: logits, or mean-pooled hidden states."""
+    if ctx.kind == "mlp" or (ctx.samples is not None and ctx.samples.inputs is not None):
+        inputs, _ = ctx.tensor_inputs()
+        with torch.no_grad():
+            return torch.cat([model(batch) for batch in inputs.split(256)])
+    return _embed(model, ctx)
+
+
+def _embed(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
+    texts = ctx.texts()
+    pooled = []
+    with torch.no_grad():
+        for start in range(0, len(texts), BATCH):
+            batch = ctx.tokenizer(
+                texts[start : start + BATCH],
+                padding=True,
+                truncation=True,
+                max_length=TEXT_MAX_LENGTH,
+                return_tensors="pt",
+            )
+            hidden = model(**batch).last_hidden_state  # (B, T, H)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
+    return torch.cat(pooled)
+
+
+def outputs_task(ctx: EvalContext) -> TaskResult:
+    """Per-layer ``‖(W - Ŵ) X‖ / ‖W X‖`` on the reference model's activations, and the
+    relative error and cosine of the final outputs."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in ctx.artifact.layers}
+    hooks = [
+        ctx.reference_model.get_submodule(name).register_forward_hook(
+            lambda module, args, out, name=name: captured[name].append(
+                args[0].detach().reshape(-1, args[0].shape[-1])
+            )
+        )
+        for name in captured
+    ]
+    try:
+        reference_out = _run(ctx.reference_model, ctx).double()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    compressed_out = _run(ctx.compressed_model, ctx).double()
+    rows = []
+    for name, chunks in captured.items():
+        x = torch.cat(chunks).double()  # (samples, in)
+        weight = ctx.reference_model.get_submodule(name).weight.detach().double()
+        error = float(
+            ((weight - _dense_weight(ctx, name)) @ x.T).norm() / (weight @ x.T).norm().clamp_min(1e-30)
+        )
+        rows.append({"name": name, "output_error": error})
+    rel = float((reference_out - compressed_out).norm() / reference_out.norm().clamp_min(1e-30))
+    cosine = float(torch.nn.functional.cosine_similarity(reference_out, compressed_out, dim=-1).mean())
+    metrics = {"final_rel_error": rel, "final_cosine": cosine, "samples": len(reference_out)}
+    return TaskResult(metrics, gate="output_error", gate_value=rel, layers=rows)
+
+
+def classification_task(ctx: EvalContext) -> TaskResult:
+    """Accuracy of both models on a labelled set; recovery = compressed / reference."""
+    inputs, labels = ctx.tensor_inputs()
+    if labels is None:
+        raise InputError("classification needs labels: a .npz with arrays x and y")
+    accuracies = []
+    for model in (ctx.reference_model, ctx.compressed_model):
+        with torch.no_grad():
+            logits = torch.cat([model(batch.float()) for batch in inputs.split(256)])
+        accuracies.append(float((logits.argmax(-1) == labels).float().mean()))
+    reference, compressed = accuracies
+    recovery = compressed / reference if reference else 0.0
+    metrics = {"reference_accuracy": reference, "compressed_accuracy": compressed, "samples": len(labels)}
+    return TaskResult(metrics, gate="recovery", gate_value=recovery)
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty_like(values)
+    ranks[values.argsort()] = torch.arange(len(values), dtype=values.dtype)
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties broken by position)."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def embeddings_task(ctx: EvalContext) -> TaskResult:
+    """Sentence embeddings: mean cosine to the reference (the recovery) and Spearman
+    correlation of the two models' pairwise similarity matrices."""
+    reference = torch.nn.functional.normalize(_embed(ctx.reference_model, ctx).double(), dim=-1)
+    compressed = torch.nn.functional.normalize(_embed(ctx.compressed_model, ctx).double(), dim=-1)
+    cosine = float((reference * compressed).sum(-1).mean())
+    upper = torch.triu_indices(len(reference), len(reference), offset=1)
+    sims_ref = (reference @ reference.T)[upper[0], upper[1]]
+    sims_cmp = (compressed @ compressed.T)[upper[0], upper[1]]
+    metrics = {
+        "mean_cosine": cosine,
+        "similarity_spearman": spearman(sims_ref, sims_cmp),
+        "samples": len(reference),
+    }
+    return TaskResult(metrics, gate="recovery", gate_value=cosine)
+
+
+def perplexity_task(ctx: EvalContext) -> TaskResult:
+    """Perplexity of both causal LMs on the texts; recovery = ppl_reference / ppl_compressed."""
+    texts = ctx.texts()
+    values = []
+    for model in (ctx.reference_model, ctx.compressed_model):
+        nll, tokens = 0.0, 0
+        with torch.no_grad():
+            for text in texts:
+                ids = ctx.tokenizer(text, return_tensors="pt", truncation=True, max_length=TEXT_MAX_LENGTH)[
+                    "input_ids"
+                ]
+                if ids.shape[1] < 2:
+                    continue
+                loss = model(input_ids=ids, labels=ids).loss
+                nll += float(loss) * (ids.shape[1] - 1)
+                tokens += ids.shape[1] - 1
+        if tokens == 0:
+            raise InputError("perplexity needs texts of at least two tokens")
+        values.append(float(torch.tensor(nll / tokens).exp()))
+    reference, compressed = values
+    metrics = {"reference_perplexity": reference, "compressed_perplexity": compressed, "samples": len(texts)}
+    return TaskResult(metrics, gate="recovery", gate_value=reference / compressed)
+
+
+Task = Callable[[EvalContext], TaskResult]
+TASKS: dict[str, Task] = {
+    "weights": weights_task,
+    "outputs": outputs_task,
+    "classification": classification_task,
+    "embeddings": embeddings_task,
+    "perplexity": perplexity_task,
+}
+# Which tasks fit which kind of model; the first ones run by default.
+FITTING: dict[str, tuple[str, ...]] = {
+    "weights-only": ("weights",),
+    "mlp": ("weights", "outputs", "classification"),
+    "encoder": ("weights", "outputs", "embeddings"),
+    "causal-lm": ("weights", "outputs", "perplexity"),
+}
