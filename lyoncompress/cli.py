@@ -55,7 +55,7 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except typer.Exit:
             raise
         except LyoncompressError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing was written")
