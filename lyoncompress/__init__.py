@@ -2,13 +2,30 @@
 
 from lyoncompress.butterfly import Chain, KSPattern, lowrank, monarch, search_chains, square_butterfly
 from lyoncompress.errors import InputError, LyoncompressError, PatternError
-from lyoncompress.factorize import Projection, project
-from lyoncompress.layers import ButterflyLinear
+from lyoncompress.artifact import load_artifact
+from lyoncompress.evaluate import Gates, evaluate
+from lyoncompress.factorize import Projection, factorize, project
+from lyoncompress.hf_integration import register_with_transformers
+from lyoncompress.layers import ButterflyLinear, apply_artifact
+from lyoncompress.models import load_compressed
+from lyoncompress.recipe import Recipe
 
 __version__ = "0.1.0"
 
+# So that transformers' AutoModel.from_pretrained(artifact) works after `import
+# lyoncompress`, as a quantization method; a no-op where transformers is absent.
+register_with_transformers()
+
 __all__ = [
     "ButterflyLinear",
+    "Gates",
+    "Recipe",
+    "apply_artifact",
+    "evaluate",
+    "factorize",
+    "load_artifact",
+    "load_compressed",
+    "register_with_transformers",
     "Chain",
     "InputError",
     "KSPattern",

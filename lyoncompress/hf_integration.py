@@ -33,7 +33,7 @@ from torch import nn
 
 from lyoncompress.artifact import FORMAT_VERSION, QUANT_METHOD
 from lyoncompress.errors import InputError
-from lyoncompress.layers import _swap_in
+from lyoncompress.layers import swap_in
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -138,8 +138,7 @@ def _classes() -> tuple[type, type]:
             expected = []
             for name, entry in self.quantization_config.layers.items():
                 root, local = _locate(model, name)
-                _swap_in(root, local, entry)
-                layer = root.get_submodule(local)
+                layer = swap_in(root, local, entry)
                 # the artifact's dtype would clash with a `dtype=` given to from_pretrained
                 layer.to(model.dtype)
                 expected += [f"{name}.{key}" for key in layer.state_dict()]
@@ -181,7 +180,7 @@ def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         except AttributeError:
             continue
         return root, path
-    return model, name  # not there at all: _swap_in names the missing layer
+    return model, name  # not there at all: swap_in names the missing layer
 
 
 def _check_tensors(expected: list[str], checkpoint_files: list[str]) -> None:

@@ -170,7 +170,7 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     for name, entry in art.layers.items():
-        _swap_in(model, name, entry)
+        swap_in(model, name, entry)
     state = {name: art.load(name) for name in art.tensors.names()}
     expected = set(model.state_dict())
     # non-persistent buffers (e.g. BERT's position_ids) are saved by some exporters
@@ -187,14 +187,18 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     return model
 
 
-def _swap_in(model: nn.Module, name: str, entry: dict) -> None:
+def swap_in(model: nn.Module, name: str, entry: dict) -> ButterflyLinear:
+    """Replace the ``nn.Linear`` at ``name`` by an empty (meta) ``ButterflyLinear`` shaped
+    as the artifact's layer-table ``entry`` says; returns the new layer."""
     try:
         module = model.get_submodule(name)
     except AttributeError as err:
         raise InputError(f"the artifact compresses layer {name!r}, which the model does not have") from err
     shape = (entry["out_features"], entry["in_features"])
     if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != shape:
-        raise InputError(f"layer {name!r} is {module!r} in the model, the artifact expects Linear{shape[::-1]}")
+        raise InputError(
+            f"layer {name!r} is {module!r} in the model, the artifact expects Linear{shape[::-1]}"
+        )
     layer = ButterflyLinear(
         entry["in_features"],
         entry["out_features"],
@@ -207,3 +211,4 @@ def _swap_in(model: nn.Module, name: str, entry: dict) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, layer)
+    return layer

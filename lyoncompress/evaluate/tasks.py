@@ -19,6 +19,7 @@ from lyoncompress.artifact import Artifact
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.evaluate.data import Samples, builtin_corpus
+from lyoncompress.layers import swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 
 TEXT_MAX_LENGTH = 128
