@@ -164,9 +164,7 @@ def factorize(
     ] = None,
     method: Annotated[str | None, typer.Option(help="auto | butterfly | monarch | lowrank.")] = None,
     depth: Annotated[int | None, typer.Option(help="Factors per butterfly chain.")] = None,
-    budget: Annotated[
-        float | None, typer.Option(help="Fraction of each layer's parameters to keep.")
-    ] = None,
+    budget: Annotated[float | None, typer.Option(help="Fraction of each layer's parameters to keep.")] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -327,13 +325,9 @@ def eval_(
         Path | None, typer.Option(help="Text (.txt), .npy, .npz (x, y) or .safetensors inputs.")
     ] = None,
     min_recovery: Annotated[float | None, typer.Option(help="Gate: recovery must be >= this.")] = None,
-    max_output_error: Annotated[
-        float | None, typer.Option(help="Gate: final output error <= this.")
-    ] = None,
+    max_output_error: Annotated[float | None, typer.Option(help="Gate: final output error <= this.")] = None,
     samples: Annotated[int, typer.Option(help="Samples drawn (seeded) from the data.")] = DEFAULT_SAMPLES,
-    plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG of per-layer error vs compression.")
-    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of per-layer error vs compression.")] = None,
     write_report: Annotated[
         bool, typer.Option(help="Also store the result in the artifact's report.json.")
     ] = False,
