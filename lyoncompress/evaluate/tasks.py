@@ -19,7 +19,7 @@ from lyoncompress.artifact import Artifact
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.evaluate.data import Samples, builtin_corpus
-from lyoncompress.layers import swap_in
+from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 
 TEXT_MAX_LENGTH = 128
@@ -119,18 +119,16 @@ def _layer_tensors(artifact: Artifact, name: str) -> dict[str, torch.Tensor]:
     return {k: artifact.load(k) for k in artifact.tensors.names() if k.startswith(prefix)}
 
 
-def _standalone_layer(artifact: Artifact, name: str, entry: dict) -> nn.Module:
-    """A compressed layer rebuilt without its model (for checkpoints with no config)."""
-    from lyoncompress.layers import _swap_in
-
+def _standalone_layer(artifact: Artifact, name: str, entry: dict) -> ButterflyLinear:
+    """A compressed layer rebuilt on its own, without building the model around it."""
     holder = nn.Module()
     holder.add_module(
         "layer", nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"], device="meta")
     )
-    _swap_in(holder, "layer", entry)
+    layer = swap_in(holder, "layer", entry)
     state = {k.removeprefix(f"{name}."): v for k, v in _layer_tensors(artifact, name).items()}
-    holder.layer.load_state_dict(state, strict=True, assign=True)
-    return holder.layer
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer
 
 
 def _run(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
