@@ -9,8 +9,9 @@ correlated, so splitting inside a batch would leak.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,6 +114,4 @@ def capture_inputs(
     finally:
         for handle in handles:
             handle.remove()
-    return {
-        name: LayerCalibration(a.grams[0], a.grams[1], a.rows[0], a.rows[1]) for name, a in acc.items()
-    }
+    return {name: LayerCalibration(a.grams[0], a.grams[1], a.rows[0], a.rows[1]) for name, a in acc.items()}

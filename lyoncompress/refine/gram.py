@@ -22,7 +22,9 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 def check_gram(gram: torch.Tensor, n: int, name: str = "gram") -> None:
     """Refuse a second moment that does not fit a layer with ``n`` input features."""
     if tuple(gram.shape) != (n, n):
-        raise InputError(f"{name} has shape {tuple(gram.shape)}; the layer takes {n} inputs, so use ({n}, {n})")
+        raise InputError(
+            f"{name} has shape {tuple(gram.shape)}; the layer takes {n} inputs, so use ({n}, {n})"
+        )
     if not torch.isfinite(gram).all():
         raise InputError(f"{name} contains NaN/Inf values; recapture the calibration inputs")
 

@@ -23,16 +23,16 @@ included, so refinement never makes held-out activations worse.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError
 from lyoncompress.factorize import check_matrix
+from lyoncompress.refine.aware import activation_aware_lowrank
 from lyoncompress.refine.gram import check_gram, output_error, sqrt_factor
-from lyoncompress.refine.lowrank import activation_aware_lowrank
 
 # Adam is declared diverged when the training loss exceeds the start by this factor.
 _BLOWUP = 1e4
@@ -62,7 +62,7 @@ def refine_layer(
     steps: int = 300,
     lowrank_rank: int = 0,
     lowrank_init: Sequence[torch.Tensor] | None = None,
-    lr: float = 1e-2,
+    lr: float = 3e-2,
     damping: float = 1e-4,
     eval_every: int = 25,
 ) -> RefineResult:
@@ -127,7 +127,9 @@ def refine_layer(
     return _result(best, lowrank_rank, err_before, best_err, False)
 
 
-def _result(state: list[torch.Tensor], rank: int, before: float, after: float, diverged: bool) -> RefineResult:
+def _result(
+    state: list[torch.Tensor], rank: int, before: float, after: float, diverged: bool
+) -> RefineResult:
     split = len(state) - 2 if rank else len(state)
     return RefineResult(list(state[:split]), list(state[split:]), before, after, diverged)
 
@@ -218,7 +220,12 @@ class _Problem:
 
 
 def _adam(
-    problem: _Problem, state: list[torch.Tensor], steps: int, lr: float, eval_every: int, consider
+    problem: _Problem,
+    state: list[torch.Tensor],
+    steps: int,
+    lr: float,
+    eval_every: int,
+    consider: Callable[[list[torch.Tensor]], None],
 ) -> tuple[list[torch.Tensor], bool]:
     """Adam with per-tensor step sizes ``lr · RMS(tensor)`` and a cosine decay.
     Returns the last state and whether the loss blew up (NaN/Inf or ``_BLOWUP``×)."""
@@ -236,7 +243,7 @@ def _adam(
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         loss = problem.loss(params)
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value) or value > _BLOWUP * max(first_loss, 1e-30):
             return state, True
         loss.backward()

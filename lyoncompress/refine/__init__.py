@@ -1,0 +1,34 @@
+"""Accuracy recovery: calibration capture, activation-aware starts, layer-wise
+refinement, structure choice and hidden-unit permutation search."""
+
+from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
+from lyoncompress.refine.calibration import LayerCalibration, capture_inputs
+from lyoncompress.refine.gram import gram, output_error, sqrt_factor
+from lyoncompress.refine.layerwise import RefineResult, refine_layer
+from lyoncompress.refine.permutation import apply_permutation, search_permutation
+from lyoncompress.refine.structure import (
+    CANDIDATES,
+    Structure,
+    StructureChoice,
+    choose_structure,
+    hybrid_start,
+)
+
+__all__ = [
+    "CANDIDATES",
+    "LayerCalibration",
+    "RefineResult",
+    "Structure",
+    "StructureChoice",
+    "activation_aware_lowrank",
+    "activation_aware_projection",
+    "apply_permutation",
+    "capture_inputs",
+    "choose_structure",
+    "gram",
+    "hybrid_start",
+    "output_error",
+    "refine_layer",
+    "search_permutation",
+    "sqrt_factor",
+]

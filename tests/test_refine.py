@@ -1,0 +1,265 @@
+"""Accuracy recovery: activation-aware starts, layer-wise refinement, structure
+choice, permutation search and calibration capture (small shapes, float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+from lyoncompress.butterfly import lowrank, monarch
+from lyoncompress.errors import InputError
+from lyoncompress.factorize import project
+from lyoncompress.refine import (
+    CANDIDATES,
+    activation_aware_lowrank,
+    activation_aware_projection,
+    apply_permutation,
+    capture_inputs,
+    choose_structure,
+    gram,
+    hybrid_start,
+    output_error,
+    refine_layer,
+    search_permutation,
+)
+
+F64 = torch.float64
+
+
+def _inputs(samples: int, n: int, seed: int, draw: int = 0) -> torch.Tensor:
+    """Correlated inputs with a decaying spectrum, like real activations; ``seed``
+    fixes the distribution, ``draw`` the samples (held-out sets differ in ``draw``)."""
+    scales = torch.logspace(0, -2, n, dtype=F64)
+    mix = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64))[0]
+    noise = torch.randn(samples, n, generator=torch.Generator().manual_seed(1000 + draw), dtype=F64)
+    return (noise * scales) @ mix.T
+
+
+def _random_twiddles(chain, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=F64) for shape in chain.twiddle_shapes]
+
+
+def test_activation_aware_lowrank_vs_closed_form():
+    w = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    g = gram(_inputs(200, 8, 1))
+    twiddles = activation_aware_lowrank(w, g, 3, damping=0.0)
+    approx = lowrank(12, 8, 3).to_dense(twiddles)
+    # Eckart–Young in the whitened space: error² = tail of the spectrum of W L
+    s = torch.linalg.svdvals(w @ torch.linalg.cholesky(g))
+    expected = float((s[3:].square().sum() / s.square().sum()).sqrt())
+    assert output_error(w, approx, g) == pytest.approx(expected, rel=1e-9)
+    plain = lowrank(12, 8, 3).to_dense(project(w, lowrank(12, 8, 3)).twiddles)
+    assert output_error(w, approx, g) < output_error(w, plain, g)
+
+
+def test_activation_aware_lowrank_beats_perturbations():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 5, dtype=F64, generator=gen)
+    g = gram(_inputs(100, 5, 3))
+    u, v = activation_aware_lowrank(w, g, 2, damping=0.0)
+    best = output_error(w, (u @ v)[0, 0], g)
+    for _ in range(200):
+        du, dv = (
+            1e-2 * torch.randn(u.shape, dtype=F64, generator=gen),
+            1e-2 * torch.randn(v.shape, dtype=F64, generator=gen),
+        )
+        assert output_error(w, ((u + du) @ (v + dv))[0, 0], g) >= best - 1e-12
+
+
+def test_activation_aware_lowrank_with_identity_gram_is_plain_svd():
+    w = torch.randn(10, 7, dtype=F64, generator=torch.Generator().manual_seed(4))
+    chain = lowrank(10, 7, 3)
+    aware = chain.to_dense(activation_aware_lowrank(w, torch.eye(7, dtype=F64), 3))
+    plain = chain.to_dense(project(w, chain).twiddles)
+    torch.testing.assert_close(aware, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_activation_aware_projection_recovers_exact_monarch():
+    chain = monarch(16, 8, 2, 2)
+    w = chain.to_dense(_random_twiddles(chain, 5))
+    twiddles = activation_aware_projection(w, chain, gram(_inputs(64, 8, 6)), damping=0.0)
+    torch.testing.assert_close(chain.to_dense(twiddles), w, rtol=1e-9, atol=1e-9)
+
+
+def test_activation_aware_projection_on_lowrank_chain_is_aware_svd():
+    w = torch.randn(9, 6, dtype=F64, generator=torch.Generator().manual_seed(7))
+    g = gram(_inputs(50, 6, 8))
+    chain = lowrank(9, 6, 2)
+    torch.testing.assert_close(
+        chain.to_dense(activation_aware_projection(w, chain, g)),
+        chain.to_dense(activation_aware_lowrank(w, g, 2)),
+    )
+
+
+def _planted(seed: int = 9) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Monarch weight plus a little noise, and train / held-out inputs."""
+    chain = monarch(32, 16, 4, 2)
+    gen = torch.Generator().manual_seed(seed)
+    w = chain.to_dense(_random_twiddles(chain, seed)) + 0.05 * torch.randn(32, 16, dtype=F64, generator=gen)
+    return w, gram(_inputs(400, 16, seed + 1)), gram(_inputs(200, 16, seed + 1, draw=1))
+
+
+def test_refine_layer_improves_planted_and_is_never_worse():
+    w, g_train, g_val = _planted()
+    chain = monarch(32, 16, 4, 1)  # rank 1: cannot fit the rank-2 plant, so there is error left
+    start = project(w, chain).twiddles
+    result = refine_layer(w, chain, start, g_train, g_val, steps=150)
+    assert not result.diverged
+    assert result.err_before == pytest.approx(output_error(w, chain.to_dense(start), g_val))
+    assert result.err_after <= result.err_before
+    assert result.err_after < 0.8 * result.err_before
+    assert result.err_after == pytest.approx(output_error(w, chain.to_dense(result.twiddles), g_val))
+    assert result.lowrank_twiddles == []
+
+
+def test_refine_layer_keeps_start_when_held_out_disagrees():
+    w, g_train, _ = _planted()
+    chain = monarch(32, 16, 4, 1)
+    start = project(w, chain).twiddles
+    # held-out inputs live where the training inputs are nearly absent
+    weak = torch.linalg.eigh(g_train).eigenvectors[:, :2]  # (16, 2) weakest directions
+    g_val = weak @ weak.T
+    result = refine_layer(w, chain, start, g_train, g_val, steps=30)
+    assert result.err_after <= result.err_before
+
+
+def test_refine_layer_with_lowrank_term():
+    chain = monarch(32, 16, 4, 1)
+    gen = torch.Generator().manual_seed(11)
+    w = chain.to_dense(_random_twiddles(chain, 11)) + torch.randn(
+        32, 2, dtype=F64, generator=gen
+    ) @ torch.randn(2, 16, dtype=F64, generator=gen)
+    g_train, g_val = gram(_inputs(300, 16, 12)), gram(_inputs(100, 16, 12, draw=1))
+    start = project(w, chain).twiddles
+    result = refine_layer(w, chain, start, g_train, g_val, steps=100, lowrank_rank=2)
+    assert [tuple(t.shape) for t in result.lowrank_twiddles] == [(1, 1, 32, 2), (1, 1, 2, 16)]
+    assert result.err_after <= result.err_before
+    assert result.err_after < 0.5 * result.err_before
+
+
+def test_refine_layer_divergence_falls_back_to_start():
+    w, g_train, g_val = _planted()
+    chain = monarch(32, 16, 4, 1)
+    start = project(w, chain).twiddles
+    result = refine_layer(w, chain, start, g_train, g_val, steps=20, lr=1e8)
+    assert result.diverged
+    assert all(torch.equal(a, b) for a, b in zip(result.twiddles, start))
+    assert result.err_after == result.err_before
+
+
+def test_refine_layer_rejects_bad_inputs():
+    w, g_train, g_val = _planted()
+    chain = monarch(32, 16, 4, 1)
+    with pytest.raises(InputError, match="gram_train"):
+        refine_layer(w, chain, project(w, chain).twiddles, g_train[:8, :8], g_val)
+
+
+def test_hybrid_start_fits_budget():
+    w, g_train, _ = _planted()
+    budget = 256
+    chain, twiddles, low = hybrid_start(w, g_train, budget, blocks=2, lowrank_share=0.5)
+    assert chain.params + sum(t.numel() for t in low) <= budget
+    assert low and low[0].shape[-1] >= 1
+
+
+def test_choose_structure_picks_lowest_held_out_error():
+    w, g_train, g_val = _planted()
+    choice = choose_structure(w, g_train, g_val, budget=0.5, steps=40, blocks=(2, 4))
+    names = {c.name for c in choice.candidates}
+    assert names == set(CANDIDATES)
+    assert choice.chosen.val_error == min(c.val_error for c in choice.candidates)
+    assert all(c.params <= 0.5 * 32 * 16 for c in choice.candidates)
+    # the plant is a Monarch: a structured candidate wins over plain low rank
+    assert choice.chosen.name in ("monarch", "hybrid")
+
+
+def test_choose_structure_unknown_candidate_lists_registered():
+    w, g_train, g_val = _planted()
+    with pytest.raises(InputError, match="registered: lowrank"):
+        choose_structure(w, g_train, g_val, budget=0.5, candidates=("svd",))
+
+
+def _mlp(hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Monarch W1 (hidden, 16) and W2 (16, hidden), rank 1, then hidden units shuffled."""
+    c1, c2 = monarch(hidden, 16, 4, 1), monarch(16, hidden, 4, 1)
+    w1, w2 = c1.to_dense(_random_twiddles(c1, seed)), c2.to_dense(_random_twiddles(c2, seed + 1))
+    shuffle = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed + 2))
+    b1 = torch.randn(hidden, dtype=F64, generator=torch.Generator().manual_seed(seed + 3))
+    return apply_permutation(w1, b1, w2, shuffle)
+
+
+def test_apply_permutation_is_function_preserving():
+    w1, b1, w2 = _mlp(32, 20)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    p1, pb1, p2 = apply_permutation(w1, b1, w2, perm)
+    x = torch.randn(5, 16, dtype=F64)
+
+    def hidden_of(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # per-unit reductions, so each unit's value does not depend on its position
+        return torch.nn.functional.gelu((x[:, None, :] * w[None]).sum(-1) + b)  # (5, hidden)
+
+    assert torch.equal(hidden_of(p1, pb1), hidden_of(w1, b1)[:, perm])
+    torch.testing.assert_close(hidden_of(p1, pb1) @ p2.T, hidden_of(w1, b1) @ w2.T, rtol=1e-13, atol=1e-13)
+
+
+def test_search_permutation_recovers_planted_monarch():
+    w1, b1, w2 = _mlp(32, 30)
+    c1, c2 = monarch(32, 16, 4, 1), monarch(16, 32, 4, 1)
+    before = project(w1, c1).rel_error + project(w2, c2).rel_error
+    perm = search_permutation(w1, w2, c1, c2)
+    assert sorted(perm.tolist()) == list(range(32))
+    p1, _, p2 = apply_permutation(w1, b1, w2, perm)
+    after = project(p1, c1).rel_error + project(p2, c2).rel_error
+    assert before > 0.3
+    assert after < 1e-6
+
+
+def test_search_permutation_never_worse_than_identity():
+    gen = torch.Generator().manual_seed(40)
+    w1, w2 = torch.randn(32, 16, dtype=F64, generator=gen), torch.randn(16, 32, dtype=F64, generator=gen)
+    c1, c2 = monarch(32, 16, 4, 2), monarch(16, 32, 4, 2)
+    perm = search_permutation(w1, w2, c1, c2, restarts=1)
+    p1, _, p2 = apply_permutation(w1, None, w2, perm)
+    identity = project(w1, c1).rel_error ** 2 + project(w2, c2).rel_error ** 2
+    assert project(p1, c1).rel_error ** 2 + project(p2, c2).rel_error ** 2 <= identity + 1e-12
+
+
+class _Masked(nn.Module):
+    """Takes a tokenizer-style mapping, like a Hugging Face model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3).double()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(input_ids)
+
+
+def test_capture_inputs_matches_manual_grams():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    batches = [torch.randn(4, 6, dtype=F64) for _ in range(8)]
+    calib = capture_inputs(model, ["0", "2"], batches, max_samples=10_000, val_every=4)
+    train = torch.cat([b for i, b in enumerate(batches) if i % 4 != 3])
+    val = torch.cat([b for i, b in enumerate(batches) if i % 4 == 3])
+    torch.testing.assert_close(calib["0"].gram_train, train.T @ train)
+    torch.testing.assert_close(calib["0"].gram_val, val.T @ val)
+    hidden = torch.relu(model[0](train)).detach()
+    torch.testing.assert_close(calib["2"].gram_train, hidden.T @ hidden)
+    assert (calib["2"].rows_train, calib["2"].rows_val) == (24, 8)
+
+
+def test_capture_inputs_bounds_rows_and_skips_padding():
+    model = _Masked()
+    x = torch.randn(2, 5, 4, dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    batch = {"input_ids": x, "attention_mask": mask}
+    calib = capture_inputs(model, ["proj"], [batch, batch], max_samples=6, val_every=2)
+    rows = x[mask.bool()][:6]  # 7 real tokens, capped at 6
+    torch.testing.assert_close(calib["proj"].gram_train, rows.T @ rows)
+    assert calib["proj"].rows_train == 6
+
+
+def test_capture_inputs_rejects_non_linear_names():
+    with pytest.raises(InputError, match="nn.Linear"):
+        capture_inputs(nn.Sequential(nn.ReLU()), ["0"], [torch.randn(2, 3)])
