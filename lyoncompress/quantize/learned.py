@@ -22,11 +22,11 @@ from lyoncompress.quantize.diagonal import Job, Rescaled, scale_cols, scale_rows
 
 @dataclass(frozen=True)
 class LearnSettings:
-    steps: int = 150
+    steps: int = 60
     lr: float = 0.01
     eval_every: int = 10
     holdout: float = 0.25  # fraction of calibration rows kept for selection
-    probes: int = 256  # Gaussian inputs used when no calibration data is given
+    probes: int = 128  # Gaussian inputs used when no calibration data is given
     seed: int = 0
 
 

@@ -41,23 +41,22 @@ def breakpoints(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, to
     ``(B, m·2^{t-1})`` tensors: the breakpoints ``β``, and the changes of ``⟨x, x̂⟩``
     and of ``‖x̂‖²`` when ``λ`` crosses them upwards (``x̂_i`` moves one ulp away from 0).
 
-    Zero entries never jump; their breakpoints are reported as 2 (outside the range).
+    Zero entries never jump; their breakpoints are reported as ``inf``.
     """
     count, ulp = 2 ** (t - 1), 2.0 ** (1 - t)
     # midpoints between consecutive t-bit significands of the binade [1, 2)
     mid = 1 + (torch.arange(count, dtype=x.dtype, device=x.device) + 0.5) * ulp  # (K,)
     mant, exp = torch.frexp(x.abs())
-    frac = (2 * mant).unsqueeze(-1)  # (B, m, 1): |x_i| = frac·2^(exp-1), frac ∈ [1, 2)
+    frac = (2 * mant).unsqueeze(-1)  # (B, m, 1): |x_i| = frac·2^(exp-1), frac ∈ [1, 2); 0 for 0
     power = torch.exp2((exp - 1).to(x.dtype)).unsqueeze(-1)  # (B, m, 1)
-    # λ·frac crosses mid in the binade of x_i when mid >= frac, else in the next one (2·mid)
-    nxt = mid < frac
-    safe = torch.where(frac > 0, frac, torch.ones_like(frac))
-    beta = torch.where(nxt, 2 * mid, mid) / safe  # (B, m, K)
-    beta = torch.where(frac > 0, beta, torch.full_like(beta, 2.0))
-    binade = torch.where(nxt, 2 * power, power)  # (B, m, K): 2^e of the binade crossed
+    # λ·frac crosses mid in the binade of x_i when mid >= frac, else in the next one (2·mid);
+    # a zero entry gets 2·mid/0 = inf: it never jumps
+    binade = (mid < frac).to(x.dtype) + 1  # (B, m, K): 1 or 2
+    beta = binade * mid / frac  # (B, m, K)
+    binade = binade * power  # 2^e of the binade crossed
     # |x̂_i| goes from (mid - ulp/2)·2^e to (mid + ulp/2)·2^e
-    d_dot = x.abs().unsqueeze(-1) * ulp * binade
-    d_norm2 = 2 * mid * ulp * binade * binade
+    d_dot = (x.abs().unsqueeze(-1) * ulp) * binade
+    d_norm2 = (2 * ulp) * mid * binade * binade
     return beta.flatten(-2), d_dot.flatten(-2), d_norm2.flatten(-2)
 
 
@@ -90,16 +89,16 @@ def _solve_chunk(
     x: torch.Tensor, y: torch.Tensor, t: int, partner: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     beta, d_dot, d_norm2 = breakpoints(x, t)  # (B, S) each
-    beta, order = beta.sort(dim=-1)
+    beta, order = beta.clamp_max(2.0).sort(dim=-1)
     one = torch.ones_like(beta[..., :1])
-    lo, hi = torch.cat((one, beta), dim=-1), torch.cat((beta, 2 * one), dim=-1)  # (B, S + 1)
-    lam = (lo + hi) / 2  # one λ inside each interval; the first is that of λ = 1
-    # x̂ on the first interval, then one ulp step per breakpoint crossed: ⟨x, x̂⟩ and ‖x̂‖²
-    # follow by cumulative sums, with no (B, S, m) tensor
-    x_hat = round_significand(lam[..., :1] * x, t)  # (B, m)
+    bounds = torch.cat((one, beta, 2 * one), dim=-1)  # (B, S + 2): intervals [lo, hi) of [1, 2)
+    lo, hi = bounds[..., :-1], bounds[..., 1:]
+    # x̂ on the first interval (that of λ = 1), then one ulp step per breakpoint crossed:
+    # ⟨x, x̂⟩ and ‖x̂‖² follow by cumulative sums, with no (B, S, m) tensor
+    x_hat = round_significand((1 + beta[..., :1]) / 2 * x, t)  # (B, m)
     dot = torch.cat(((x_hat * x).sum(-1, keepdim=True), d_dot.gather(-1, order)), dim=-1).cumsum(-1)
     norm2 = torch.cat(((x_hat * x_hat).sum(-1, keepdim=True), d_norm2.gather(-1, order)), -1).cumsum(-1)
-    mu = torch.where(norm2 > 0, dot / norm2.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(dot))
+    mu = dot / norm2.clamp_min(torch.finfo(x.dtype).tiny)  # (B, S + 1); 0 when x̂ = 0 (then dot = 0)
     y_norm2 = (y * y).sum(-1, keepdim=True)  # (B, 1)
     x_norm2 = (x * x).sum(-1, keepdim=True)  # (B, 1)
     cost = y_norm2 * (x_norm2 - mu * dot).clamp_min(0)  # (B, S + 1)
@@ -107,6 +106,7 @@ def _solve_chunk(
         target = mu.unsqueeze(-1) * y.unsqueeze(-2)  # (B, S + 1, n)
         cost = cost + partner * norm2 * ((round_significand(target, t) - target) ** 2).sum(-1)
     # an empty interval (two entries jumping at the same λ) is no reachable x̂
-    cost = torch.where(hi > lo, cost, torch.full_like(cost, torch.inf))
+    cost = cost.masked_fill(hi <= lo, torch.inf)
     best = cost.argmin(dim=-1, keepdim=True)  # first minimum: ties keep the smallest λ
-    return lam.gather(-1, best)[..., 0], mu.gather(-1, best)[..., 0], cost.gather(-1, best)[..., 0]
+    lam = (lo.gather(-1, best) + hi.gather(-1, best))[..., 0] / 2  # a λ inside the best interval
+    return lam, mu.gather(-1, best)[..., 0], cost.gather(-1, best)[..., 0]
