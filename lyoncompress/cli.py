@@ -19,12 +19,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluate import DEFAULT_SAMPLES, Gates
 from lyoncompress.evaluate import evaluate as evaluate_artifact
 from lyoncompress.factorize import factorize as factorize_checkpoint
+from lyoncompress.quantize.pipeline import quantize as quantize_artifact
 from lyoncompress.recipe import Recipe
 
 EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
@@ -55,7 +57,8 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except typer.Exit:
             raise
         except LyoncompressError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # Text, not markup: messages quote user input and extras like [plot]
+            err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing was written")
@@ -191,6 +194,66 @@ def factorize(
         _print_json(report)
     else:
         err_console.print(_factorize_table(report))
+        err_console.print(f"wrote {out}")
+
+
+def _quantize_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"quantized layers ({report['format']}, {report['rescale']})", title_justify="left")
+    for column in ("layer", "bits/weight", "error", "round-to-nearest", "ratio", "s"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in report["layers"]:
+        ratio = row["rel_error"] / row["rtn_rel_error"] if row["rtn_rel_error"] else float("nan")
+        table.add_row(
+            row["name"],
+            f"{row['bits_per_weight']:g}",
+            f"{row['rel_error']:.2e}",
+            f"{row['rtn_rel_error']:.2e}",
+            f"{ratio:.2f}x",
+            f"{row['seconds']:.2f}",
+        )
+    return table
+
+
+@app.command()
+@_reports_errors
+def quantize(
+    artifact: Annotated[
+        Path, typer.Argument(help="Artifact written by factorize (or a checkpoint with --dense).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Quantized artifact folder to create.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="int8 | int4 | fp8-e4m3 | fp8-e5m2 | bf16 | fp16 | float:tN (N = 1..24)."
+        ),
+    ] = "int8",
+    rescale: Annotated[
+        str | None,
+        typer.Option(
+            help="none | optimal | pairwise | left-to-right | learned, optionally after equalize+ "
+            "(default: left-to-right; equalize+left-to-right for int formats)."
+        ),
+    ] = None,
+    group_size: Annotated[int | None, typer.Option(help="Entries per scale along a block row.")] = None,
+    dense: Annotated[
+        bool, typer.Option("--dense", help="Quantize plain weights of a non-factorized model.")
+    ] = False,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Quantize the factors of ARTIFACT with optimal rescalings; RTN is measured beside it.
+
+    Example:  lyoncompress quantize fact/ -o q/ --format int4 --group-size 32
+    """
+    with _LayerProgress(_show_progress(quiet, as_json), "quantizing") as progress:
+        report = quantize_artifact(
+            artifact, out, format, rescale, group_size, dense=dense, force=force, progress=progress
+        )
+    if as_json:
+        _print_json(report)
+    else:
+        err_console.print(_quantize_table(report))
         err_console.print(f"wrote {out}")
 
 

@@ -20,6 +20,7 @@ from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorize import project
 from lyoncompress.kernels import ks_chain_apply, use_cuda_kernels
+from lyoncompress.quantize.pipeline import dequantize_state
 
 
 class _Factor(nn.Module):
@@ -171,7 +172,7 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     for name, entry in art.layers.items():
         swap_in(model, name, entry)
-    state = {name: art.load(name) for name in art.tensors.names()}
+    state = dequantize_state({name: art.load(name) for name in art.tensors.names()}, art.layers)
     expected = set(model.state_dict())
     # non-persistent buffers (e.g. BERT's position_ids) are saved by some exporters
     buffers = {n for n, _ in model.named_buffers()} - expected

@@ -21,6 +21,7 @@ from lyoncompress.errors import InputError
 from lyoncompress.evaluate.data import Samples, builtin_corpus
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
+from lyoncompress.quantize.pipeline import dequantize_state
 
 TEXT_MAX_LENGTH = 128
 BATCH = 32
@@ -126,7 +127,8 @@ def _standalone_layer(artifact: Artifact, name: str, entry: dict) -> ButterflyLi
         "layer", nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"], device="meta")
     )
     layer = swap_in(holder, "layer", entry)
-    state = {k.removeprefix(f"{name}."): v for k, v in _layer_tensors(artifact, name).items()}
+    tensors = dequantize_state(_layer_tensors(artifact, name), {name: entry})
+    state = {k.removeprefix(f"{name}."): v for k, v in tensors.items()}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer
 

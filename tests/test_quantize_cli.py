@@ -1,0 +1,88 @@
+"""quantize through the CLI: formats end to end, reload, and refusals."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lyoncompress.artifact import load_artifact
+from lyoncompress.cli import app
+from lyoncompress.layers import ButterflyLinear
+from lyoncompress.models import load_compressed
+from tests.helpers import make_mlp_checkpoint
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
+
+
+@pytest.fixture(scope="module")
+def factorized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    ckpt, _ = make_mlp_checkpoint(root / "ckpt")
+    result = _invoke("factorize", ckpt, "-o", root / "fact", "--method", "monarch")
+    assert result.exit_code == 0, result.output
+    return ckpt, root / "fact"
+
+
+@pytest.mark.parametrize(
+    "fmt,dtype", [("int8", torch.int8), ("int4", torch.uint8), ("fp8-e4m3", torch.float8_e4m3fn)]
+)
+def test_quantize_stores_low_bit_payloads_and_reloads(tmp_path, factorized, fmt, dtype):
+    ckpt, fact = factorized
+    out = tmp_path / "q"
+    result = _invoke("quantize", fact, "-o", out, "--format", fmt, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for row in report["layers"]:
+        # the rescaling never loses to round-to-nearest on the same factors
+        assert row["rel_error"] <= row["rtn_rel_error"] * 1.0001
+    art = load_artifact(out)
+    assert art.tensors.infos["fc1.factors.0.qdata"].dtype == dtype
+    assert "fc1.factors.0.twiddle" not in art.tensors.infos
+    assert art.layers["fc1"]["quantization"]["format"] == fmt
+    model = load_compressed(out)
+    assert isinstance(model.fc1, ButterflyLinear)
+    reference = load_compressed(fact)
+    approx, exact = model.fc2.to_dense().detach(), reference.fc2.to_dense().detach()
+    error = (approx - exact).norm() / exact.norm()
+    assert float(error) == pytest.approx(report["layers"][1]["rel_error"], rel=1e-3)
+    inspected = json.loads(_invoke("inspect", out, "--json").stdout)
+    assert inspected["layers"][0]["bits"] == report["layers"][0]["bits_per_weight"]
+    evaluated = _invoke("eval", out, "--reference", ckpt, "--task", "weights", "--task", "outputs")
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_quantize_dense_checkpoint(tmp_path, factorized):
+    ckpt, _ = factorized
+    assert _invoke("quantize", ckpt, "-o", tmp_path / "q").exit_code == 2
+    result = _invoke("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--format", "int8")
+    assert result.exit_code == 0, result.output
+    assert load_artifact(tmp_path / "q").layers["fc1"]["structure"] == "dense"
+    assert isinstance(load_compressed(tmp_path / "q").fc2, ButterflyLinear)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--format", "int3"], "int8"),
+        (["--format", "int8", "--group-size", "7"], "divide"),
+        (["--format", "int8", "--rescale", "magic"], "left-to-right"),
+    ],
+)
+def test_bad_quantize_options_exit_2(tmp_path, factorized, args, match):
+    _, fact = factorized
+    result = _invoke("quantize", fact, "-o", tmp_path / "q", *args)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert not any(p.name.startswith((".q", "q")) for p in tmp_path.iterdir())
+
+
+def test_quantizing_twice_is_refused(tmp_path, factorized):
+    _, fact = factorized
+    assert _invoke("quantize", fact, "-o", tmp_path / "q1").exit_code == 0
+    result = _invoke("quantize", tmp_path / "q1", "-o", tmp_path / "q2")
+    assert result.exit_code == 2 and "already quantized" in result.output
