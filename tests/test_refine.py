@@ -112,6 +112,16 @@ def test_refine_layer_improves_planted_and_is_never_worse():
     assert result.lowrank_twiddles == []
 
 
+def test_refine_layer_with_sampled_columns():
+    w, g_train, g_val = _planted()
+    chain = monarch(32, 16, 4, 1)
+    start = project(w, chain).twiddles
+    full = refine_layer(w, chain, start, g_train, g_val, steps=100)
+    sampled = refine_layer(w, chain, start, g_train, g_val, steps=100, columns=6)
+    assert sampled.err_after <= sampled.err_before
+    assert sampled.err_after < 1.2 * full.err_after
+
+
 def test_refine_layer_keeps_start_when_held_out_disagrees():
     w, g_train, _ = _planted()
     chain = monarch(32, 16, 4, 1)

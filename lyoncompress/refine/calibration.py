@@ -45,7 +45,7 @@ class _Accumulator:
 
     @property
     def full(self) -> bool:
-        return self.rows[0] >= self.max_rows
+        return min(self.rows) >= self.max_rows
 
 
 def capture_inputs(
@@ -65,7 +65,7 @@ def capture_inputs(
             ``attention_mask`` and a layer's input is ``(batch, seq, n)``, padded
             positions are skipped.
         max_samples: at most this many input rows per layer go into each moment;
-            iteration stops once every layer's training moment is full.
+            iteration stops once both moments of every layer are full.
         val_every: every ``val_every``-th batch is held out (>= 2).
 
     Returns:
