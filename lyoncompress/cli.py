@@ -441,25 +441,31 @@ def demo(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Run the whole pipeline on the built-in digits MLP (trained offline in seconds).
+    """Train a digits MLP offline, then factorize, quantize (int8) and evaluate it.
 
     Example:  lyoncompress demo
     """
     from lyoncompress.demo import DEMO_RECIPE, cache_dir, demo_checkpoint
 
     checkpoint = demo_checkpoint()
-    out = cache_dir() / "demo-out" / "fact"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    fact, quantized = cache_dir() / "demo-out" / "fact", cache_dir() / "demo-out" / "q"
+    fact.parent.mkdir(parents=True, exist_ok=True)
     err_console.print(f"demo checkpoint: {checkpoint}")
-    with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
-        report = factorize_checkpoint(checkpoint, out, DEMO_RECIPE, force=True, progress=progress)
-    evaluation = evaluate_artifact(out, checkpoint, gates=Gates(min_recovery=0.97, max_output_error=0.2))
+    show = _show_progress(quiet, as_json)
+    with _LayerProgress(show, "factorizing") as progress:
+        factorized = factorize_checkpoint(checkpoint, fact, DEMO_RECIPE, force=True, progress=progress)
+    with _LayerProgress(show, "quantizing") as progress:
+        quantization = quantize_artifact(fact, quantized, "int8", force=True, progress=progress)
+    evaluation = evaluate_artifact(
+        quantized, checkpoint, gates=Gates(min_recovery=0.97, max_output_error=0.2)
+    )
     if as_json:
-        _print_json({"factorize": report, "eval": evaluation})
+        _print_json({"factorize": factorized, "quantize": quantization, "eval": evaluation})
     else:
-        err_console.print(_factorize_table(report))
-        err_console.print(f"wrote {out}")
+        err_console.print(_factorize_table(factorized))
+        err_console.print(_quantize_table(quantization))
         err_console.print(_eval_table(evaluation))
+        err_console.print(f"artifacts: {fact} (float factors), {quantized} (int8 factors)")
     if not evaluation["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)
 
