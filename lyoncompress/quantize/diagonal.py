@@ -34,15 +34,15 @@ class Job:
 
 
 def cols(pattern: KSPattern, twiddle: torch.Tensor) -> torch.Tensor:
-    """Columns of the factor on their support: twiddle ``(a, d, b, c)`` -> ``(a·c·d, b)``."""
+    """Columns of the factor on their support: twiddle ``(..., a, d, b, c)`` -> ``(..., a·c·d, b)``."""
     a, b, c, d = pattern.as_tuple()
-    return twiddle.permute(0, 3, 1, 2).reshape(a * c * d, b)
+    return twiddle.movedim(-1, -3).reshape(*twiddle.shape[:-4], a * c * d, b)  # (..., a, c, d, b)
 
 
 def rows(pattern: KSPattern, twiddle: torch.Tensor) -> torch.Tensor:
-    """Rows of the factor on their support: twiddle ``(a, d, b, c)`` -> ``(a·b·d, c)``."""
+    """Rows of the factor on their support: twiddle ``(..., a, d, b, c)`` -> ``(..., a·b·d, c)``."""
     a, b, c, d = pattern.as_tuple()
-    return twiddle.permute(0, 2, 1, 3).reshape(a * b * d, c)
+    return twiddle.movedim(-2, -3).reshape(*twiddle.shape[:-4], a * b * d, c)  # (..., a, b, d, c)
 
 
 def scale_cols(pattern: KSPattern, twiddle: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def _search_pair(job: Job, twiddles: list[torch.Tensor], left: int, partner: boo
     scale = job.fmt.scales(twiddles[left], job.group_size)
     grid = 2.0 ** (-torch.arange(GRID_POINTS, dtype=x.dtype) / GRID_POINTS)  # (K,) in (1/2, 1]
     tried = job.fmt.fake(grid.reshape(-1, 1, 1, 1, 1) * twiddles[left], job.group_size, scale)  # (K,a,d,b,c)
-    x_hat = torch.stack([cols(pats[left], q) for q in tried.unbind(0)])  # (K, J, b)
+    x_hat = cols(pats[left], tried)  # (K, J, b)
     dot = (x_hat * x).sum(-1)  # (K, J)
     norm2 = (x_hat * x_hat).sum(-1)
     mu = torch.where(norm2 > 0, dot / norm2.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(dot))
