@@ -26,9 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# CPU benchmarks; benchmarks/memory.py (2 GB of disk, minutes) and
+# benchmarks/ks_matmul_gpu.py (needs a GPU) are run by hand.
 bench: $(STAMP)
+	$(BIN)/pip install -q pyfaust
 	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/ks_matmul_cpu.py
+	$(BIN)/python benchmarks/quantize.py
+	$(BIN)/python benchmarks/recovery.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lyoncompress tests benchmarks
