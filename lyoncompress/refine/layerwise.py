@@ -229,9 +229,13 @@ class _Problem:
             design_g = design @ g  # (a, d, c + r, n)
             normal = design_g @ design.transpose(-1, -2)  # (a, d, c + r, c + r)
             rhs = target @ design_g.transpose(-1, -2)  # (a, d, b, c + r)
-            ridge = 1e-10 * torch.diagonal(normal, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+            ridge = 1e-8 * torch.diagonal(normal, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
             normal = normal + ridge[..., None, None] * torch.eye(normal.shape[-1], dtype=torch.float64)
-            coef = torch.linalg.solve(normal, rhs.transpose(-1, -2)).transpose(-1, -2)  # (a, d, b, c + r)
+            # normal is SPD (ridged): Cholesky, also sidesteps a batched-LU failure seen in MKL
+            factor = torch.linalg.cholesky(normal)
+            coef = torch.cholesky_solve(rhs.transpose(-1, -2).contiguous(), factor).transpose(
+                -1, -2
+            )  # (a, d, b, c + r)
             first = coef[..., :c].to(self.weight.dtype).contiguous()  # twiddle (a, d, b, c)
             if not low:
                 return [first, *twiddles[1:]]

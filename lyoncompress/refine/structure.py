@@ -216,7 +216,9 @@ def _refined(
 ) -> Structure | None:
     if not starts:
         return None
-    chain, twiddles, low = min(starts, key=lambda s: _start_error(context, *s))
+    chain, twiddles, low = (
+        starts[0] if len(starts) == 1 else min(starts, key=lambda s: _start_error(context, *s))
+    )
     result = refine_layer(
         context.weight,
         chain,
