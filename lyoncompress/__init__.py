@@ -4,7 +4,8 @@ from lyoncompress.butterfly import Chain, KSPattern, lowrank, monarch, search_ch
 from lyoncompress.errors import InputError, LyoncompressError, PatternError
 from lyoncompress.artifact import load_artifact
 from lyoncompress.evaluate import Gates, evaluate
-from lyoncompress.factorize import Projection, factorize, project
+from lyoncompress.factorize import Projection, project
+from lyoncompress.factorize.pipeline import factorize
 from lyoncompress.hf_integration import register_with_transformers
 from lyoncompress.layers import ButterflyLinear, apply_artifact
 from lyoncompress.models import load_compressed

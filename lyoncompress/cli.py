@@ -25,7 +25,7 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluate import DEFAULT_SAMPLES, Gates
 from lyoncompress.evaluate import evaluate as evaluate_artifact
-from lyoncompress.factorize import factorize as factorize_checkpoint
+from lyoncompress.factorize.pipeline import factorize as factorize_checkpoint
 from lyoncompress.quantize.pipeline import quantize as quantize_artifact
 from lyoncompress.recipe import Recipe
 
@@ -116,30 +116,33 @@ def _print_json(document: Any) -> None:
 
 
 def _factorize_table(report: dict[str, Any]) -> Table:
+    calibrated = any(row.get("output_error") is not None for row in report["layers"])
     table = Table(title="factorized layers", title_justify="left")
-    for column in ("layer", "structure", "chain", "params", "kept", "weight error", "s"):
-        table.add_column(
-            column, justify="right" if column in ("params", "kept", "weight error", "s") else "left"
-        )
+    columns = ["layer", "structure", "chain", "params", "kept", "weight error"]
+    columns += ["output error (held-out)"] if calibrated else []
+    for column in [*columns, "s"]:
+        table.add_column(column, justify="left" if column in ("layer", "structure", "chain") else "right")
     for row in report["layers"]:
-        table.add_row(
+        cells = [
             row["name"],
             row["structure"],
             row["chain"],
             f"{row['params_after']:,}",
             f"{row['ratio']:.1%}",
             f"{row['rel_error']:.4f}",
-            f"{row['seconds']:.2f}",
-        )
+        ]
+        cells += [f"{row['output_error']:.4f}"] if calibrated else []
+        table.add_row(*cells, f"{row['seconds']:.2f}")
     totals = report["totals"]
     table.add_section()
+    blanks = [""] * (len(columns) - 5)
     table.add_row(
         f"{totals['layers']} layers",
         "",
         "",
         f"{totals['params_after']:,}",
         f"{totals['ratio']:.1%}",
-        "",
+        *blanks,
         f"{report['seconds']:.2f}",
     )
     return table
@@ -165,9 +168,19 @@ def factorize(
     ignore: Annotated[
         list[str] | None, typer.Option(help="Regex of module names to keep dense; repeatable.")
     ] = None,
-    method: Annotated[str | None, typer.Option(help="auto | butterfly | monarch | lowrank.")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="auto | butterfly | monarch | lowrank (| hybrid with --calib).")
+    ] = None,
     depth: Annotated[int | None, typer.Option(help="Factors per butterfly chain.")] = None,
     budget: Annotated[float | None, typer.Option(help="Fraction of each layer's parameters to keep.")] = None,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration data: 'builtin' (offline defaults) or a file; picks structures by output error."
+        ),
+    ] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Input rows per layer to capture.")] = None,
+    refine_steps: Annotated[int | None, typer.Option(help="Adam steps of each layer's refinement.")] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -184,6 +197,9 @@ def factorize(
         method=method,
         depth=depth,
         budget=budget,
+        calib=calib,
+        calib_samples=calib_samples,
+        refine_steps=refine_steps,
         max_shard_size=max_shard_size,
     )
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:

@@ -56,7 +56,10 @@ class Recipe:
         depth: number of factors of ``butterfly`` chains.
         budget: fraction of each layer's dense parameters the compressed layer may keep.
         order: projection order (``left-to-right`` carries the error guarantee).
-        calib: calibration data for data-aware refinement (None: weights only).
+        calib: calibration data for data-aware structure choice and refinement:
+            ``builtin`` (offline defaults) or a data file; None: weight error only.
+        calib_samples: input rows per layer captured for calibration.
+        refine_steps: Adam steps of each layer-wise refinement.
         max_shard_size: largest artifact shard, e.g. ``5GB`` or ``200MB``.
         layers: per-layer overrides, first match wins.
     """
@@ -69,6 +72,8 @@ class Recipe:
     budget: float = 0.5
     order: str = "left-to-right"
     calib: str | None = None
+    calib_samples: int = 4096
+    refine_steps: int = 300
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
@@ -104,6 +109,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "budget": (float, int),
     "order": (str,),
     "calib": (str, type(None)),
+    "calib_samples": (int,),
+    "refine_steps": (int,),
     "max_shard_size": (str,),
     "layers": (dict,),
 }
@@ -167,6 +174,10 @@ def validate(recipe: Recipe, where: str) -> None:
     for depth in depths:
         if depth < 1:
             raise InputError(f"depth {depth} must be >= 1 (number of butterfly factors)")
+    if recipe.calib_samples < 16:
+        raise InputError(f"calib_samples {recipe.calib_samples} is too few; use 16 or more (default 4096)")
+    if recipe.refine_steps < 0:
+        raise InputError(f"refine_steps {recipe.refine_steps} must be >= 0")
     for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):
         compile_pattern(pattern, where)
     parse_size(recipe.max_shard_size)

@@ -22,7 +22,8 @@ CANDIDATES_PER_METHOD = 6
 
 @dataclass(frozen=True)
 class Candidate:
-    """A structure that was tried: what it was, its size and its error."""
+    """A structure that was tried: what it was, its size and its error (weight error,
+    or held-out output error when chosen on calibration data)."""
 
     structure: str
     chain: str
@@ -40,6 +41,7 @@ class LayerFactors:
     rel_error: float
     candidates: list[Candidate] = field(default_factory=list)
     lowrank_twiddles: list[torch.Tensor] = field(default_factory=list)
+    output_error: float | None = None  # held-out, when chosen on calibration data
 
     @property
     def params(self) -> int:

@@ -13,10 +13,12 @@ import torch
 from lyoncompress.artifact import iter_source_tensors, prepare_output, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
+from lyoncompress.factorize.calibrated import calibrate, calibrated_layer
 from lyoncompress.factorize.methods import LayerFactors, get_method
 from lyoncompress.factorize.projection import ORDERS, check_matrix
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.refine import LayerCalibration
 
 Progress = Callable[[str, int, int], None]  # (layer name, index done, total)
 
@@ -63,6 +65,11 @@ def factorize(
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     started = time.perf_counter()
+    calibration = (
+        calibrate(checkpoint, source.config, plan.layers, recipe.calib, recipe.calib_samples)
+        if recipe.calib
+        else None
+    )
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
@@ -74,6 +81,7 @@ def factorize(
             source=str(source.path),
             recipe=recipe.to_dict(),
             warnings=plan.warnings,
+            error_metric="held-out output error" if calibration else "weight error",
             layers=rows,
             totals=totals(rows, source),
             seconds=round(time.perf_counter() - started, 3),
@@ -82,7 +90,7 @@ def factorize(
 
     write_artifact(
         out,
-        _stream(source, plan, recipe, layers, rows, progress),
+        _stream(source, plan, recipe, calibration, layers, rows, progress),
         layers,
         dict(source.config or {}),
         finish_report,
@@ -96,6 +104,7 @@ def _stream(
     source: Checkpoint,
     plan: Plan,
     recipe: Recipe,
+    calibration: dict[str, LayerCalibration] | None,
     layers: dict[str, dict[str, Any]],
     rows: list[dict[str, Any]],
     progress: Progress | None,
@@ -108,7 +117,12 @@ def _stream(
             yield name, tensor
             continue
         begin = time.perf_counter()
-        factors = factorize_layer(tensor, layer, recipe.order)
+        if calibration is None:
+            factors = factorize_layer(tensor, layer, recipe.order)
+        else:
+            check_matrix(tensor, layer.weight_name)
+            weight = tensor.to(_compute_dtype(tensor.dtype))
+            factors = calibrated_layer(weight, layer, calibration[layer.name], recipe.refine_steps)
         seconds = time.perf_counter() - begin
         layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
         rows.append(report_row(layer, factors, seconds))
@@ -153,6 +167,7 @@ def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[
         "params_after": factors.params,
         "ratio": round(factors.params / dense, 4),
         "rel_error": factors.rel_error,
+        "output_error": factors.output_error,
         "seconds": round(seconds, 3),
         "why": _why(factors),
         "candidates": [asdict(c) for c in factors.candidates],
@@ -160,12 +175,14 @@ def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[
 
 
 def _why(factors: LayerFactors) -> str:
+    metric = "weight error" if factors.output_error is None else "held-out output error"
+    chosen = factors.rel_error if factors.output_error is None else factors.output_error
     others = [c for c in factors.candidates if c.structure != factors.structure]
     if not others:
-        return f"lowest weight error of {len(factors.candidates)} {factors.structure} candidates"
+        return f"lowest {metric} of {len(factors.candidates)} {factors.structure} candidates"
     runner_up = min(others, key=lambda c: c.rel_error)
     return (
-        f"lowest weight error {factors.rel_error:.4f} of {len(factors.candidates)} candidates; "
+        f"lowest {metric} {chosen:.4f} of {len(factors.candidates)} candidates; "
         f"best other: {runner_up.structure} {runner_up.rel_error:.4f}"
     )
 

@@ -1,0 +1,107 @@
+"""Data-aware factorization: capture calibration activations, then pick and refine each
+layer's structure by held-out *output* error instead of weight error.
+
+``--calib builtin`` uses the offline defaults (the digits training split for the demo
+MLP; standard-library docstring sentences, the ``calib`` half, for text models);
+any other value is a data file in the formats ``eval --data`` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lyoncompress.errors import InputError
+from lyoncompress.evaluate.data import Samples, builtin_corpus, load_samples
+from lyoncompress.factorize.methods import Candidate, LayerFactors
+from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
+from lyoncompress.plan import LayerPlan
+from lyoncompress.refine import LayerCalibration, capture_inputs, choose_structure
+
+BUILTIN = "builtin"
+TEXT_BATCH = 16
+TENSOR_BATCH = 64
+TEXT_MAX_LENGTH = 128
+# which refine candidates each factorize method may choose from
+CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
+    "auto": ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
+    "lowrank": ("lowrank-aware",),
+    "monarch": ("monarch",),
+    "hybrid": ("hybrid",),
+}
+
+
+def calibrate(
+    checkpoint: str | Path, config: dict[str, Any] | None, layers: list[LayerPlan], calib: str, samples: int
+) -> dict[str, LayerCalibration]:
+    """Run the reference model on calibration data; second moments of each layer's inputs."""
+    for layer in layers:
+        if layer.method not in CANDIDATES_FOR:
+            raise InputError(
+                f"layer {layer.name}: method {layer.method!r} has no data-aware variant; "
+                f"with --calib use one of {', '.join(CANDIDATES_FOR)}"
+            )
+    model = load_reference(checkpoint)
+    batches = _batches(checkpoint, config or {}, calib, samples)
+    return capture_inputs(model, [layer.name for layer in layers], batches, max_samples=samples)
+
+
+def _batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> Iterator[Any]:
+    is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
+    if calib == BUILTIN:
+        if is_mlp:
+            from lyoncompress.demo import digits_split
+
+            data = Samples(inputs=digits_split().x_train)
+        else:
+            data = Samples(texts=builtin_corpus(min(samples, 2000), split="calib"))
+    else:
+        data = load_samples(calib)
+    if data.texts is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        for start in range(0, len(data.texts), TEXT_BATCH):
+            yield tokenizer(
+                data.texts[start : start + TEXT_BATCH],
+                padding=True,
+                truncation=True,
+                max_length=TEXT_MAX_LENGTH,
+                return_tensors="pt",
+            )
+    else:
+        yield from data.inputs.float().split(TENSOR_BATCH)
+
+
+def calibrated_layer(
+    weight: torch.Tensor, layer: LayerPlan, calibration: LayerCalibration, steps: int
+) -> LayerFactors:
+    """The structure with the lowest held-out output error within the layer's budget."""
+    if calibration.rows_train == 0 or calibration.rows_val == 0:
+        raise InputError(f"layer {layer.name}: the calibration data never reached it; check --calib")
+    choice = choose_structure(
+        weight,
+        calibration.gram_train,
+        calibration.gram_val,
+        layer.budget,
+        candidates=CANDIDATES_FOR[layer.method],
+        steps=steps,
+    )
+    best = choice.chosen
+    approx = best.chain.to_dense(best.twiddles)
+    if best.lowrank_twiddles:
+        approx = approx + best.lowrank_twiddles[0][0, 0] @ best.lowrank_twiddles[1][0, 0]
+    weight_error = float((weight - approx).norm() / weight.norm().clamp_min(1e-30))
+    candidates = [Candidate(s.name, str(s.chain), s.params, s.val_error) for s in choice.candidates]
+    return LayerFactors(
+        structure=best.name,
+        chain=best.chain,
+        twiddles=best.twiddles,
+        rel_error=weight_error,
+        candidates=candidates,
+        lowrank_twiddles=best.lowrank_twiddles,
+        output_error=best.val_error,
+    )

@@ -1,0 +1,52 @@
+"""factorize --calib: structures chosen and refined by held-out output error."""
+
+import json
+
+from typer.testing import CliRunner
+
+from lyoncompress.cli import app
+from tests.helpers import make_mlp_checkpoint
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
+
+
+def test_calibrated_factorize_beats_weight_space_choice_on_outputs(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "calib.npy"
+    import numpy as np
+
+    np.save(data, np.random.default_rng(0).random((512, 64), dtype=np.float32))
+    plain = json.loads(
+        _invoke("factorize", ckpt, "-o", tmp_path / "plain", "--method", "lowrank", "--json").stdout
+    )
+    result = _invoke(
+        "factorize", ckpt, "-o", tmp_path / "cal", "--calib", data, "--refine-steps", "20", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["error_metric"] == "held-out output error"
+    for row in report["layers"]:
+        assert row["output_error"] is not None and row["params_after"] <= 0.5 * row["params_before"]
+        assert {c["structure"] for c in row["candidates"]} >= {"lowrank", "lowrank-aware"}
+        # the chosen structure is the best candidate measured
+        assert row["output_error"] == min(c["rel_error"] for c in row["candidates"])
+    outputs = {}
+    for name in ("plain", "cal"):
+        evaluated = _invoke(
+            "eval", tmp_path / name, "--reference", ckpt, "--task", "outputs", "--data", data, "--json"
+        )
+        assert evaluated.exit_code == 0, evaluated.output
+        outputs[name] = json.loads(evaluated.stdout)["tasks"]["outputs"]["final_rel_error"]
+    assert outputs["cal"] < outputs["plain"]
+    assert plain["error_metric"] == "weight error"
+
+
+def test_calib_with_a_method_without_data_aware_variant_is_refused(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = _invoke("factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "butterfly")
+    assert result.exit_code == 2 and "data-aware" in result.output
+    assert not (tmp_path / "out").exists()
