@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="Adam steps per refinement")
     parser.add_argument("--sentences", type=int, default=480)
     parser.add_argument("--max-samples", type=int, default=4096, help="input rows per moment")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4], help="Monarch block counts tried")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[2], help="Monarch block counts tried")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
