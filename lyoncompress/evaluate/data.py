@@ -45,9 +45,9 @@ class Samples:
         return len(self.texts) if self.texts is not None else len(self.inputs)
 
 
-def builtin_corpus(count: int, seed: int = 0, split: str = "eval") -> list[str]:
-    """``count`` sentences from stdlib docstrings, seeded; ``split`` is ``calib`` or
-    ``eval`` (disjoint halves, so calibration never sees evaluation text)."""
+def builtin_corpus(count: int | None, seed: int = 0, split: str = "eval") -> list[str]:
+    """``count`` sentences (None: all) from stdlib docstrings, seeded; ``split`` is
+    ``calib`` or ``eval`` (disjoint halves, so calibration never sees evaluation text)."""
     sentences: set[str] = set()
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)
@@ -63,6 +63,8 @@ def builtin_corpus(count: int, seed: int = 0, split: str = "eval") -> list[str]:
     ordered = sorted(sentences)
     random.Random(seed).shuffle(ordered)
     half = ordered[::2] if split == "calib" else ordered[1::2]
+    if count is None:
+        return half
     if count > len(half):
         raise InputError(f"the built-in corpus has {len(half)} {split} sentences; ask for at most that many")
     return half[:count]

@@ -57,7 +57,8 @@ def _batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples
 
             data = Samples(inputs=digits_split().x_train)
         else:
-            data = Samples(texts=builtin_corpus(min(samples, 2000), split="calib"))
+            # every calib sentence: ~20 tokens each, capture stops once `samples` rows are in
+            data = Samples(texts=builtin_corpus(None, split="calib"))
     else:
         data = load_samples(calib)
     if data.texts is not None:
