@@ -21,9 +21,13 @@ What is compared, on the same support every time (float64, best-of-3 wall time):
   the same support. ``pyfaust.fact.hierarchical`` (PALM with sparsity constraints)
   is an iterative optimiser, not a projection, and is left out.
 
-Our time includes the relative error that ``project`` computes (it materialises the
-chain); pyfaust's time is the factorization call only, so the time ratio is, if
-anything, unfavourable to us.
+Our time includes the relative error that ``project`` computes (summed from the
+discarded singular values in left-to-right/right-to-left order, materialised by
+merging the twiddles in balanced order); pyfaust's time is the factorization call
+only, so the time ratio is, if anything, unfavourable to us.
+
+``project`` runs its batched ``eigh``/QR of small blocks on one thread by itself;
+``--threads`` sets torch's thread count for everything else.
 """
 
 from __future__ import annotations
@@ -230,9 +234,8 @@ def main() -> int:
         "--threads",
         type=int,
         default=0,
-        help="torch.set_num_threads for our side (0: leave torch's default); on a shared "
-        "machine torch's batched CPU SVD of many small blocks suffers badly from "
-        "oversubscribed OpenMP threads, and 1 thread shows the uncontended cost",
+        help="torch.set_num_threads for our side (0: leave torch's default); project "
+        "already runs the batched LAPACK calls on small blocks on one thread",
     )
     args = parser.parse_args()
     if args.threads:

@@ -25,9 +25,10 @@ its orthonormal factor to the half the *next* split leaves alone, so the sweep
 only re-orthonormalises what a split in between disturbed, and in left-to-right
 or right-to-left order it never runs. The split errors of a non-monotone order
 are not mutually orthogonal, so no ``√L`` bound is claimed for ``balanced``;
-measured on a butterfly + 1% noise (N=1024) it gives 0.99458% error, left-to-right
-0.99467% (pyfaust ``fdb``: 0.9946% and 0.9947%), balanced *without* the sweep
-(``orthonormal=False``) 1.33% and left-to-right without it 3.7%.
+measured on a butterfly + 1% noise (N=1024, ``benchmarks/projection.py``) it gives
+0.99458% error, left-to-right 0.99467% (pyfaust ``fdb``: 0.9946% and 0.9947%),
+balanced *without* the sweep (``orthonormal=False``) 1.33% and left-to-right
+without orthonormal splits 4.7%.
 
 The reported error is ``sqrt(Σ e_ℓ²)`` where that is exact (orthonormal splits in a
 monotone order); otherwise the chain is materialised by merging the twiddles back
@@ -41,7 +42,8 @@ i.e. the KS pattern ``(A, M, N, D)`` whose twiddle ``T`` already is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, TypeVar
@@ -119,6 +121,13 @@ def project(
         )
     if not (weight.dtype.is_floating_point or weight.dtype.is_complex):
         raise InputError(f"matrix dtype {weight.dtype} is not a float or complex type")
+    # Every op here works on small blocks; up to this size they do not amortise
+    # threading, which collapses on a shared machine (see _lapack).
+    with _one_thread(weight.device.type == "cpu" and weight.numel() <= SMALL_PROBLEM):
+        return _project(weight, chain, order, orthonormal)
+
+
+def _project(weight: torch.Tensor, chain: Chain, order: Order, orthonormal: bool) -> Projection:
     patterns = chain.patterns
     splits = _split_order(len(patterns), order)
     pieces = [_Piece(0, len(patterns), weight.reshape(1, 1, *weight.shape))]  # (A, D, M, N) = (1, 1, m, n)
@@ -354,13 +363,14 @@ def _pad_rank(x: torch.Tensor, y: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.nn.functional.pad(x, (0, pad)), torch.nn.functional.pad(y, (0, 0, 0, pad))
 
 
-SINGLE_THREAD_MAX_ENTRIES = 256 * 256
+SMALL_MATRIX = 256 * 256  # entries of one LAPACK operand up to which a batch runs on one thread
+SMALL_PROBLEM = 1 << 22  # entries of the matrix up to which all of project runs on one thread
 Result = TypeVar("Result")
 
 
 def _lapack(op: Callable[[torch.Tensor], Result], matrices: torch.Tensor) -> Result:
-    """``op(matrices)`` for a batched LAPACK ``op`` (``eigh``, ``qr``, ``svd``), on one thread when the
-    matrices are small.
+    """``op(matrices)`` for a batched LAPACK ``op`` (``eigh``, ``qr``, ``svd``), on one thread
+    when the matrices are small.
 
     torch runs a CPU batch as a loop of LAPACK calls, each threaded by MKL/OpenMP: for
     small matrices every call pays a fork/join, and on a loaded machine a barrier that waits
@@ -368,11 +378,20 @@ def _lapack(op: Callable[[torch.Tensor], Result], matrices: torch.Tensor) -> Res
     32×32 took 638 ms with 2 threads and 102 ms with 1; ``svd`` 1755 ms and 190 ms.
     """
     rows, cols = matrices.shape[-2:]
-    threads = torch.get_num_threads()
-    if matrices.device.type != "cpu" or threads == 1 or rows * cols > SINGLE_THREAD_MAX_ENTRIES:
+    with _one_thread(matrices.device.type == "cpu" and rows * cols <= SMALL_MATRIX):
         return op(matrices)
+
+
+@contextmanager
+def _one_thread(enabled: bool) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(1)`` when ``enabled``; the thread count is
+    global to the process, so it is restored however the block ends."""
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
     torch.set_num_threads(1)
     try:
-        return op(matrices)
+        yield
     finally:
         torch.set_num_threads(threads)
