@@ -38,7 +38,8 @@ def check_same_model(reference: Checkpoint, artifact: Artifact) -> None:
         if info is None or info.shape != expected:
             found = "missing" if info is None else f"shape {info.shape}"
             raise InputError(
-                f"reference and artifact differ: artifact layer {name} is {expected}, reference {name}.weight is {found}"
+                f"reference and artifact differ: artifact layer {name} is {expected}, "
+                f"reference {name}.weight is {found}"
             )
     compressed = tuple(f"{name}." for name in artifact.layers)
     for name in artifact.tensors.names():
