@@ -128,6 +128,7 @@ def project(
 
 
 def _project(weight: torch.Tensor, chain: Chain, order: Order, orthonormal: bool) -> Projection:
+    """``project`` once its inputs are checked: the splits in ``order``, then the error."""
     patterns = chain.patterns
     splits = _split_order(len(patterns), order)
     pieces = [_Piece(0, len(patterns), weight.reshape(1, 1, *weight.shape))]  # (A, D, M, N) = (1, 1, m, n)
