@@ -288,12 +288,28 @@ def _split(
     # rows (b, q), cols (p, c): block (q, p) of the product is a rank-r b × c matrix
     blocks = target.reshape(outer_a, outer_d, b, q, p, c).permute(0, 1, 3, 4, 2, 5)  # (A, D, q, p, b, c)
     left_blocks, right_blocks = _low_rank(blocks, rank, keep)  # (A, D, q, p, b, r), (A, D, q, p, r, c)
-    lost = torch.linalg.vector_norm(blocks - left_blocks @ right_blocks).square()
+    lost = _residual_energy(blocks, left_blocks, right_blocks)
     # left twiddle per batch: (q, b, (p, r)) -> sub-problem (A, (q, D), b, p·r)
     left = left_blocks.permute(0, 2, 1, 4, 3, 5).reshape(outer_a, q * outer_d, b, p * rank)
     # right twiddle per batch: (p, (r, q), c) -> sub-problem ((A, p), D, r·q, c)
     right = right_blocks.permute(0, 3, 1, 4, 2, 5).reshape(outer_a * p, outer_d, rank * q, c)
     return left, right, lost
+
+
+RESIDUAL_CHUNK = 1 << 22  # entries of the residual formed at a time
+
+
+def _residual_energy(blocks: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``‖blocks - left @ right‖²`` formed a few rows at a time: the residual of a large
+    layer would otherwise cost two more copies of it (product and difference)."""
+    rows = blocks.shape[-2]
+    per_row = blocks.numel() // rows
+    step = max(1, RESIDUAL_CHUNK // per_row)
+    lost = torch.zeros((), dtype=blocks.real.dtype, device=blocks.device)
+    for start in range(0, rows, step):
+        part = blocks[..., start : start + step, :] - left[..., start : start + step, :] @ right
+        lost += torch.linalg.vector_norm(part).square()
+    return lost
 
 
 def _merge(left: torch.Tensor, right: torch.Tensor, p: int, q: int, rank: int) -> torch.Tensor:
