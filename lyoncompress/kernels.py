@@ -1,6 +1,6 @@
 """CuPy raw CUDA kernels for Kronecker-sparse (KS) products; the only module that knows CUDA.
 
-The sources live in ``kernels/*.cu`` (shipped in the wheel as ``lyoncompress/kernels_src``).
+The sources live in ``kernels/*.cu`` (installed by the wheel under ``<prefix>/share/lyoncompress/kernels``).
 Every specialisation (pattern, dtype, tile shape) is a set of ``-D`` constants, so the
 files are plain ``extern "C"`` CUDA that also builds with ``nvcc`` alone. Compiled
 functions are cached per (file, kernel, constants, device). CuPy is imported lazily:
@@ -259,14 +259,13 @@ def plan_monarch(
 def source_dir() -> Path:
     """Folder holding the ``.cu`` sources.
 
-    Searched in order: ``lyoncompress/kernels_src`` (a vendored copy), the checkout's
-    top-level ``kernels/``, and ``<prefix>/share/lyoncompress/kernels`` where the wheel
-    installs them (see pyproject's ``data-files``), for the environment and the user scheme.
+    Searched in order: the checkout's top-level ``kernels/``, and
+    ``<prefix>/share/lyoncompress/kernels`` where the wheel installs them (see pyproject's
+    ``data-files``), for the environment and the user scheme.
     """
     here = Path(__file__).resolve().parent
     shared = Path("share") / "lyoncompress" / "kernels"
     candidates = [
-        here / "kernels_src",
         here.parent / "kernels",
         Path(sysconfig.get_path("data")) / shared,
         Path(sys.prefix) / shared,
