@@ -218,8 +218,10 @@ def load_artifact(path: str | Path) -> Artifact:
     if not path.is_dir():
         raise InputError(f"{path}: an artifact is a folder written by `lyoncompress factorize`")
     first = next(iter(sorted(path.glob("*.safetensors"))), None)
-    with safe_open(first, framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = {}
+    if first is not None:
+        with safe_open(first, framework="pt") as handle:
+            metadata = handle.metadata() or {}
     if METADATA_KEY not in metadata:
         raise InputError(
             f"{path}: not a lyoncompress artifact (no '{METADATA_KEY}' metadata); run factorize first"

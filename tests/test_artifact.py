@@ -159,3 +159,12 @@ def test_bin_checkpoint_and_nan_refused(tmp_path, mlp):
         factorize(tmp_path / "nan.bin", tmp_path / "f2", Recipe())
     assert not (tmp_path / "f2").exists()
     assert not any(p.name.startswith(".f2") for p in tmp_path.iterdir())
+
+
+def test_folder_of_a_torch_state_dict_is_not_an_artifact(tmp_path, mlp):
+    _, model = mlp
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="not a lyoncompress artifact"):
+        load_artifact(folder)
