@@ -173,7 +173,9 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     for name, entry in art.layers.items():
         swap_in(model, name, entry)
     state = dequantize_state({name: art.load(name) for name in art.tensors.names()}, art.layers)
-    expected = set(model.state_dict())
+    # a tied parameter (lm_head = embeddings) is stored once, under its first name
+    tied = _tied_aliases(model)
+    expected = set(model.state_dict()) - tied
     # non-persistent buffers (e.g. BERT's position_ids) are saved by some exporters
     buffers = {n for n, _ in model.named_buffers()} - expected
     missing = sorted(expected - set(state))
@@ -184,8 +186,20 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
             + (f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}; " if missing else "")
             + (f"unexpected {extra[:5]}{' …' if len(extra) > 5 else ''}" if extra else "")
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=not tied, assign=True)
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()  # assign=True replaced the shared tensor on one side only
     return model
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    seen: set[int] = set()
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
 
 
 def swap_in(model: nn.Module, name: str, entry: dict) -> ButterflyLinear:

@@ -41,18 +41,28 @@ def _build_demo(config: dict[str, Any]) -> nn.Module:
     return DemoMLP(config["sizes"])
 
 
-def _build_transformers(config: dict[str, Any]) -> nn.Module:
+def _transformers_class(config: dict[str, Any]) -> Any:
+    """The class named in ``architectures`` (so causal LMs keep their head), else ``AutoModel``."""
     try:
         import transformers
     except ImportError as err:
         raise InputError("this model needs transformers: pip install 'lyoncompress[hf]'") from err
+    architecture = (config.get("architectures") or [None])[0]
+    found = getattr(transformers, architecture, None) if architecture else None
+    return found or transformers.AutoModel
+
+
+def _build_transformers(config: dict[str, Any]) -> nn.Module:
+    import transformers
+
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
     model_type = plain.pop("model_type")
     try:
         hf_config = transformers.AutoConfig.for_model(model_type, **plain)
     except ValueError as err:
         raise InputError(f"transformers does not know model_type {model_type!r}: {err}") from err
-    return transformers.AutoModel.from_config(hf_config)
+    cls = _transformers_class(config)
+    return cls._from_config(hf_config) if hasattr(cls, "_from_config") else cls.from_config(hf_config)
 
 
 BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {DEMO_MODEL_TYPE: _build_demo}
@@ -74,12 +84,24 @@ def load_reference(path: str | Path) -> nn.Module:
     checkpoint = open_checkpoint(path)
     model = build_model(checkpoint.config, checkpoint.path)
     state = {name: checkpoint.load(name) for name in checkpoint.names()}
-    expected = set(model.state_dict())
+    expected = set(model.state_dict()) - tied_aliases(model)
     missing = sorted(expected - set(state))
     if missing:
         raise InputError(f"{path}: checkpoint lacks {missing[:5]} that its config's model needs")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return model.eval()
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier one (tied embeddings):
+    checkpoints store such a tensor once."""
+    seen: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.setdefault(id(param), name)
+    return aliases
 
 
 def load_compressed(path: str | Path) -> nn.Module:

@@ -154,7 +154,8 @@ def _embed(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
                 max_length=TEXT_MAX_LENGTH,
                 return_tensors="pt",
             )
-            hidden = model(**batch).last_hidden_state  # (B, T, H)
+            # the last hidden states, for encoders and causal LMs alike
+            hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
     return torch.cat(pooled)
