@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,10 +235,3 @@ def load_artifact(path: str | Path) -> Artifact:
     report_path = path / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     return Artifact(path, document["layers"], tensors.config or {}, report, tensors)
-
-
-def iter_source_tensors(checkpoint: Checkpoint, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Untouched tensors, bytes unchanged, one at a time."""
-    for name in checkpoint.names():
-        if name not in skip:
-            yield name, checkpoint.load(name)

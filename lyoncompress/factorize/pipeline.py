@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lyoncompress.artifact import iter_source_tensors, prepare_output, write_artifact
+from lyoncompress.artifact import prepare_output, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.factorize.calibrated import calibrate, calibrated_layer
@@ -111,18 +111,15 @@ def _stream(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Source tensors in order, each target weight replaced by its factors."""
     by_weight = {layer.weight_name: layer for layer in plan.layers}
-    for name, tensor in iter_source_tensors(source, skip=set()):
+    for name in source.names():
+        tensor = source.load(name)
         layer = by_weight.get(name)
         if layer is None:
-            yield name, tensor
+            yield name, tensor  # untouched: same name, same bytes
             continue
         begin = time.perf_counter()
-        if calibration is None:
-            factors = factorize_layer(tensor, layer, recipe.order)
-        else:
-            check_matrix(tensor, layer.weight_name)
-            weight = tensor.to(_compute_dtype(tensor.dtype))
-            factors = calibrated_layer(weight, layer, calibration[layer.name], recipe.refine_steps)
+        layer_calibration = calibration[layer.name] if calibration is not None else None
+        factors = factorize_layer(tensor, layer, recipe, layer_calibration)
         seconds = time.perf_counter() - begin
         layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
         rows.append(report_row(layer, factors, seconds))
@@ -134,12 +131,18 @@ def _stream(
             progress(layer.name, len(rows), len(plan.layers))
 
 
-def factorize_layer(weight: torch.Tensor, layer: LayerPlan, order: str) -> LayerFactors:
-    """Run the layer's method on its weight (NaN/Inf and non-float weights refused)."""
+def factorize_layer(
+    weight: torch.Tensor, layer: LayerPlan, recipe: Recipe, calibration: LayerCalibration | None = None
+) -> LayerFactors:
+    """Factorize one weight: by output error on ``calibration`` when given, else by the
+    layer's method on weight error. NaN/Inf and non-float weights are refused."""
     check_matrix(weight, layer.weight_name)
     if not weight.dtype.is_floating_point:
         raise InputError(f"{layer.weight_name}: dtype {weight.dtype} is not a float type")
-    return get_method(layer.method)(weight.to(_compute_dtype(weight.dtype)), layer.budget, layer.depth, order)
+    weight = weight.to(_compute_dtype(weight.dtype))
+    if calibration is not None:
+        return calibrated_layer(weight, layer, calibration, recipe.refine_steps)
+    return get_method(layer.method)(weight, layer.budget, layer.depth, recipe.order)
 
 
 def layer_entry(layer: LayerPlan, factors: LayerFactors, dtype: torch.dtype) -> dict[str, Any]:
