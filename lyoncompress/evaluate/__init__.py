@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,24 +55,27 @@ def check_same_model(reference: Checkpoint, artifact: Artifact) -> None:
             )
 
 
+# gate kind of a task -> (Gates field, comparison shown, test)
+_GATE_RULES: dict[str, tuple[str, str, Callable[[float, float], bool]]] = {
+    "recovery": ("min_recovery", ">=", operator.ge),
+    "output_error": ("max_output_error", "<=", operator.le),
+}
+
+
 def _gate(task: str, result: TaskResult, gates: Gates) -> dict[str, Any] | None:
-    if result.gate == "recovery" and gates.min_recovery is not None:
-        return {
-            "task": task,
-            "metric": "recovery",
-            "value": result.gate_value,
-            "threshold": f">= {gates.min_recovery}",
-            "passed": result.gate_value >= gates.min_recovery,
-        }
-    if result.gate == "output_error" and gates.max_output_error is not None:
-        return {
-            "task": task,
-            "metric": "output_error",
-            "value": result.gate_value,
-            "threshold": f"<= {gates.max_output_error}",
-            "passed": result.gate_value <= gates.max_output_error,
-        }
-    return None
+    if result.gate is None:
+        return None
+    field, shown, holds = _GATE_RULES[result.gate]
+    threshold = getattr(gates, field)
+    if threshold is None:
+        return None
+    return {
+        "task": task,
+        "metric": result.gate,
+        "value": result.gate_value,
+        "threshold": f"{shown} {threshold}",
+        "passed": holds(result.gate_value, threshold),
+    }
 
 
 def evaluate(
