@@ -181,6 +181,9 @@ def factorize(
     ] = None,
     calib_samples: Annotated[int | None, typer.Option(help="Input rows per layer to capture.")] = None,
     refine_steps: Annotated[int | None, typer.Option(help="Adam steps of each layer's refinement.")] = None,
+    distill_steps: Annotated[
+        int | None, typer.Option(help="Adam steps of end-to-end distillation of all factors (needs --calib).")
+    ] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -200,16 +203,23 @@ def factorize(
         calib=calib,
         calib_samples=calib_samples,
         refine_steps=refine_steps,
+        distill_steps=distill_steps,
         max_shard_size=max_shard_size,
     )
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
         report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress)
     for warning in report["warnings"]:
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        err_console.print(Text.assemble(("warning: ", "yellow"), warning))
     if as_json:
         _print_json(report)
     else:
         err_console.print(_factorize_table(report))
+        if "distill" in report:
+            d = report["distill"]
+            err_console.print(
+                f"distillation ({d['steps']} steps): held-out output error "
+                f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
+            )
         err_console.print(f"wrote {out}")
 
 

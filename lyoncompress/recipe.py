@@ -60,6 +60,8 @@ class Recipe:
             ``builtin`` (offline defaults) or a data file; None: weight error only.
         calib_samples: input rows per layer captured for calibration.
         refine_steps: Adam steps of each layer-wise refinement.
+        distill_steps: Adam steps of end-to-end distillation of all factors on the
+            calibration data after the layer-wise pass (0: none; needs ``calib``).
         max_shard_size: largest artifact shard, e.g. ``5GB`` or ``200MB``.
         layers: per-layer overrides, first match wins.
     """
@@ -74,6 +76,7 @@ class Recipe:
     calib: str | None = None
     calib_samples: int = 4096
     refine_steps: int = 300
+    distill_steps: int = 0
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
@@ -111,6 +114,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "calib": (str, type(None)),
     "calib_samples": (int,),
     "refine_steps": (int,),
+    "distill_steps": (int,),
     "max_shard_size": (str,),
     "layers": (dict,),
 }
@@ -176,8 +180,10 @@ def validate(recipe: Recipe, where: str) -> None:
             raise InputError(f"depth {depth} must be >= 1 (number of butterfly factors)")
     if recipe.calib_samples < 16:
         raise InputError(f"calib_samples {recipe.calib_samples} is too few; use 16 or more (default 4096)")
-    if recipe.refine_steps < 0:
-        raise InputError(f"refine_steps {recipe.refine_steps} must be >= 0")
+    if recipe.refine_steps < 0 or recipe.distill_steps < 0:
+        raise InputError("refine_steps and distill_steps must be >= 0")
+    if recipe.distill_steps and not recipe.calib:
+        raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
     for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):
         compile_pattern(pattern, where)
     parse_size(recipe.max_shard_size)

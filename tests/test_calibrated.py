@@ -50,3 +50,26 @@ def test_calib_with_a_method_without_data_aware_variant_is_refused(tmp_path):
     result = _invoke("factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "butterfly")
     assert result.exit_code == 2 and "data-aware" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_distillation_never_ends_worse_and_leaves_no_stage(tmp_path):
+    import numpy as np
+
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(1).random((1024, 64), dtype=np.float32))
+    out = tmp_path / "out"
+    args = ["factorize", ckpt, "-o", out, "--calib", data, "--refine-steps", "10", "--distill-steps", "30"]
+    result = _invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    distilled = json.loads(result.stdout)["distill"]
+    assert distilled["val_output_error_after"] <= distilled["val_output_error_before"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "ckpt", "out"]
+    evaluated = _invoke("eval", out, "--reference", ckpt, "--task", "outputs", "--data", data, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_distillation_needs_calibration_data(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = _invoke("factorize", ckpt, "-o", tmp_path / "out", "--distill-steps", "10")
+    assert result.exit_code == 2 and "--calib" in result.output

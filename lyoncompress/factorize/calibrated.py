@@ -17,9 +17,10 @@ import torch
 from lyoncompress.errors import InputError
 from lyoncompress.evaluate.data import Samples, builtin_corpus, load_samples
 from lyoncompress.factorize.methods import Candidate, LayerFactors
-from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
+from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.plan import LayerPlan
 from lyoncompress.refine import LayerCalibration, capture_inputs, choose_structure
+from lyoncompress.refine.distill import DistillResult, distill
 
 BUILTIN = "builtin"
 TEXT_BATCH = 16
@@ -45,11 +46,14 @@ def calibrate(
                 f"with --calib use one of {', '.join(CANDIDATES_FOR)}"
             )
     model = load_reference(checkpoint)
-    batches = _batches(checkpoint, config or {}, calib, samples)
+    batches = calibration_batches(checkpoint, config or {}, calib, samples)
     return capture_inputs(model, [layer.name for layer in layers], batches, max_samples=samples)
 
 
-def _batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> Iterator[Any]:
+def calibration_batches(
+    checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int
+) -> Iterator[Any]:
+    """The calibration data as model inputs: tensors, or tokenizer outputs for text."""
     is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
     if calib == BUILTIN:
         if is_mlp:
@@ -106,3 +110,27 @@ def calibrated_layer(
         lowrank_twiddles=best.lowrank_twiddles,
         output_error=best.val_error,
     )
+
+
+def distill_artifact(
+    checkpoint: str | Path,
+    artifact: Path,
+    config: dict[str, Any] | None,
+    calib: str,
+    samples: int,
+    steps: int,
+) -> tuple[dict[str, torch.Tensor], DistillResult]:
+    """Distil the factors of a staged ``artifact`` against the reference model.
+
+    Returns the distilled twiddles by artifact tensor name, and the held-out errors.
+    Every 4th calibration batch is held out, as in layer-wise calibration.
+    """
+    batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
+    train = [b for i, b in enumerate(batches) if i % 4 != 3]
+    val = [b for i, b in enumerate(batches) if i % 4 == 3]
+    if not train or not val:
+        raise InputError("--distill-steps needs at least 4 calibration batches; give more --calib data")
+    compressed = load_compressed(artifact)
+    result = distill(load_reference(checkpoint), compressed, train, val, steps)
+    twiddles = {name: t.detach() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")}
+    return twiddles, result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -13,7 +15,7 @@ import torch
 from lyoncompress.artifact import prepare_output, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorize.calibrated import calibrate, calibrated_layer
+from lyoncompress.factorize.calibrated import calibrate, calibrated_layer, distill_artifact
 from lyoncompress.factorize.methods import LayerFactors, get_method
 from lyoncompress.factorize.projection import ORDERS, check_matrix
 from lyoncompress.plan import LayerPlan, Plan, make_plan
@@ -88,15 +90,34 @@ def factorize(
         )
         return report
 
-    write_artifact(
-        out,
-        _stream(source, plan, recipe, calibration, layers, rows, progress),
-        layers,
-        dict(source.config or {}),
-        finish_report,
-        parse_size(recipe.max_shard_size),
-        force,
-    )
+    stream = _stream(source, plan, recipe, calibration, layers, rows, progress)
+    shard_size = parse_size(recipe.max_shard_size)
+    if not recipe.distill_steps:
+        write_artifact(out, stream, layers, dict(source.config or {}), finish_report, shard_size, force)
+        return report
+    # Distillation needs every layer factorized first: stage the layer-wise artifact
+    # beside OUT, distil it, then write OUT from it; the stage never outlives the call.
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stage-"))
+    try:
+        staged_path = stage / "layerwise"
+        write_artifact(staged_path, stream, layers, dict(source.config or {}), finish_report, shard_size)
+        twiddles, result = distill_artifact(
+            checkpoint, staged_path, source.config, recipe.calib, recipe.calib_samples, recipe.distill_steps
+        )
+        report["distill"] = {
+            "steps": result.steps,
+            "val_output_error_before": result.val_before,
+            "val_output_error_after": result.val_after,
+        }
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        staged = open_checkpoint(staged_path)
+        tensors = (
+            (name, twiddles[name].to(info.dtype) if name in twiddles else staged.load(name))
+            for name, info in staged.infos.items()
+        )
+        write_artifact(out, tensors, layers, dict(source.config or {}), lambda: report, shard_size, force)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return report
 
 
