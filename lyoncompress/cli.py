@@ -184,6 +184,7 @@ def factorize(
     distill_steps: Annotated[
         int | None, typer.Option(help="Adam steps of end-to-end distillation of all factors (needs --calib).")
     ] = None,
+    distill_lr: Annotated[float | None, typer.Option(help="Learning rate of the distillation.")] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -204,6 +205,7 @@ def factorize(
         calib_samples=calib_samples,
         refine_steps=refine_steps,
         distill_steps=distill_steps,
+        distill_lr=distill_lr,
         max_shard_size=max_shard_size,
     )
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:

@@ -62,6 +62,8 @@ class Recipe:
         refine_steps: Adam steps of each layer-wise refinement.
         distill_steps: Adam steps of end-to-end distillation of all factors on the
             calibration data after the layer-wise pass (0: none; needs ``calib``).
+        distill_lr: Adam learning rate of the distillation (small: the factors start
+            close to a good solution, and larger steps undo the layer-wise fit).
         max_shard_size: largest artifact shard, e.g. ``5GB`` or ``200MB``.
         layers: per-layer overrides, first match wins.
     """
@@ -77,6 +79,7 @@ class Recipe:
     calib_samples: int = 4096
     refine_steps: int = 300
     distill_steps: int = 0
+    distill_lr: float = 5e-5
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
@@ -115,6 +118,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "calib_samples": (int,),
     "refine_steps": (int,),
     "distill_steps": (int,),
+    "distill_lr": (float,),
     "max_shard_size": (str,),
     "layers": (dict,),
 }
@@ -182,6 +186,8 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError(f"calib_samples {recipe.calib_samples} is too few; use 16 or more (default 4096)")
     if recipe.refine_steps < 0 or recipe.distill_steps < 0:
         raise InputError("refine_steps and distill_steps must be >= 0")
+    if not recipe.distill_lr > 0:
+        raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
     for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):

@@ -119,6 +119,7 @@ def distill_artifact(
     calib: str,
     samples: int,
     steps: int,
+    lr: float,
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
     """Distil the factors of a staged ``artifact`` against the reference model.
 
@@ -131,6 +132,6 @@ def distill_artifact(
     if not train or not val:
         raise InputError("--distill-steps needs at least 4 calibration batches; give more --calib data")
     compressed = load_compressed(artifact)
-    result = distill(load_reference(checkpoint), compressed, train, val, steps)
+    result = distill(load_reference(checkpoint), compressed, train, val, steps, lr)
     twiddles = {name: t.detach() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")}
     return twiddles, result

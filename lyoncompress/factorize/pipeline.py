@@ -102,7 +102,13 @@ def factorize(
         staged_path = stage / "layerwise"
         write_artifact(staged_path, stream, layers, dict(source.config or {}), finish_report, shard_size)
         twiddles, result = distill_artifact(
-            checkpoint, staged_path, source.config, recipe.calib, recipe.calib_samples, recipe.distill_steps
+            checkpoint,
+            staged_path,
+            source.config,
+            recipe.calib,
+            recipe.calib_samples,
+            recipe.distill_steps,
+            recipe.distill_lr,
         )
         report["distill"] = {
             "steps": result.steps,

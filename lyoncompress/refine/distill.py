@@ -57,7 +57,7 @@ def distill(
     train: Sequence[Batch],
     val: Sequence[Batch],
     steps: int,
-    lr: float = 1e-3,
+    lr: float = 5e-5,
     eval_every: int = 10,
 ) -> DistillResult:
     """Adam on the twiddles of ``compressed`` (everything else frozen), in place.
