@@ -12,6 +12,7 @@ import importlib
 import inspect
 import random
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +53,11 @@ def builtin_corpus(count: int | None, seed: int = 0, split: str = "eval") -> lis
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)
         for obj in [module, *vars(module).values()]:
-            doc = (
-                inspect.getdoc(obj)
-                if (inspect.isclass(obj) or inspect.isfunction(obj) or obj is module)
-                else None
-            )
+            with warnings.catch_warnings():
+                # reading docstrings of deprecated aliases (typing.io, typing.re) warns
+                warnings.simplefilter("ignore", DeprecationWarning)
+                wanted = inspect.isclass(obj) or inspect.isfunction(obj) or obj is module
+                doc = inspect.getdoc(obj) if wanted else None
             for sentence in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
                 if 40 <= len(sentence) <= 300 and sentence[0].isupper() and ">>>" not in sentence:
                     sentences.add(sentence)
