@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from lyoncompress.artifact import load_artifact
 from lyoncompress.cli import app
+from lyoncompress.models import load_compressed
 from tests.helpers import make_mlp_checkpoint
 
 runner = CliRunner()
@@ -73,3 +76,26 @@ def test_distillation_needs_calibration_data(tmp_path):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     result = _invoke("factorize", ckpt, "-o", tmp_path / "out", "--distill-steps", "10")
     assert result.exit_code == 2 and "--calib" in result.output
+
+
+def test_hybrid_method_with_calibration(tmp_path):
+    import numpy as np
+
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(2).random((512, 64), dtype=np.float32))
+    args = ["factorize", ckpt, "-o", tmp_path / "out", "--calib", data, "--method", "hybrid"]
+    result = _invoke(*args, "--refine-steps", "10", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["layers"]
+    assert {row["structure"] for row in rows} == {"hybrid"}
+    assert all(row["params_after"] <= 0.5 * row["params_before"] for row in rows)
+    art = load_artifact(tmp_path / "out")
+    assert all(entry["lowrank_rank"] > 0 for entry in art.layers.values())
+    model = load_compressed(tmp_path / "out")
+    assert model.fc1.lowrank is not None
+    evaluated = _invoke("eval", tmp_path / "out", "--reference", ckpt, "--task", "weights", "--json")
+    weights = json.loads(evaluated.stdout)["layers"]
+    for row, reported in zip(weights, rows):
+        assert row["rel_error"] == pytest.approx(reported["rel_error"], rel=1e-4)
+    assert _invoke("factorize", ckpt, "-o", tmp_path / "x", "--method", "hybrid").exit_code == 2

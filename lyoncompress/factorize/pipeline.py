@@ -15,7 +15,7 @@ import torch
 from lyoncompress.artifact import prepare_output, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorize.calibrated import calibrate, calibrated_layer, distill_artifact
+from lyoncompress.factorize.calibrated import CANDIDATES_FOR, calibrate, calibrated_layer, distill_artifact
 from lyoncompress.factorize.methods import LayerFactors, get_method
 from lyoncompress.factorize.projection import ORDERS, check_matrix
 from lyoncompress.plan import LayerPlan, Plan, make_plan
@@ -57,10 +57,7 @@ def factorize(
     """
     recipe = recipe or Recipe()
     out = Path(out)
-    get_method(recipe.method)
-    for override in recipe.layers:
-        if override.method:
-            get_method(override.method)
+    _check_methods(recipe)
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
     prepare_output(out, force)
@@ -125,6 +122,19 @@ def factorize(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _check_methods(recipe: Recipe) -> None:
+    """Method names must be registered; with calibration, only those with a data-aware variant."""
+    names = {recipe.method, *(o.method for o in recipe.layers if o.method)}
+    for name in sorted(names):
+        if recipe.calib is None:
+            get_method(name)
+        elif name not in CANDIDATES_FOR:
+            raise InputError(
+                f"method {name!r} has no data-aware variant; "
+                f"with --calib use one of {', '.join(CANDIDATES_FOR)}"
+            )
 
 
 def _stream(
