@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from lyoncompress.butterfly import Chain, square_butterfly
-from lyoncompress.factorize.projection import project
+from lyoncompress.factorization.projection import project
 
 ERROR_GOAL = 1.0  # our error / pyfaust error, at most
 TIME_GOAL = 0.5  # our time / pyfaust time, at most

@@ -17,8 +17,8 @@ import time
 import torch
 
 from lyoncompress.butterfly import Chain, chain_from_splits, monarch, square_butterfly
-from lyoncompress.quantize import quantize_chain
-from lyoncompress.quantize.diagonal import scale_cols, scale_rows
+from lyoncompress.quantization import quantize_chain
+from lyoncompress.quantization.diagonal import scale_cols, scale_rows
 
 F64 = torch.float64
 

@@ -3,13 +3,13 @@
 from lyoncompress.artifact import load_artifact
 from lyoncompress.butterfly import Chain, KSPattern, lowrank, monarch, search_chains, square_butterfly
 from lyoncompress.errors import InputError, LyoncompressError, PatternError
-from lyoncompress.evaluate import Gates, evaluate
-from lyoncompress.factorize import Projection, project
-from lyoncompress.factorize.pipeline import factorize
+from lyoncompress.evaluation import Gates, evaluate
+from lyoncompress.factorization import Projection, project
+from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.hf_integration import register_with_transformers
 from lyoncompress.layers import ButterflyLinear, apply_artifact
 from lyoncompress.models import load_compressed
-from lyoncompress.quantize.pipeline import quantize
+from lyoncompress.quantization.pipeline import quantize
 from lyoncompress.recipe import Recipe
 
 __version__ = "0.1.0"

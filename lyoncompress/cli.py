@@ -23,10 +23,10 @@ from rich.text import Text
 
 from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError, LyoncompressError
-from lyoncompress.evaluate import DEFAULT_SAMPLES, Gates
-from lyoncompress.evaluate import evaluate as evaluate_artifact
-from lyoncompress.factorize.pipeline import factorize as factorize_checkpoint
-from lyoncompress.quantize.pipeline import quantize as quantize_artifact
+from lyoncompress.evaluation import DEFAULT_SAMPLES, Gates
+from lyoncompress.evaluation import evaluate as evaluate_artifact
+from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
+from lyoncompress.quantization.pipeline import quantize as quantize_artifact
 from lyoncompress.recipe import Recipe
 
 EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3

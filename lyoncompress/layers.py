@@ -18,9 +18,9 @@ from torch import nn
 from lyoncompress.artifact import Artifact, load_artifact
 from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError, PatternError
-from lyoncompress.factorize import project
+from lyoncompress.factorization import project
 from lyoncompress.kernels import ks_chain_apply, use_cuda_kernels
-from lyoncompress.quantize.pipeline import dequantize_state
+from lyoncompress.quantization.pipeline import dequantize_state
 
 
 class _Factor(nn.Module):

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from lyoncompress.artifact import load_artifact, write_artifact
 from lyoncompress.butterfly import Chain
 from lyoncompress.errors import InputError
-from lyoncompress.factorize.pipeline import factorize
+from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.layers import ButterflyLinear, apply_artifact
 from lyoncompress.models import DemoMLP, load_compressed
 from lyoncompress.recipe import Recipe

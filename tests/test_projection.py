@@ -7,7 +7,7 @@ import torch
 
 from lyoncompress.butterfly import Chain, lowrank, monarch, search_chains, square_butterfly
 from lyoncompress.errors import InputError, PatternError
-from lyoncompress.factorize import ORDERS, project
+from lyoncompress.factorization import ORDERS, project
 
 
 def _exact_product(chain: Chain, seed: int = 0, dtype=torch.float64) -> torch.Tensor:

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from lyoncompress.butterfly import Chain, monarch, square_butterfly
 from lyoncompress.errors import InputError
-from lyoncompress.quantize import FORMATS, RESCALINGS, get_format, quantize_chain, solve_rank_one
-from lyoncompress.quantize.diagonal import cols, rows, scale_cols, scale_rows
-from lyoncompress.quantize.formats import pack_int4, round_significand, unpack_int4
+from lyoncompress.quantization import FORMATS, RESCALINGS, get_format, quantize_chain, solve_rank_one
+from lyoncompress.quantization.diagonal import cols, rows, scale_cols, scale_rows
+from lyoncompress.quantization.formats import pack_int4, round_significand, unpack_int4
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from lyoncompress.butterfly import lowrank, monarch
 from lyoncompress.errors import InputError
-from lyoncompress.factorize import project
+from lyoncompress.factorization import project
 from lyoncompress.refine import (
     CANDIDATES,
     activation_aware_lowrank,

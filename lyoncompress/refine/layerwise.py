@@ -33,7 +33,7 @@ import torch
 
 from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError
-from lyoncompress.factorize import check_matrix
+from lyoncompress.factorization import check_matrix
 from lyoncompress.refine.aware import activation_aware_lowrank
 from lyoncompress.refine.gram import check_gram, output_error, sqrt_factor
 

@@ -27,7 +27,7 @@ import torch
 
 from lyoncompress.butterfly import Chain
 from lyoncompress.errors import InputError
-from lyoncompress.factorize import project
+from lyoncompress.factorization import project
 
 
 def search_permutation(

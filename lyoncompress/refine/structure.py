@@ -18,7 +18,7 @@ import torch
 
 from lyoncompress.butterfly import Chain, lowrank, monarch
 from lyoncompress.errors import InputError, PatternError
-from lyoncompress.factorize import check_matrix, project
+from lyoncompress.factorization import check_matrix, project
 from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
 from lyoncompress.refine.gram import check_gram, output_error
 from lyoncompress.refine.layerwise import refine_layer

@@ -21,9 +21,9 @@ from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.plan import make_plan
-from lyoncompress.quantize.chain import QuantizedChain, quantize_chain
-from lyoncompress.quantize.formats import get_format
-from lyoncompress.quantize.rescale import resolve
+from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
+from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.rescale import resolve
 from lyoncompress.recipe import Recipe, parse_size
 
 Progress = Callable[[str, int, int], None]

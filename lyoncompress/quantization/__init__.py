@@ -4,10 +4,10 @@ One verb, ``quantize_chain(chain, twiddles, fmt, rescale=…)``; the registries
 ``FORMATS`` and ``RESCALINGS`` list the names it accepts.
 """
 
-from lyoncompress.quantize.chain import QuantizedChain, quantize_chain
-from lyoncompress.quantize.formats import FORMATS, QuantFormat, get_format
-from lyoncompress.quantize.rankone import RankOneSolution, solve_rank_one
-from lyoncompress.quantize.rescale import PRE_PASSES, RESCALINGS
+from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
+from lyoncompress.quantization.formats import FORMATS, QuantFormat, get_format
+from lyoncompress.quantization.rankone import RankOneSolution, solve_rank_one
+from lyoncompress.quantization.rescale import PRE_PASSES, RESCALINGS
 
 __all__ = [
     "FORMATS",

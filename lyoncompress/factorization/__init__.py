@@ -1,10 +1,10 @@
 """Factorization: projection onto KS chains and the method registry.
 
-The ``factorize`` verb is in ``lyoncompress.factorize.pipeline`` (re-exported by the
+The ``factorize`` verb is in ``lyoncompress.factorization.pipeline`` (re-exported by the
 top-level package); importing it here would make ``layers`` depend on the pipeline.
 """
 
-from lyoncompress.factorize.methods import METHODS, LayerFactors, get_method
-from lyoncompress.factorize.projection import ORDERS, Projection, check_matrix, project
+from lyoncompress.factorization.methods import METHODS, LayerFactors, get_method
+from lyoncompress.factorization.projection import ORDERS, Projection, check_matrix, project
 
 __all__ = ["METHODS", "ORDERS", "LayerFactors", "Projection", "check_matrix", "get_method", "project"]

@@ -15,9 +15,14 @@ import torch
 from lyoncompress.artifact import prepare_output, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorize.calibrated import CANDIDATES_FOR, calibrate, calibrated_layer, distill_artifact
-from lyoncompress.factorize.methods import LayerFactors, get_method
-from lyoncompress.factorize.projection import ORDERS, check_matrix
+from lyoncompress.factorization.calibrated import (
+    CANDIDATES_FOR,
+    calibrate,
+    calibrated_layer,
+    distill_artifact,
+)
+from lyoncompress.factorization.methods import LayerFactors, get_method
+from lyoncompress.factorization.projection import ORDERS, check_matrix
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
 from lyoncompress.refine import LayerCalibration

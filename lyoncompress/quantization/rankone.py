@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lyoncompress.quantize.formats import round_significand
+from lyoncompress.quantization.formats import round_significand
 
 _CHUNK_ELEMENTS = 1 << 22  # (batch chunk) × (candidates) × (vector length) per step
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lyoncompress.quantize.diagonal import Job, Rescaled, scale_cols, scale_rows
+from lyoncompress.quantization.diagonal import Job, Rescaled, scale_cols, scale_rows
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from torch import nn
 from lyoncompress.artifact import Artifact
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.evaluate.data import Samples, builtin_corpus
+from lyoncompress.evaluation.data import Samples, builtin_corpus
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
-from lyoncompress.quantize.pipeline import dequantize_state
+from lyoncompress.quantization.pipeline import dequantize_state
 
 TEXT_MAX_LENGTH = 128
 BATCH = 32

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lyoncompress.butterfly import Chain, KSPattern
-from lyoncompress.quantize.formats import QuantFormat
+from lyoncompress.quantization.formats import QuantFormat
 
 
 @dataclass(frozen=True)

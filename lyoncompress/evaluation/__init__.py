@@ -11,8 +11,8 @@ from typing import Any
 from lyoncompress.artifact import Artifact, load_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.evaluate.data import Samples, builtin_corpus, load_samples
-from lyoncompress.evaluate.tasks import FITTING, TASKS, EvalContext, TaskResult
+from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples
+from lyoncompress.evaluation.tasks import FITTING, TASKS, EvalContext, TaskResult
 
 DEFAULT_SAMPLES = 256
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lyoncompress.errors import InputError
-from lyoncompress.quantize.diagonal import Job, Rescaled, cols, rescale_pair, rows
-from lyoncompress.quantize.learned import learn
-from lyoncompress.quantize.rankone import solve_rank_one
+from lyoncompress.quantization.diagonal import Job, Rescaled, cols, rescale_pair, rows
+from lyoncompress.quantization.learned import learn
+from lyoncompress.quantization.rankone import solve_rank_one
 
 GRID_POINTS = 64  # candidate λ per index for formats without an exact scan
 

@@ -15,7 +15,7 @@ import torch
 
 from lyoncompress.butterfly import Chain, budget_chains, lowrank, monarch
 from lyoncompress.errors import InputError, PatternError
-from lyoncompress.factorize.projection import project
+from lyoncompress.factorization.projection import project
 
 CANDIDATES_PER_METHOD = 6
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from lyoncompress.errors import InputError
-from lyoncompress.evaluate.data import Samples, builtin_corpus, load_samples
-from lyoncompress.factorize.methods import Candidate, LayerFactors
+from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples
+from lyoncompress.factorization.methods import Candidate, LayerFactors
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.plan import LayerPlan
 from lyoncompress.refine import LayerCalibration, capture_inputs, choose_structure

@@ -9,10 +9,10 @@ import torch
 
 from lyoncompress.butterfly import Chain
 from lyoncompress.errors import InputError
-from lyoncompress.quantize.diagonal import Job
-from lyoncompress.quantize.formats import Payload, get_format
-from lyoncompress.quantize.rescale import rescale as rescale_fn
-from lyoncompress.quantize.rescale import resolve
+from lyoncompress.quantization.diagonal import Job
+from lyoncompress.quantization.formats import Payload, get_format
+from lyoncompress.quantization.rescale import rescale as rescale_fn
+from lyoncompress.quantization.rescale import resolve
 
 SCALE_BITS = 32  # scales are stored as float32
 
