@@ -4,7 +4,7 @@ Reordering hidden units, ``W1[perm]``, ``b1[perm]``, ``W2[:, perm]``, leaves the
 function unchanged, but moves rows of ``W1`` and columns of ``W2`` between the
 blocks that a chain ties together. A depth-≥2 chainable chain split once is
 ``W = H_left H_right`` where every block (rows ``≡ i mod d``, columns in
-contiguous group ``j``) has rank ``r`` (see ``factorize/projection.py``). So:
+contiguous group ``j``) has rank ``r`` (see ``factorization/projection.py``). So:
 
 * for ``W1`` (hidden × in), hidden units matter through their *row residue*
   ``mod d_1`` (first split of ``chain1``): units sharing a residue should span
