@@ -148,6 +148,16 @@ def _factorize_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _print_factorized(report: dict[str, Any]) -> None:
+    err_console.print(_factorize_table(report))
+    if "distill" in report:
+        d = report["distill"]
+        err_console.print(
+            f"distillation ({d['steps']} steps): held-out output error "
+            f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
+        )
+
+
 def _recipe_from(recipe_path: Path | None, **flags: Any) -> Recipe:
     base = Recipe.from_yaml(recipe_path) if recipe_path else Recipe()
     return base.replace(**flags)
@@ -215,13 +225,7 @@ def factorize(
     if as_json:
         _print_json(report)
     else:
-        err_console.print(_factorize_table(report))
-        if "distill" in report:
-            d = report["distill"]
-            err_console.print(
-                f"distillation ({d['steps']} steps): held-out output error "
-                f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
-            )
+        _print_factorized(report)
         err_console.print(f"wrote {out}")
 
 
@@ -469,7 +473,7 @@ def demo(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train a digits MLP offline, then factorize, quantize (int8) and evaluate it.
+    """Train a digits MLP offline, then factorize (calibrated, distilled), quantize (int8), evaluate.
 
     Example:  lyoncompress demo
     """
@@ -490,7 +494,7 @@ def demo(
     if as_json:
         _print_json({"factorize": factorized, "quantize": quantization, "eval": evaluation})
     else:
-        err_console.print(_factorize_table(factorized))
+        _print_factorized(factorized)
         err_console.print(_quantize_table(quantization))
         err_console.print(_eval_table(evaluation))
         err_console.print(f"artifacts: {fact} (float factors), {quantized} (int8 factors)")

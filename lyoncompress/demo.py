@@ -23,7 +23,15 @@ SEED = 0
 TRAIN_EPOCHS = 60
 # The same options as configs/demo.yaml (a test keeps them equal); built in so that
 # an installed package needs no files from the source tree.
-DEMO_RECIPE = Recipe(targets=("fc1", "fc2"), method="auto", budget=0.5, depth=2)
+DEMO_RECIPE = Recipe(
+    targets=("fc1", "fc2"),
+    method="auto",
+    budget=0.5,
+    depth=2,
+    calib="builtin",
+    refine_steps=100,
+    distill_steps=100,
+)
 
 
 def cache_dir() -> Path:
