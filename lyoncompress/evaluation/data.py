@@ -13,8 +13,10 @@ import inspect
 import random
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,23 @@ CORPUS_MODULES = (
     "threading", "subprocess", "unittest", "doctest", "pprint", "dataclasses", "enum",
     "contextlib", "abc", "typing", "inspect", "ast", "tokenize", "codecs", "locale",
 )  # fmt: skip
+
+
+TEXT_MAX_LENGTH = 128  # tokens per text sample, for evaluation and calibration alike
+
+
+def tokenized_batches(
+    tokenizer: Any, texts: list[str], batch_size: int
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """``texts`` as padded, truncated tokenizer outputs of ``batch_size`` samples each."""
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=TEXT_MAX_LENGTH,
+            return_tensors="pt",
+        )
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,11 @@ from torch import nn
 from lyoncompress.artifact import Artifact
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import Samples, builtin_corpus
+from lyoncompress.evaluation.data import TEXT_MAX_LENGTH, Samples, builtin_corpus, tokenized_batches
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.quantization.pipeline import dequantize_state
 
-TEXT_MAX_LENGTH = 128
 BATCH = 32
 
 
@@ -146,14 +145,7 @@ def _embed(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
     texts = ctx.texts()
     pooled = []
     with torch.no_grad():
-        for start in range(0, len(texts), BATCH):
-            batch = ctx.tokenizer(
-                texts[start : start + BATCH],
-                padding=True,
-                truncation=True,
-                max_length=TEXT_MAX_LENGTH,
-                return_tensors="pt",
-            )
+        for batch in tokenized_batches(ctx.tokenizer, texts, BATCH):
             # the last hidden states, for encoders and causal LMs alike
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)

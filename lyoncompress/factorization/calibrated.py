@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples
+from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples, tokenized_batches
 from lyoncompress.factorization.methods import Candidate, LayerFactors
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.plan import LayerPlan
@@ -25,7 +25,6 @@ from lyoncompress.refine.distill import DistillResult, distill
 BUILTIN = "builtin"
 TEXT_BATCH = 16
 TENSOR_BATCH = 64
-TEXT_MAX_LENGTH = 128
 # which refine candidates each factorize method may choose from
 CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
     "auto": ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
@@ -62,15 +61,7 @@ def calibration_batches(
     if data.texts is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        for start in range(0, len(data.texts), TEXT_BATCH):
-            yield tokenizer(
-                data.texts[start : start + TEXT_BATCH],
-                padding=True,
-                truncation=True,
-                max_length=TEXT_MAX_LENGTH,
-                return_tensors="pt",
-            )
+        yield from tokenized_batches(AutoTokenizer.from_pretrained(checkpoint), data.texts, TEXT_BATCH)
     else:
         yield from data.inputs.float().split(TENSOR_BATCH)
 
