@@ -25,6 +25,7 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluation import DEFAULT_SAMPLES, Gates
 from lyoncompress.evaluation import evaluate as evaluate_artifact
+from lyoncompress.factorization.budget_search import BudgetSearch, SearchStep, search_budget
 from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
 from lyoncompress.quantization.pipeline import quantize as quantize_artifact
 from lyoncompress.recipe import Recipe
@@ -196,6 +197,47 @@ def factorize(
     ] = None,
     distill_lr: Annotated[float | None, typer.Option(help="Learning rate of the distillation.")] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
+    min_recovery: Annotated[
+        float | None,
+        typer.Option(
+            help="Search the smallest global budget whose model reaches this recovery (0 < F <= 1) "
+            "on --eval-task, by bisection; exit 1, writing nothing, if --max-budget misses it.",
+            rich_help_panel="Budget search",
+        ),
+    ] = None,
+    eval_task: Annotated[
+        str | None,
+        typer.Option(
+            help="Task gated by --min-recovery: classification (accuracy ratio) | embeddings (cosine) | "
+            "perplexity (ratio) | outputs (final cosine); default: the model kind's recovery task.",
+            rich_help_panel="Budget search",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Evaluation data, as eval --data (default: built-in).", rich_help_panel="Budget search"
+        ),
+    ] = None,
+    min_budget: Annotated[
+        float | None, typer.Option(help="Smallest budget tried [0.02].", rich_help_panel="Budget search")
+    ] = None,
+    max_budget: Annotated[
+        float | None,
+        typer.Option(help="Largest budget tried, first [0.95].", rich_help_panel="Budget search"),
+    ] = None,
+    search_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop when pass and fail budgets are this close [0.01].", rich_help_panel="Budget search"
+        ),
+    ] = None,
+    search_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Most factorize+eval rounds, bounds included [12].", rich_help_panel="Budget search"
+        ),
+    ] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -203,7 +245,19 @@ def factorize(
     """Factorize the chosen layers of CHECKPOINT into butterfly factors, written to OUT.
 
     Example:  lyoncompress factorize model.safetensors -o fact/ --method monarch --budget 0.25
+
+    Budget search:  lyoncompress factorize model/ -o fact/ --method lowrank --min-recovery 0.99
     """
+    search = _budget_search(
+        budget,
+        min_recovery,
+        eval_task=eval_task,
+        eval_data=eval_data,
+        min_budget=min_budget,
+        max_budget=max_budget,
+        search_tolerance=search_tolerance,
+        search_steps=search_steps,
+    )
     options = _recipe_from(
         recipe,
         targets=tuple(target or ()),
@@ -218,6 +272,9 @@ def factorize(
         distill_lr=distill_lr,
         max_shard_size=max_shard_size,
     )
+    if search is not None:
+        _factorize_searching(checkpoint, out, options, search, force, as_json, quiet)
+        return
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
         report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress)
     for warning in report["warnings"]:
@@ -227,6 +284,89 @@ def factorize(
     else:
         _print_factorized(report)
         err_console.print(f"wrote {out}")
+
+
+def _budget_search(budget: float | None, min_recovery: float | None, **given: Any) -> BudgetSearch | None:
+    """The search options, or None without --min-recovery; conflicting flags exit 2."""
+    flags = {name: value for name, value in given.items() if value is not None}
+    if min_recovery is None:
+        if flags:
+            names = ", ".join("--" + name.replace("_", "-") for name in flags)
+            raise InputError(f"{names}: only used by the budget search; add --min-recovery F")
+        return None
+    if budget is not None:
+        raise InputError("--budget and --min-recovery conflict: the search chooses the budget; drop one")
+    fields = {
+        "eval_task": "task",
+        "eval_data": "data",
+        "min_budget": "low",
+        "max_budget": "high",
+        "search_tolerance": "tolerance",
+        "search_steps": "max_steps",
+    }
+    return BudgetSearch(min_recovery, **{fields[name]: value for name, value in flags.items()})
+
+
+def _factorize_searching(
+    checkpoint: Path,
+    out: Path,
+    options: Recipe,
+    search: BudgetSearch,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    show = _show_progress(quiet, as_json)
+
+    def step_line(step: SearchStep, done: int, most: int) -> None:
+        if show:
+            verdict = "[green]pass[/]" if step.passed else "[red]fail[/]"
+            err_console.print(
+                f"search {done}/{most}: budget {step.budget:.4f}, kept {step.params_ratio:.1%}, "
+                f"metric {step.metric:.4f} {verdict}"
+            )
+
+    report = search_budget(checkpoint, out, search, options, force=force, progress=step_line)
+    for warning in report["warnings"]:
+        err_console.print(Text.assemble(("warning: ", "yellow"), warning))
+    found = report["budget_search"]
+    if as_json:
+        _print_json(report)
+    else:
+        if found["passed"]:
+            _print_factorized(report)
+        err_console.print(_search_table(found))
+    target = f"{found['task']} {found['metric']} >= {found['min_recovery']}"
+    if not found["passed"]:
+        best = max(found["curve"], key=lambda step: step["metric"])
+        err_console.print(
+            Text.assemble(
+                ("gate failed: ", "bold red"),
+                f"no budget up to {found['high']} reaches {target} (best {best['metric']:.4f} "
+                f"at budget {best['budget']}); nothing written to {out}",
+            )
+        )
+        raise typer.Exit(EXIT_GATE_FAILED)
+    if not as_json:
+        err_console.print(
+            f"smallest passing budget {found['chosen_budget']} ({target}); wrote {out}"
+            + ("" if found["converged"] else f" [yellow](not converged in {found['max_steps']} steps)[/]")
+        )
+
+
+def _search_table(found: dict[str, Any]) -> Table:
+    table = Table(title=f"budget search: {found['task']} {found['metric']} >= {found['min_recovery']}")
+    for column in ("budget", "params kept", found["metric"], "result"):
+        table.add_column(column, justify="right")
+    for step in sorted(found["curve"], key=lambda step: step["budget"]):
+        chosen = " (chosen)" if step["budget"] == found["chosen_budget"] else ""
+        table.add_row(
+            f"{step['budget']:.4f}",
+            f"{step['params_ratio']:.1%}",
+            f"{step['metric']:.4f}",
+            ("[green]pass[/]" if step["passed"] else "[red]fail[/]") + chosen,
+        )
+    return table
 
 
 def _quantize_table(report: dict[str, Any]) -> Table:

@@ -26,6 +26,18 @@ from lyoncompress.quantization.pipeline import dequantize_state
 BATCH = 32
 
 
+def model_kind(config: dict[str, Any] | None) -> str:
+    """``mlp`` | ``encoder`` | ``causal-lm`` | ``weights-only`` (no ``model_type``: cannot run)."""
+    config = config or {}
+    if config.get("model_type") == DEMO_MODEL_TYPE:
+        return "mlp"
+    if not config.get("model_type"):
+        return "weights-only"
+    if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        return "causal-lm"
+    return "encoder"
+
+
 @dataclass
 class EvalContext:
     """Both sides of the comparison; models are built on first use."""
@@ -39,14 +51,7 @@ class EvalContext:
 
     @property
     def kind(self) -> str:
-        config = self.reference.config or {}
-        if config.get("model_type") == DEMO_MODEL_TYPE:
-            return "mlp"
-        if not config.get("model_type"):
-            return "weights-only"
-        if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
-            return "causal-lm"
-        return "encoder"
+        return model_kind(self.reference.config)
 
     @functools.cached_property
     def reference_model(self) -> nn.Module:
@@ -251,7 +256,12 @@ def perplexity_task(ctx: EvalContext) -> TaskResult:
             raise InputError("perplexity needs texts of at least two tokens")
         values.append(float(torch.tensor(nll / tokens).exp()))
     reference, compressed = values
-    metrics = {"reference_perplexity": reference, "compressed_perplexity": compressed, "samples": len(texts)}
+    metrics = {
+        "reference_perplexity": reference,
+        "compressed_perplexity": compressed,
+        "perplexity_ratio": compressed / reference,  # the ratio to dense, as issue 6 reports it
+        "samples": len(texts),
+    }
     return TaskResult(metrics, gate="recovery", gate_value=reference / compressed)
 
 
