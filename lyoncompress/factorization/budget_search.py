@@ -133,9 +133,10 @@ def search_budget(
         report describes the ``high`` budget, and nothing is written at ``out``.
 
     Example:
-        >>> report = search_budget("model/", "fact/", BudgetSearch(min_recovery=0.99))
+        >>> search = BudgetSearch(min_recovery=0.99)  # demo MLP: classification recovery
+        >>> report = search_budget("demo-mlp/", "fact/", search, Recipe(method="lowrank"))
         >>> report["budget_search"]["chosen_budget"]
-        0.3031
+        0.158048
     """
     recipe = recipe or Recipe()
     out = Path(out)
