@@ -199,3 +199,24 @@ def test_weights_only_checkpoint_cannot_be_searched(tmp_path, ckpt):
     result = _invoke("factorize", bare, "-o", tmp_path / "out", "--min-recovery", "0.9")
     assert result.exit_code == 2 and "cannot be run" in result.output
     assert _left_behind(tmp_path) == []
+
+
+def test_non_monotone_metric_keeps_the_smallest_measured_pass(tmp_path, ckpt, monkeypatch):
+    """Budgets in [0.45, 0.5] or >= 0.8 pass: the search must return the smallest
+    measured pass, and OUT must be that very artifact."""
+
+    def fake_evaluate(artifact, reference, tasks, data, samples):
+        budget = json.loads((artifact / "report.json").read_text())["recipe"]["budget"]
+        passed = 0.45 <= budget <= 0.5 or budget >= 0.8
+        return {"tasks": {"outputs": {"final_cosine": 1.0 if passed else 0.5}}}
+
+    monkeypatch.setattr(budget_search, "evaluate", fake_evaluate)
+    report = search_budget(ckpt, tmp_path / "out", BudgetSearch(0.9, task="outputs"), LOWRANK)
+    found = report["budget_search"]
+    passing = [step["budget"] for step in found["curve"] if step["passed"]]
+    assert found["chosen_budget"] == min(passing)
+    assert 0.45 <= found["chosen_budget"] <= 0.45 + found["tolerance"]
+    assert found["converged"] and found["largest_failing_budget"] < 0.45
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["recipe"]["budget"] == found["chosen_budget"]
+    assert _left_behind(tmp_path) == ["out"]
