@@ -27,6 +27,7 @@ from lyoncompress.evaluation import DEFAULT_SAMPLES, Gates
 from lyoncompress.evaluation import evaluate as evaluate_artifact
 from lyoncompress.factorization.budget_search import BudgetSearch, SearchStep, search_budget
 from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
+from lyoncompress.quantization.pipeline import DEFAULT_CALIB_SAMPLES
 from lyoncompress.quantization.pipeline import quantize as quantize_artifact
 from lyoncompress.recipe import Recipe
 
@@ -371,18 +372,22 @@ def _search_table(found: dict[str, Any]) -> Table:
 
 def _quantize_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"quantized layers ({report['format']}, {report['rescale']})", title_justify="left")
-    for column in ("layer", "bits/weight", "error", "round-to-nearest", "ratio", "s"):
+    calibrated = report.get("calib") is not None
+    columns = ["layer", "bits/weight", "error", "round-to-nearest", "ratio"]
+    columns += ["output error (held-out)", "RTN output error"] if calibrated else []
+    for column in columns + ["s"]:
         table.add_column(column, justify="left" if column == "layer" else "right")
     for row in report["layers"]:
         ratio = row["rel_error"] / row["rtn_rel_error"] if row["rtn_rel_error"] else float("nan")
-        table.add_row(
+        cells = [
             row["name"],
             f"{row['bits_per_weight']:g}",
             f"{row['rel_error']:.2e}",
             f"{row['rtn_rel_error']:.2e}",
             f"{ratio:.2f}x",
-            f"{row['seconds']:.2f}",
-        )
+        ]
+        cells += [f"{row['output_error']:.2e}", f"{row['rtn_output_error']:.2e}"] if calibrated else []
+        table.add_row(*cells, f"{row['seconds']:.2f}")
     return table
 
 
@@ -402,25 +407,51 @@ def quantize(
     rescale: Annotated[
         str | None,
         typer.Option(
-            help="none | optimal | pairwise | left-to-right | learned, optionally after equalize+ "
-            "(default: left-to-right; equalize+left-to-right for int formats)."
+            help="none | optimal | pairwise | left-to-right | feedback | auto | learned, optionally "
+            "after equalize+ (default: left-to-right; equalize+auto for int formats). feedback: "
+            "least-squares re-fit of each next factor + GPTQ rounding + clipping search; auto: the "
+            "better of left-to-right and feedback."
         ),
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="Entries per scale along a block row.")] = None,
     dense: Annotated[
         bool, typer.Option("--dense", help="Quantize plain weights of a non-factorized model.")
     ] = False,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration data ('builtin' or a file as eval --data takes): the rescaling minimises "
+            "each layer's output error on its inputs; the report adds held-out output errors."
+        ),
+    ] = None,
+    calib_samples: Annotated[
+        int, typer.Option(help="Input rows per layer to fit on (as many are held out).")
+    ] = DEFAULT_CALIB_SAMPLES,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Folder with the tokenizer for text --calib data (default: ARTIFACT)."),
+    ] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Quantize the factors of ARTIFACT with optimal rescalings; RTN is measured beside it.
 
-    Example:  lyoncompress quantize fact/ -o q/ --format int4 --group-size 32
+    Example:  lyoncompress quantize fact/ -o q/ --format int4 --group-size 32 --calib builtin
     """
     with _LayerProgress(_show_progress(quiet, as_json), "quantizing") as progress:
         report = quantize_artifact(
-            artifact, out, format, rescale, group_size, dense=dense, force=force, progress=progress
+            artifact,
+            out,
+            format,
+            rescale,
+            group_size,
+            dense=dense,
+            force=force,
+            progress=progress,
+            calib=calib,
+            calib_samples=calib_samples,
+            reference=reference,
         )
     if as_json:
         _print_json(report)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -86,3 +87,68 @@ def test_quantizing_twice_is_refused(tmp_path, factorized):
     assert _invoke("quantize", fact, "-o", tmp_path / "q1").exit_code == 0
     result = _invoke("quantize", tmp_path / "q1", "-o", tmp_path / "q2")
     assert result.exit_code == 2 and "already quantized" in result.output
+
+
+def test_quantize_with_calibration_reports_held_out_output_error(tmp_path, factorized):
+    ckpt, fact = factorized
+    out = tmp_path / "q"
+    result = _invoke("quantize", fact, "-o", out, "--format", "int4", "--calib", "builtin", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calib"] == "builtin" and report["rescale"] == "equalize+auto"
+    reference = load_compressed(fact)
+    model = load_compressed(out)
+    for row in report["layers"]:
+        assert row["calib_rows"] > 0 and row["held_out_rows"] > 0
+        # measured on this MLP: 0.06 vs 0.12-0.13 for round-to-nearest
+        assert row["output_error"] < 0.75 * row["rtn_output_error"]
+        exact = getattr(reference, row["name"]).to_dense().detach().double()
+        approx = getattr(model, row["name"]).to_dense().detach().double()
+        assert float((approx - exact).norm() / exact.norm()) == pytest.approx(row["rel_error"], rel=1e-3)
+
+
+def test_calibrated_output_error_matches_the_reloaded_model(tmp_path, factorized):
+    # the held-out error in the report is what the stored factors do to fresh inputs:
+    # recompute it from the inputs of fc2 in the factorized model on data of the same kind
+    _, fact = factorized
+    data = tmp_path / "calib.npy"
+    gen = torch.Generator().manual_seed(0)
+    np.save(data, torch.rand(512, 64, generator=gen).numpy())
+    out = tmp_path / "q"
+    result = _invoke("quantize", fact, "-o", out, "--format", "int8", "--calib", data, "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["layers"][0]
+    exact = load_compressed(fact).fc1.to_dense().detach().double()
+    approx = load_compressed(out).fc1.to_dense().detach().double()
+    rows = torch.from_numpy(np.load(data)).double()
+    held = torch.cat((rows[192:256], rows[448:512]))  # every 4th batch of 64 is held out
+    expected = (held @ (approx - exact).T).norm() / (held @ exact.T).norm()
+    assert row["output_error"] == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda d: d / "missing.npy", "no such file"),
+        (lambda d: _save(d / "wide.npy", torch.rand(512, 65)), "features"),
+        (lambda d: _save(d / "few.npy", torch.rand(100, 64)), "held-out"),
+    ],
+)
+def test_bad_calibration_data_exits_2_and_writes_nothing(tmp_path, factorized, make, match):
+    _, fact = factorized
+    data = make(tmp_path)
+    result = _invoke("quantize", fact, "-o", tmp_path / "q", "--calib", data)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert not any(p.name.startswith((".q", "q")) for p in tmp_path.iterdir())
+
+
+def test_calibration_of_a_dense_checkpoint_is_refused(tmp_path, factorized):
+    ckpt, _ = factorized
+    result = _invoke("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--calib", "builtin")
+    assert result.exit_code == 2 and "--calib needs a factorized artifact" in result.output
+
+
+def _save(path, tensor):
+    np.save(path, tensor.numpy())
+    return path

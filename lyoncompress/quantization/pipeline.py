@@ -21,18 +21,22 @@ from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.plan import make_plan
+from lyoncompress.quantization.calibration import QuantCalibration, calibrate, output_error
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.rescale import resolve
 from lyoncompress.recipe import Recipe, parse_size
 
 Progress = Callable[[str, int, int], None]
-# Integer grids waste most of their range unless the factors' ranges are equalised first.
+# Integer grids waste most of their range unless the factors' ranges are equalised first;
+# then neither the per-index search nor error feedback wins on every chain (benchmarks/RESULTS.md),
+# so ``auto`` runs both and keeps the better on the layer's own objective.
 INTEGER_FORMATS = ("int8", "int4")
+DEFAULT_CALIB_SAMPLES = 2048  # input rows per layer to fit on (and as many held out)
 
 
 def default_rescale(fmt: str) -> str:
-    return "equalize+left-to-right" if fmt in INTEGER_FORMATS else "left-to-right"
+    return "equalize+auto" if fmt in INTEGER_FORMATS else "left-to-right"
 
 
 def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -107,6 +111,9 @@ def quantize(
     max_shard_size: str = "5GB",
     force: bool = False,
     progress: Progress | None = None,
+    calib: str | None = None,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Quantize every compressed layer of ``artifact`` into a new artifact at ``out``.
 
@@ -119,6 +126,12 @@ def quantize(
             ``equalize+`` in front for integer formats).
         group_size: scales per group of this many entries along a block row.
         dense: quantize the plain weights of a checkpoint that was not factorized.
+        calib: calibration data (a file as ``eval --data`` takes, or ``builtin``). The
+            factorized model runs on it; each layer's rescaling then minimises the
+            output error on its captured inputs instead of the weight error, and the
+            report adds the held-out output error next to round-to-nearest's.
+        calib_samples: input rows per layer to fit on (as many are held out).
+        reference: folder with the tokenizer for text calibration data (default: the artifact).
 
     Returns:
         The report, with each layer's error next to round-to-nearest's.
@@ -133,7 +146,16 @@ def quantize(
     resolve(rescale)
     if group_size is not None and group_size < 1:
         raise InputError(f"--group-size must be >= 1, got {group_size}")
+    if calib_samples < 1:
+        raise InputError(f"--calib-samples must be >= 1, got {calib_samples}")
     source, layers, config = _sources(Path(artifact), dense)
+    calibration = None
+    if calib is not None:
+        if dense:
+            raise InputError("--calib needs a factorized artifact; drop --dense or --calib")
+        calibration = calibrate(
+            Path(artifact), list(layers), calib, calib_samples, Path(reference) if reference else None
+        )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
@@ -145,12 +167,13 @@ def quantize(
             format=fmt,
             rescale=rescale,
             group_size=group_size,
+            calib=calib,
             layers=rows,
             seconds=round(time.perf_counter() - started, 3),
         )
         return report
 
-    stream = _stream(source, layers, fmt, rescale, group_size, rows, progress)
+    stream = _stream(source, layers, fmt, rescale, group_size, rows, progress, calibration)
     write_artifact(Path(out), stream, layers, config, finish_report, parse_size(max_shard_size), force)
     return report
 
@@ -163,6 +186,7 @@ def _stream(
     group_size: int | None,
     rows: list[dict[str, Any]],
     progress: Progress | None,
+    calibration: dict[str, QuantCalibration] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # the tensor that starts each layer's group; the rest of the group is skipped
     first = {
@@ -175,7 +199,8 @@ def _stream(
     for tensor_name in source.names():
         if tensor_name in first:
             layer = first[tensor_name]
-            yield from _quantize_layer(source, layer, layers[layer], fmt, rescale, group_size, rows)
+            inputs = None if calibration is None else calibration[layer]
+            yield from _quantize_layer(source, layer, layers[layer], fmt, rescale, group_size, rows, inputs)
             if progress is not None:
                 progress(layer, len(rows), len(layers))
         elif not tensor_name.startswith(replaced):
@@ -190,6 +215,7 @@ def _quantize_layer(
     rescale: str,
     group_size: int | None,
     rows: list[dict[str, Any]],
+    calibration: QuantCalibration | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     begin = time.perf_counter()
     chains, twiddles = _chains(entry), _twiddles(source, name, entry)
@@ -197,7 +223,8 @@ def _quantize_layer(
     quantized: dict[str, QuantizedChain] = {}
     baseline: dict[str, list[torch.Tensor]] = {}
     for group, chain in chains.items():
-        quantized[group] = quantize_chain(chain, twiddles[group], fmt, rescale, group_size)
+        calib = None if calibration is None else calibration.train
+        quantized[group] = quantize_chain(chain, twiddles[group], fmt, rescale, group_size, calib)
         baseline[group] = quantize_chain(chain, twiddles[group], fmt, "none", group_size).dequantized(
             torch.float64
         )
@@ -212,17 +239,22 @@ def _quantize_layer(
         "group_size": group_size,
         "bits_per_weight": round(bits, 4),
     }
-    rows.append(
-        {
-            "name": name,
-            "format": fmt,
-            "rescale": rescale,
-            "bits_per_weight": round(bits, 4),
-            "rel_error": float((reference - approx).norm() / norm),
-            "rtn_rel_error": float((reference - rtn).norm() / norm),
-            "seconds": round(time.perf_counter() - begin, 3),
-        }
-    )
+    row = {
+        "name": name,
+        "format": fmt,
+        "rescale": rescale,
+        "bits_per_weight": round(bits, 4),
+        "rel_error": float((reference - approx).norm() / norm),
+        "rtn_rel_error": float((reference - rtn).norm() / norm),
+    }
+    if calibration is not None:
+        # held-out output error ‖(W - Ŵ) Xᵀ‖ / ‖W Xᵀ‖ on rows the rescaling never saw
+        row["output_error"] = output_error(reference, approx, calibration.gram_val)
+        row["rtn_output_error"] = output_error(reference, rtn, calibration.gram_val)
+        row["calib_rows"] = int(calibration.train.shape[0])
+        row["held_out_rows"] = calibration.rows_val
+    row["seconds"] = round(time.perf_counter() - begin, 3)
+    rows.append(row)
     for group, q in quantized.items():
         for index, payload in enumerate(q.payloads):
             for field, tensor in payload.items():

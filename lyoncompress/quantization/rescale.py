@@ -19,6 +19,7 @@ import torch
 
 from lyoncompress.errors import InputError
 from lyoncompress.quantization.diagonal import Job, Rescaled, cols, rescale_pair, rows
+from lyoncompress.quantization.feedback import feedback, probes
 from lyoncompress.quantization.learned import learn
 from lyoncompress.quantization.rankone import solve_rank_one
 
@@ -122,6 +123,21 @@ def learned(job: Job, twiddles: Sequence[torch.Tensor]) -> Rescaled:
     return learn(job, twiddles, left_to_right(job, twiddles))
 
 
+def auto(job: Job, twiddles: Sequence[torch.Tensor]) -> Rescaled:
+    """``auto``: run ``left-to-right`` and ``feedback`` and keep the one whose stored factors
+    have the lower output error on the probes (the calibration inputs, or the identity, where
+    it is the exact product error). Neither wins everywhere: the per-index search is best on
+    small blocks (radix-2 int8), feedback on int4 and on wide blocks."""
+    inputs = probes(job)
+    target = job.chain.apply(list(twiddles), inputs)  # (N, m)
+
+    def error(found: Rescaled) -> float:
+        rounded = [job.fmt.fake(t, job.group_size, s) for t, s in zip(found.twiddles, found.scales)]
+        return float((job.chain.apply(rounded, inputs) - target).norm())
+
+    return min((left_to_right(job, twiddles), feedback(job, twiddles)), key=error)
+
+
 Rescaling = Callable[[Job, Sequence[torch.Tensor]], Rescaled]
 RESCALINGS: dict[str, Rescaling] = {
     "none": rtn,
@@ -129,6 +145,8 @@ RESCALINGS: dict[str, Rescaling] = {
     "pairwise": pairwise,
     "left-to-right": left_to_right,
     "learned": learned,
+    "feedback": feedback,
+    "auto": auto,
 }
 PRE_PASSES: dict[str, Callable[[Job, Sequence[torch.Tensor]], list[torch.Tensor]]] = {
     "equalize": equalize,
