@@ -5,13 +5,16 @@ Every ratio divides two errors measured in this run on the same factors:
 (``none``). Factors are i.i.d. Gaussian. Prints a markdown table with the target
 and whether it is met.
 
-    .venv/bin/python benchmarks/quantize.py
+    .venv/bin/python benchmarks/quantize.py [float growth int learned speed]
+
+(no argument: every section).
 """
 
 from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 
 import torch
@@ -71,8 +74,7 @@ def ratio_rows(name: str, chain: Chain, ts, methods: dict[str, tuple[float | Non
             )
 
 
-def main() -> None:
-    torch.manual_seed(0)
+def float_rows() -> None:
     for n in (256, 1024):
         chain = square_butterfly(n, 2)
         tw = gaussian(chain)
@@ -96,21 +98,39 @@ def main() -> None:
     ratio_rows("Monarch 256, 16 blocks", monarch(256, 256, 16), (4, 6, 8), {"optimal": (0.75, 0)})
     ratio_rows("Monarch 1024, 32 blocks", monarch(1024, 1024, 32), (4, 6, 8), {"optimal": (0.75, 0)})
 
-    # error growth with depth at fixed t: L=6 (N=64) -> L=10 (N=1024)
+
+def growth_rows() -> None:
+    """Error growth with depth at fixed t: L=6 (N=64) -> L=10 (N=1024)."""
     for t in (4, 8):
         fmt = f"float:t{t}"
-        errs = {}
-        for n in (64, 1024):
-            chain = square_butterfly(n)
-            errs[n] = product_error(chain, gaussian(chain), fmt, "left-to-right")
-        growth = errs[1024] / errs[64]
-        row("growth L=6 -> L=10", fmt, "left-to-right err(L=10)/err(L=6)", growth, "<= 1.2", growth <= 1.2)
-        rtn = [
-            product_error(square_butterfly(n), gaussian(square_butterfly(n)), fmt, "none") for n in (64, 1024)
-        ]
-        row("growth L=6 -> L=10", fmt, "RTN err(L=10)/err(L=6) (reference)", rtn[1] / rtn[0], "", None)
+        for method in ("left-to-right", "feedback", "none"):
+            errs = [
+                product_error(square_butterfly(n), gaussian(square_butterfly(n)), fmt, method)
+                for n in (64, 1024)
+            ]
+            growth = errs[1] / errs[0]
+            label = "RTN" if method == "none" else method
+            row("growth L=6 -> L=10", fmt, f"{label} err(L=6)", errs[0], "", None)
+            row("growth L=6 -> L=10", fmt, f"{label} err(L=10)", errs[1], "", None)
+            if method == "none":
+                row("growth L=6 -> L=10", fmt, "RTN err(L=10)/err(L=6) (reference)", growth, "", None)
+            else:
+                row("growth L=6 -> L=10", fmt, f"{label} err(L=10)/err(L=6)", growth, "<= 1.2", growth <= 1.2)
 
-    # integer formats: equalisation + per-index search vs per-factor RTN, balanced and re-balanced
+
+def probe_error(
+    chain: Chain, twiddles: list[torch.Tensor], fmt: str, rescale: str, group, seed: int = 7
+) -> float:
+    """Output error on 256 fresh Gaussian inputs the rescalings never saw."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, chain.shape[1], generator=gen, dtype=F64)
+    q = quantize_chain(chain, twiddles, fmt, rescale=rescale, group_size=group)
+    ref = chain.apply(twiddles, x)
+    return float((chain.apply(q.dequantized(F64), x) - ref).norm() / ref.norm())
+
+
+def int_rows() -> None:
+    """Integer formats: equalisation + per-index search / error feedback vs per-factor RTN."""
     int_cases = [
         ("radix-2 N=1024", square_butterfly(1024), "int8", None),
         ("radix-2 N=1024", square_butterfly(1024), "int4", None),
@@ -119,15 +139,22 @@ def main() -> None:
         ("(1,256,128,4)(8,64,128,1)", chain_from_splits(1024, 1024, [8], [4], [16]), "int4", 128),
         ("(1,256,128,4)(8,64,128,1)", chain_from_splits(1024, 1024, [8], [4], [16]), "int8", None),
     ]
-    ours = "equalize+left-to-right"
+    ours = "equalize+auto"  # the default for int formats
     for name, chain, fmt, group in int_cases:
         label = fmt if group is None else f"{fmt} g{group}"
         tw = gaussian(chain)
         skew = rebalanced(chain, tw)
         base = product_error(chain, tw, fmt, "none", group)
-        mine = product_error(chain, tw, fmt, ours, group)
         row(name, label, "RTN rel. error (balanced)", base, "", None)
+        for method in ("equalize+left-to-right", "equalize+feedback"):
+            ratio = base / product_error(chain, tw, fmt, method, group)
+            row(name, label, f"RTN / {method} (balanced)", ratio, "", None)
+        mine = product_error(chain, tw, fmt, ours, group)
         row(name, label, f"RTN / {ours} (balanced)", base / mine, ">= 2", base / mine >= 2)
+        held = probe_error(chain, tw, fmt, ours, group) / probe_error(
+            chain, tw, fmt, "equalize+left-to-right", group
+        )
+        row(name, label, f"held-out probes: {ours} / equalize+left-to-right", held, "<= 1", held <= 1)
         skew_base = product_error(chain, skew, fmt, "none", group)
         skew_mine = product_error(chain, skew, fmt, ours, group)
         row(name, label, "RTN re-balanced / RTN balanced (reference)", skew_base / base, "", None)
@@ -140,7 +167,9 @@ def main() -> None:
             skew_mine / mine <= 1.3,
         )
 
-    # learned rescalings on a small chain (Gaussian probes as calibration)
+
+def learned_rows() -> None:
+    """Learned rescalings on a small chain (Gaussian probes as calibration)."""
     chain = square_butterfly(256)
     tw = gaussian(chain)
     for fmt in ("float:t4", "int4"):
@@ -156,7 +185,9 @@ def main() -> None:
             learned / start <= 1,
         )
 
-    # speed: N=4096, L=12
+
+def speed_rows() -> None:
+    """Speed: N=4096, L=12."""
     chain = square_butterfly(4096)
     tw = gaussian(chain)
     for t in (4, 8):
@@ -167,6 +198,28 @@ def main() -> None:
             wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
         row("radix-2 N=4096 L=12", f"float:t{t}", "left-to-right wall time [s]", wall, "< 2", wall < 2)
         row("radix-2 N=4096 L=12", f"float:t{t}", "left-to-right CPU time, all threads [s]", cpu, "", None)
+    t0 = time.perf_counter()
+    quantize_chain(chain, tw, "int4", rescale="equalize+auto")
+    row("radix-2 N=4096 L=12", "int4", "equalize+auto wall time [s]", time.perf_counter() - t0, "", None)
+
+
+SECTIONS = {
+    "float": float_rows,
+    "growth": growth_rows,
+    "int": int_rows,
+    "learned": learned_rows,
+    "speed": speed_rows,
+}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    chosen = sys.argv[1:] or list(SECTIONS)
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    for name in chosen:
+        SECTIONS[name]()
 
     machine = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}")
