@@ -25,7 +25,7 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluation import DEFAULT_SAMPLES, Gates
 from lyoncompress.evaluation import evaluate as evaluate_artifact
-from lyoncompress.factorization.budget_search import BudgetSearch, SearchStep, search_budget
+from lyoncompress.factorization.budget_search import BudgetSearch, SearchStep, gated_metric, search_budget
 from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
 from lyoncompress.quantization.pipeline import DEFAULT_CALIB_SAMPLES
 from lyoncompress.quantization.pipeline import quantize as quantize_artifact
@@ -318,13 +318,14 @@ def _factorize_searching(
     quiet: bool,
 ) -> None:
     show = _show_progress(quiet, as_json)
+    task, metric = gated_metric(checkpoint, search)
 
     def step_line(step: SearchStep, done: int, most: int) -> None:
         if show:
             verdict = "[green]pass[/]" if step.passed else "[red]fail[/]"
             err_console.print(
                 f"search {done}/{most}: budget {step.budget:.4f}, kept {step.params_ratio:.1%}, "
-                f"metric {step.metric:.4f} {verdict}"
+                f"{task} {metric} {step.metric:.4f} {verdict}"
             )
 
     report = search_budget(checkpoint, out, search, options, force=force, progress=step_line)
@@ -356,7 +357,10 @@ def _factorize_searching(
 
 
 def _search_table(found: dict[str, Any]) -> Table:
-    table = Table(title=f"budget search: {found['task']} {found['metric']} >= {found['min_recovery']}")
+    table = Table(
+        title=f"budget search: {found['task']} {found['metric']} >= {found['min_recovery']}",
+        title_justify="left",
+    )
     for column in ("budget", "params kept", found["metric"], "result"):
         table.add_column(column, justify="right")
     for step in sorted(found["curve"], key=lambda step: step["budget"]):

@@ -141,7 +141,7 @@ def search_budget(
     recipe = recipe or Recipe()
     out = Path(out)
     prepare_output(out, force)
-    task, metric = _task_and_metric(checkpoint, search)
+    task, metric = gated_metric(checkpoint, search)
     if search.data is not None:
         load_samples(search.data, search.samples, 0)  # a bad data file fails before any work
     started = time.perf_counter()
@@ -202,8 +202,9 @@ def search_budget(
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _task_and_metric(checkpoint: str | Path, search: BudgetSearch) -> tuple[str, str]:
-    """The task to gate on and its metric, checked against the model before any work."""
+def gated_metric(checkpoint: str | Path, search: BudgetSearch) -> tuple[str, str]:
+    """``(task, metric)`` that ``search`` gates on for this checkpoint; a task that does
+    not fit the model, or a model that cannot run, is an ``InputError``."""
     kind = model_kind(open_checkpoint(checkpoint).config)
     if kind not in DEFAULT_TASKS:
         raise InputError(
