@@ -124,6 +124,9 @@ def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data):
     table = _invoke(*args[:-4], "--search-steps", "3", "--force")
     assert table.exit_code == 0, table.output
     assert "budget search" in table.output and "smallest passing budget" in table.output
+    assert "not converged in 3 steps" in " ".join(
+        table.output.split()
+    )  # 3 rounds cannot narrow 0.1..0.95 to 0.01
 
 
 def test_default_task_is_the_models_recovery_task(tmp_path, ckpt):
