@@ -197,6 +197,20 @@ def factorize(
         int | None, typer.Option(help="Adam steps of end-to-end distillation of all factors (needs --calib).")
     ] = None,
     distill_lr: Annotated[float | None, typer.Option(help="Learning rate of the distillation.")] = None,
+    sequential: Annotated[
+        bool | None,
+        typer.Option(
+            "--sequential/--no-sequential",
+            help="Fit layers in forward order on the inputs of the already-compressed model (needs --calib).",
+        ),
+    ] = None,
+    allocate: Annotated[
+        str | None,
+        typer.Option(
+            help="uniform: every layer keeps --budget | sensitivity: the same total, more where the "
+            "final output is hurt more (needs --calib)."
+        ),
+    ] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     min_recovery: Annotated[
         float | None,
@@ -271,6 +285,8 @@ def factorize(
         refine_steps=refine_steps,
         distill_steps=distill_steps,
         distill_lr=distill_lr,
+        sequential=sequential,
+        allocate=allocate,
         max_shard_size=max_shard_size,
     )
     if search is not None:

@@ -22,6 +22,7 @@ import yaml
 from lyoncompress.errors import InputError
 
 RECIPE_VERSION = 1
+ALLOCATIONS = ("uniform", "sensitivity")
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
@@ -64,6 +65,12 @@ class Recipe:
             calibration data after the layer-wise pass (0: none; needs ``calib``).
         distill_lr: Adam learning rate of the distillation (small: the factors start
             close to a good solution, and larger steps undo the layer-wise fit).
+        sequential: fit the layers in forward order, each on the inputs of the model
+            whose earlier layers are already compressed, against the reference outputs
+            (needs ``calib``; one calibration pass per layer).
+        allocate: ``uniform`` (every layer keeps ``budget`` of its parameters) or
+            ``sensitivity`` (the same total, re-divided by each layer's measured effect
+            on the final output; needs ``calib``).
         max_shard_size: largest artifact shard, e.g. ``5GB`` or ``200MB``.
         layers: per-layer overrides, first match wins.
     """
@@ -80,6 +87,8 @@ class Recipe:
     refine_steps: int = 300
     distill_steps: int = 0
     distill_lr: float = 5e-5
+    sequential: bool = False
+    allocate: str = "uniform"
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
 
@@ -119,6 +128,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refine_steps": (int,),
     "distill_steps": (int,),
     "distill_lr": (float,),
+    "sequential": (bool,),
+    "allocate": (str,),
     "max_shard_size": (str,),
     "layers": (dict,),
 }
@@ -132,7 +143,7 @@ def from_dict(data: Any, where: str) -> Recipe:
     for key, value in data.items():
         if key not in _TYPES:
             raise InputError(f"{where}: unknown key {key!r}; valid keys: {', '.join(_TYPES)}")
-        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+        if (isinstance(value, bool) and bool not in _TYPES[key]) or not isinstance(value, _TYPES[key]):
             expected = " or ".join(t.__name__ for t in _TYPES[key])
             raise InputError(f"{where}: key {key!r} must be {expected}, got {value!r}")
     kwargs = dict(data)
@@ -190,6 +201,14 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
+    if recipe.allocate not in ALLOCATIONS:
+        raise InputError(f"allocate {recipe.allocate!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
+    for option, used in (
+        ("sequential", recipe.sequential),
+        ("allocate sensitivity", recipe.allocate != "uniform"),
+    ):
+        if used and not recipe.calib:
+            raise InputError(f"{option} needs calibration data: add --calib builtin (or a data file)")
     for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):
         compile_pattern(pattern, where)
     parse_size(recipe.max_shard_size)

@@ -8,21 +8,33 @@ any other value is a data file in the formats ``eval --data`` takes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples, tokenized_batches
-from lyoncompress.factorization.methods import Candidate, LayerFactors
+from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
+from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.plan import LayerPlan
-from lyoncompress.refine import LayerCalibration, capture_inputs, choose_structure
+from lyoncompress.recipe import Recipe
+from lyoncompress.refine import LayerCalibration, activation_aware_lowrank, capture_inputs, choose_structure
+from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
+from lyoncompress.refine.calibration import capture_paired, forward_order
 from lyoncompress.refine.distill import DistillResult, distill
+from lyoncompress.refine.gram import corrected_target, output_error, paired_output_error
 
 BUILTIN = "builtin"
+VAL_EVERY = 4  # every 4th calibration batch is held out
+ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
 TEXT_BATCH = 16
 TENSOR_BATCH = 64
 # which refine candidates each factorize method may choose from
@@ -32,15 +44,6 @@ CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
     "monarch": ("monarch",),
     "hybrid": ("hybrid",),
 }
-
-
-def calibrate(
-    checkpoint: str | Path, config: dict[str, Any] | None, layers: list[LayerPlan], calib: str, samples: int
-) -> dict[str, LayerCalibration]:
-    """Run the reference model on calibration data; second moments of each layer's inputs."""
-    model = load_reference(checkpoint)
-    batches = calibration_batches(checkpoint, config or {}, calib, samples)
-    return capture_inputs(model, [layer.name for layer in layers], batches, max_samples=samples)
 
 
 def calibration_batches(
@@ -69,11 +72,21 @@ def calibration_batches(
 def calibrated_layer(
     weight: torch.Tensor, layer: LayerPlan, calibration: LayerCalibration, steps: int
 ) -> LayerFactors:
-    """The structure with the lowest held-out output error within the layer's budget."""
+    """The structure with the lowest held-out output error within the layer's budget.
+
+    With sequential calibration the structure is fitted to ``corrected_target`` in the
+    metric of the compressed model's inputs, and ``reference_error`` reports the
+    held-out error against the reference model's outputs.
+    """
     if calibration.rows_train == 0 or calibration.rows_val == 0:
         raise InputError(f"layer {layer.name}: the calibration data never reached it; check --calib")
+    target = (
+        corrected_target(weight, calibration.gram_train, calibration.cross_train)
+        if calibration.sequential
+        else weight
+    )
     choice = choose_structure(
-        weight,
+        target,
         calibration.gram_train,
         calibration.gram_val,
         layer.budget,
@@ -86,6 +99,13 @@ def calibrated_layer(
         approx = approx + best.lowrank_twiddles[0][0, 0] @ best.lowrank_twiddles[1][0, 0]
     weight_error = float((weight - approx).norm() / weight.norm().clamp_min(1e-30))
     candidates = [Candidate(s.name, str(s.chain), s.params, s.val_error) for s in choice.candidates]
+    reference_error = (
+        paired_output_error(
+            weight, approx, calibration.reference_gram_val, calibration.cross_val, calibration.gram_val
+        )
+        if calibration.sequential
+        else None
+    )
     return LayerFactors(
         structure=best.name,
         chain=best.chain,
@@ -94,7 +114,115 @@ def calibrated_layer(
         candidates=candidates,
         lowrank_twiddles=best.lowrank_twiddles,
         output_error=best.val_error,
+        reference_error=reference_error,
     )
+
+
+def calibrated_factors(
+    checkpoint: str | Path,
+    source: Checkpoint,
+    layers: list[LayerPlan],
+    recipe: Recipe,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CalibratedFactors:
+    """Factors of every planned layer, fitted on calibration data.
+
+    Captures the reference model's layer inputs once; with ``recipe.allocate ==
+    "sensitivity"`` re-divides the layers' total budget by measured sensitivity;
+    with ``recipe.sequential`` fits the layers in forward order, each on the inputs
+    of the model whose earlier layers are already compressed.
+    """
+    model = load_reference(checkpoint)
+    batches = list(calibration_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples))
+    names = [layer.name for layer in layers]
+    calibration = capture_inputs(model, names, batches, max_samples=recipe.calib_samples)
+    sensitivity: dict[str, float] | None = None
+    if recipe.allocate == "sensitivity":
+        layers, sensitivity = _allocate(
+            model, source, layers, calibration, batches[VAL_EVERY - 1 :: VAL_EVERY]
+        )
+    by_name = {layer.name: layer for layer in layers}
+    order = forward_order(model, names, batches[0]) if recipe.sequential else names
+    working = copy.deepcopy(model) if recipe.sequential else None
+    factors: dict[str, LayerFactors] = {}
+    for name in order:
+        layer = by_name[name]
+        weight = _weight(source, layer)
+        if working is not None:
+            layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples, VAL_EVERY)
+        else:
+            layer_calibration = calibration[name]
+        factors[name] = calibrated_layer(weight, layer, layer_calibration, recipe.refine_steps)
+        if working is not None:
+            _swap(working, name, factors[name])
+        if progress is not None:
+            progress(name, len(factors), len(order))
+    return CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, sensitivity)
+
+
+@dataclass(frozen=True)
+class CalibratedFactors:
+    """Every layer's factors, the budget each layer got and, when allocated by
+    sensitivity, each layer's measured sensitivity."""
+
+    factors: dict[str, LayerFactors]
+    budgets: dict[str, float]
+    sensitivity: dict[str, float] | None
+
+
+def _weight(source: Checkpoint, layer: LayerPlan) -> torch.Tensor:
+    return prepared_weight(source.load(layer.weight_name), layer.weight_name)
+
+
+def _swap(model: torch.nn.Module, name: str, factors: LayerFactors) -> None:
+    """Put a layer's factors into ``model`` in place of its ``nn.Linear``."""
+    linear = model.get_submodule(name)
+    dtype = linear.weight.dtype
+    layer = ButterflyLinear.from_twiddles(
+        factors.chain,
+        [t.to(dtype) for t in factors.twiddles],
+        None if linear.bias is None else linear.bias.detach(),
+        [t.to(dtype) for t in factors.lowrank_twiddles] or None,
+    )
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def _allocate(
+    model: torch.nn.Module,
+    source: Checkpoint,
+    layers: list[LayerPlan],
+    calibration: dict[str, LayerCalibration],
+    held_out: list[Any],
+) -> tuple[list[LayerPlan], dict[str, float]]:
+    """Re-divide the layers' total parameter budget by measured sensitivity.
+
+    Each layer is probed with its activation-aware SVD at its planned budget; the
+    ranks ``allocate_ranks`` buys become each layer's budget fraction.
+    """
+    curves, shapes, replacements, floors = {}, {}, {}, {}
+    for layer in layers:
+        weight = _weight(source, layer).to(torch.float64)
+        m, n = weight.shape
+        gram = calibration[layer.name].gram_train
+        rank = max(1, min(int(layer.budget * m * n) // (m + n), m, n))
+        u, v = activation_aware_lowrank(weight, gram, rank)
+        approx = u[0, 0] @ v[0, 0]
+        curves[layer.name] = lowrank_error_curve(weight, gram)
+        shapes[layer.name] = (m, n)
+        replacements[layer.name] = (approx, output_error(weight, approx, calibration[layer.name].gram_val))
+        floors[layer.name] = max(1, rank // 4)  # no layer is starved below a quarter of its share
+    sensitivity = measure_sensitivity(model, replacements, held_out[:ALLOCATION_BATCHES])
+    total = sum(int(layer.budget * m * n) for layer, (m, n) in zip(layers, shapes.values()))
+    ranks = allocate_ranks(curves, sensitivity, shapes, total, floors)
+    allocated = [
+        dataclasses.replace(
+            layer,
+            budget=min(1.0, ranks[layer.name] * sum(shapes[layer.name]) / math.prod(shapes[layer.name])),
+        )
+        for layer in layers
+    ]
+    return allocated, sensitivity
 
 
 def distill_artifact(

@@ -15,7 +15,7 @@ import torch
 
 from lyoncompress.butterfly import Chain, budget_chains, lowrank, monarch
 from lyoncompress.errors import InputError, PatternError
-from lyoncompress.factorization.projection import project
+from lyoncompress.factorization.projection import check_matrix, project
 
 CANDIDATES_PER_METHOD = 6
 
@@ -42,10 +42,23 @@ class LayerFactors:
     candidates: list[Candidate] = field(default_factory=list)
     lowrank_twiddles: list[torch.Tensor] = field(default_factory=list)
     output_error: float | None = None  # held-out, when chosen on calibration data
+    # sequential calibration only: held-out error against the reference model's outputs,
+    # earlier layers compressed (so it includes what reaches this layer from them)
+    reference_error: float | None = None
 
     @property
     def params(self) -> int:
         return self.chain.params + sum(t.numel() for t in self.lowrank_twiddles)
+
+
+def prepared_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """A weight ready to factorize: NaN/Inf and non-float weights are refused; float32
+    carries the SVDs' ~1e-6 relative precision, far below any compression error, at half
+    the memory of float64, so only float64 weights stay float64."""
+    check_matrix(weight, name)
+    if not weight.dtype.is_floating_point:
+        raise InputError(f"{name}: dtype {weight.dtype} is not a float type")
+    return weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
 
 
 def _best_of(structure: str, weight: torch.Tensor, chains: list[Chain], order: str) -> LayerFactors:

@@ -17,23 +17,16 @@ from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.calibrated import (
     CANDIDATES_FOR,
-    calibrate,
-    calibrated_layer,
+    CalibratedFactors,
+    calibrated_factors,
     distill_artifact,
 )
-from lyoncompress.factorization.methods import LayerFactors, get_method
-from lyoncompress.factorization.projection import ORDERS, check_matrix
+from lyoncompress.factorization.methods import LayerFactors, get_method, prepared_weight
+from lyoncompress.factorization.projection import ORDERS
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
-from lyoncompress.refine import LayerCalibration
 
 Progress = Callable[[str, int, int], None]  # (layer name, index done, total)
-
-
-# float32 carries the SVDs' ~1e-6 relative precision, far below any compression
-# error, at half the memory of float64; float64 weights stay float64.
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def factorize(
@@ -69,10 +62,8 @@ def factorize(
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     started = time.perf_counter()
-    calibration = (
-        calibrate(checkpoint, source.config, plan.layers, recipe.calib, recipe.calib_samples)
-        if recipe.calib
-        else None
+    calibrated = (
+        calibrated_factors(checkpoint, source, plan.layers, recipe, progress) if recipe.calib else None
     )
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -85,14 +76,20 @@ def factorize(
             source=str(source.path),
             recipe=recipe.to_dict(),
             warnings=plan.warnings,
-            error_metric="held-out output error" if calibration else "weight error",
+            error_metric="held-out output error" if calibrated else "weight error",
             layers=rows,
             totals=totals(rows, source),
             seconds=round(time.perf_counter() - started, 3),
         )
+        if calibrated is not None and calibrated.sensitivity is not None:
+            report["allocation"] = {
+                "method": "sensitivity",
+                "budgets": calibrated.budgets,
+                "sensitivity": calibrated.sensitivity,
+            }
         return report
 
-    stream = _stream(source, plan, recipe, calibration, layers, rows, progress)
+    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress)
     shard_size = parse_size(recipe.max_shard_size)
     if not recipe.distill_steps:
         write_artifact(out, stream, layers, dict(source.config or {}), finish_report, shard_size, force)
@@ -146,12 +143,13 @@ def _stream(
     source: Checkpoint,
     plan: Plan,
     recipe: Recipe,
-    calibration: dict[str, LayerCalibration] | None,
+    calibrated: CalibratedFactors | None,
     layers: dict[str, dict[str, Any]],
     rows: list[dict[str, Any]],
     progress: Progress | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Source tensors in order, each target weight replaced by its factors."""
+    """Source tensors in order, each target weight replaced by its factors (computed
+    here, one layer at a time, or beforehand on calibration data)."""
     by_weight = {layer.weight_name: layer for layer in plan.layers}
     for name in source.names():
         tensor = source.load(name)
@@ -160,8 +158,10 @@ def _stream(
             yield name, tensor  # untouched: same name, same bytes
             continue
         begin = time.perf_counter()
-        layer_calibration = calibration[layer.name] if calibration is not None else None
-        factors = factorize_layer(tensor, layer, recipe, layer_calibration)
+        if calibrated is not None:
+            factors = calibrated.factors[layer.name]
+        else:
+            factors = factorize_layer(tensor, layer, recipe)
         seconds = time.perf_counter() - begin
         layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
         rows.append(report_row(layer, factors, seconds))
@@ -169,21 +169,13 @@ def _stream(
             yield f"{layer.name}.factors.{index}.twiddle", twiddle.to(tensor.dtype)
         for index, twiddle in enumerate(factors.lowrank_twiddles):
             yield f"{layer.name}.lowrank.{index}.twiddle", twiddle.to(tensor.dtype)
-        if progress is not None:
+        if progress is not None and calibrated is None:
             progress(layer.name, len(rows), len(plan.layers))
 
 
-def factorize_layer(
-    weight: torch.Tensor, layer: LayerPlan, recipe: Recipe, calibration: LayerCalibration | None = None
-) -> LayerFactors:
-    """Factorize one weight: by output error on ``calibration`` when given, else by the
-    layer's method on weight error. NaN/Inf and non-float weights are refused."""
-    check_matrix(weight, layer.weight_name)
-    if not weight.dtype.is_floating_point:
-        raise InputError(f"{layer.weight_name}: dtype {weight.dtype} is not a float type")
-    weight = weight.to(_compute_dtype(weight.dtype))
-    if calibration is not None:
-        return calibrated_layer(weight, layer, calibration, recipe.refine_steps)
+def factorize_layer(weight: torch.Tensor, layer: LayerPlan, recipe: Recipe) -> LayerFactors:
+    """Factorize one weight by the layer's method on weight error (see ``prepared_weight``)."""
+    weight = prepared_weight(weight, layer.weight_name)
     return get_method(layer.method)(weight, layer.budget, layer.depth, recipe.order)
 
 
@@ -213,6 +205,7 @@ def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[
         "ratio": round(factors.params / dense, 4),
         "rel_error": factors.rel_error,
         "output_error": factors.output_error,
+        "reference_error": factors.reference_error,
         "seconds": round(seconds, 3),
         "why": _why(factors),
         "candidates": [asdict(c) for c in factors.candidates],

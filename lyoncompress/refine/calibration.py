@@ -9,7 +9,7 @@ correlated, so splitting inside a batch would leak.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +23,24 @@ from lyoncompress.errors import InputError
 class LayerCalibration:
     """Second moments of one layer's inputs: ``gram_train`` to fit, ``gram_val`` to judge.
 
-    Both are float64 ``(n, n)``; ``rows_train`` / ``rows_val`` count the input rows.
+    All are float64 ``(n, n)``; ``rows_train`` / ``rows_val`` count the input rows.
+    Sequential calibration (``capture_paired``) sees the layer's inputs ``X~`` in a
+    partly compressed model while its targets stay ``X W^T`` of the reference
+    inputs ``X``: the grams are then ``X~^T X~``, ``cross_*`` hold ``X^T X~``, and
+    ``reference_gram_val`` is ``X^T X`` of the held-out rows (None otherwise).
     """
 
     gram_train: torch.Tensor
     gram_val: torch.Tensor
     rows_train: int
     rows_val: int
+    cross_train: torch.Tensor | None = None
+    cross_val: torch.Tensor | None = None
+    reference_gram_val: torch.Tensor | None = None
+
+    @property
+    def sequential(self) -> bool:
+        return self.cross_train is not None
 
 
 class _Accumulator:
@@ -115,3 +126,108 @@ def capture_inputs(
         for handle in handles:
             handle.remove()
     return {name: LayerCalibration(a.grams[0], a.grams[1], a.rows[0], a.rows[1]) for name, a in acc.items()}
+
+
+class _Reached(Exception):
+    """Raised by a hook once the watched layer has seen its input: nothing after it
+    is needed, so the rest of the forward pass is skipped."""
+
+
+def _run(model: nn.Module, batch: torch.Tensor | Mapping[str, Any]) -> None:
+    try:
+        model(**batch) if isinstance(batch, Mapping) else model(batch)
+    except _Reached:
+        pass
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One row per real token or sample: ``(rows, n)`` in float64."""
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(torch.bool)].to(torch.float64)
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+def forward_order(
+    model: nn.Module, layer_names: Iterable[str], batch: torch.Tensor | Mapping[str, Any]
+) -> list[str]:
+    """``layer_names`` in the order the forward pass first reaches them (layers it never
+    reaches keep their given order, at the end)."""
+    names = list(layer_names)
+    modules = dict(model.named_modules())
+    seen: list[str] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        return record
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen + [name for name in names if name not in seen]
+
+
+def capture_paired(
+    reference: nn.Module,
+    working: nn.Module,
+    layer_name: str,
+    batches: Sequence[torch.Tensor | Mapping[str, Any]],
+    max_samples: int = 8192,
+    val_every: int = 4,
+) -> LayerCalibration:
+    """Second and cross moments of one layer's inputs in ``reference`` (``X``) and in
+    ``working`` (``X~``, the same model with earlier layers already compressed).
+
+    Both models see the same batches, so their rows pair up token by token. Each
+    forward pass stops at the layer. Batches are split as in ``capture_inputs``.
+
+    Returns:
+        ``LayerCalibration`` with ``gram_* = X~^T X~``, ``cross_* = X^T X~`` and
+        ``reference_gram_val = X^T X`` (held-out rows).
+    """
+    if val_every < 2:
+        raise InputError(f"val_every={val_every} leaves no batch for training; use 2 or more")
+    modules = [dict(model.named_modules()).get(layer_name) for model in (reference, working)]
+    if not all(isinstance(m, nn.Module) for m in modules):
+        raise InputError(f"{layer_name!r} is not a submodule of both models; check the layer name")
+    captured: list[torch.Tensor] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(inputs[0].detach())
+        raise _Reached
+
+    n = modules[0].in_features
+    zeros = lambda: torch.zeros(n, n, dtype=torch.float64)  # noqa: E731
+    grams, crosses, rows = [zeros(), zeros()], [zeros(), zeros()], [0, 0]
+    reference_val = zeros()
+    handles = [m.register_forward_pre_hook(record) for m in modules]
+    try:
+        with torch.inference_mode():
+            for index, batch in enumerate(batches):
+                split = 1 if index % val_every == val_every - 1 else 0
+                if rows[split] >= max_samples:
+                    if min(rows) >= max_samples:
+                        break
+                    continue
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                captured.clear()
+                _run(reference, batch)
+                _run(working, batch)
+                if len(captured) != 2:
+                    raise InputError(f"the calibration data never reached {layer_name!r}; check --calib")
+                x, x_work = (_rows(t, mask)[: max_samples - rows[split]] for t in captured)
+                grams[split] += x_work.T @ x_work
+                crosses[split] += x.T @ x_work
+                if split == 1:
+                    reference_val += x.T @ x
+                rows[split] += x.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LayerCalibration(grams[0], grams[1], rows[0], rows[1], crosses[0], crosses[1], reference_val)

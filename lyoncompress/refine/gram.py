@@ -53,3 +53,40 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor)
     num = ((e @ g) * e).sum().clamp_min(0.0)
     den = ((w @ g) * w).sum().clamp_min(1e-300)
     return float((num / den).sqrt())
+
+
+def corrected_target(
+    weight: torch.Tensor, gram_work: torch.Tensor, cross: torch.Tensor, damping: float = 1e-2
+) -> torch.Tensor:
+    """The dense weight that best maps the compressed model's inputs ``X~`` to the
+    reference outputs ``X W^T``: ``W C (G~ + δ I)^{-1}`` with ``C = X^T X~``, ``G~ = X~^T X~``.
+
+    Since ``‖X W^T - X~ B^T‖² = ‖X~ (W_c - B)^T‖² + const``, fitting ``B`` to this
+    target in the metric ``G~`` is fitting it to the reference outputs: the layer also
+    corrects what earlier compressed layers got wrong. The ridge ``δ = damping ·
+    mean(diag G~)`` keeps the correction from trusting directions seen too rarely.
+    """
+    g = gram_work.to(torch.float64)
+    scale = float(torch.diagonal(g).mean().clamp_min(1e-300))
+    eye = torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
+    # G~ is symmetric: (W C) (G~ + δI)^{-1} = solve((G~ + δI), (W C)^T)^T
+    rhs = (weight.to(torch.float64) @ cross.to(torch.float64)).T
+    return torch.linalg.solve(g + damping * scale * eye, rhs).T.to(weight.dtype)
+
+
+def paired_output_error(
+    weight: torch.Tensor,
+    approx: torch.Tensor,
+    reference_gram: torch.Tensor,
+    cross: torch.Tensor,
+    gram_work: torch.Tensor,
+) -> float:
+    """Relative error ``‖X W^T - X~ B^T‖_F / ‖X W^T‖_F`` of a layer ``B`` fed by the
+    compressed model's inputs ``X~``, against the reference ``X W^T``, from moments
+    ``X^T X``, ``C = X^T X~`` and ``X~^T X~`` alone."""
+    w, b = weight.to(torch.float64), approx.to(torch.float64)
+    reference = ((w @ reference_gram.to(torch.float64)) * w).sum()
+    mixed = ((w @ cross.to(torch.float64)) * b).sum()
+    compressed = ((b @ gram_work.to(torch.float64)) * b).sum()
+    num = (reference - 2 * mixed + compressed).clamp_min(0.0)
+    return float((num / reference.clamp_min(1e-300)).sqrt())
