@@ -2,20 +2,28 @@
 model's outputs match the reference model's, on calibration batches.
 
 Layer-wise refinement fits each layer alone; errors still compound through the
-network. Distillation fits the whole stack at once. The loss is the relative squared
-error of the final outputs (last hidden states of real tokens, or logits); the best
-state on held-out batches is kept, so it never ends worse than it started.
+network. Distillation fits the whole stack at once, against one of the ``OBJECTIVES``:
+
+- ``hidden-mse``: relative squared error of the final outputs (last hidden states of
+  real tokens, or the outputs of a tensor model). The default for encoders and MLPs.
+- ``logits-kl``: mean KL divergence ``KL(p_reference || p_compressed)`` of the
+  next-token distributions over real tokens. The default for causal LMs: perplexity
+  is what they are judged on, and it is a function of exactly these distributions
+  (``benchmarks/causal_lm.py`` measures both objectives; this one wins there).
+
+The best state on held-out batches is kept, so it never ends worse than it started.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Batch = torch.Tensor | Mapping[str, Any]
@@ -23,27 +31,86 @@ Batch = torch.Tensor | Mapping[str, Any]
 
 @dataclass(frozen=True)
 class DistillResult:
-    """Held-out relative output error before and after, and the steps taken."""
+    """Held-out value of the objective before and after, the steps taken, and the objective."""
 
     val_before: float
     val_after: float
     steps: int
+    objective: str = "hidden-mse"
 
 
-def _outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Final outputs, one row per real token or sample: ``(rows, features)``."""
+def _real_rows(values: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """``(B, T, F)`` → ``(rows, F)``, one row per real (unpadded) token."""
+    mask = batch.get("attention_mask")
+    return values[mask.to(torch.bool)] if mask is not None else values.reshape(-1, values.shape[-1])
+
+
+def _hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
     if isinstance(batch, Mapping):
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
-        mask = batch.get("attention_mask")
-        return hidden[mask.to(torch.bool)] if mask is not None else hidden.reshape(-1, hidden.shape[-1])
+        return _real_rows(hidden, batch)
     return model(batch)
 
 
-def _relative_error(model: nn.Module, batches: Sequence[Batch], targets: Sequence[torch.Tensor]) -> float:
+def _squared_error(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (student - teacher).square().sum(), teacher.square().sum()
+
+
+def _log_probs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise ValueError("the logits-kl objective needs tokenized text batches (a causal LM)")
+    logits = model(**batch).logits  # (B, T, V)
+    return F.log_softmax(_real_rows(logits, batch).float(), dim=-1)  # (rows, V)
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # summed over rows; the denominator counts rows, so the ratio is the mean KL per token
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
+    return kl, torch.tensor(float(len(teacher)))
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What distillation matches: ``outputs`` of each model ``(rows, features)``, and
+    ``terms(student, teacher)`` → (numerator, denominator) summed over rows; the
+    objective over several batches is ``score(Σ numerators, Σ denominators)``."""
+
+    outputs: Callable[[nn.Module, Batch], torch.Tensor]
+    terms: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    score: Callable[[float, float], float]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    # relative Frobenius error of the outputs, as layer-wise refinement reports it
+    "hidden-mse": Objective(_hidden, _squared_error, lambda num, den: math.sqrt(num / max(den, 1e-30))),
+    # mean KL divergence per token, in nats
+    "logits-kl": Objective(_log_probs, _kl, lambda num, den: num / max(den, 1e-30)),
+}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``*ForCausalLM`` (the same rule as ``eval``'s kinds)."""
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    return type(model).__name__.endswith("ForCausalLM") or any(
+        a.endswith("ForCausalLM") for a in architectures
+    )
+
+
+def default_objective(model: nn.Module) -> str:
+    """``logits-kl`` for causal LMs, ``hidden-mse`` for everything else."""
+    return "logits-kl" if is_causal_lm(model) else "hidden-mse"
+
+
+def _held_out(
+    objective: Objective, reference: nn.Module, model: nn.Module, batches: Sequence[Batch]
+) -> float:
+    num = den = 0.0
     with torch.no_grad():
-        num = sum(float((_outputs(model, b) - t).square().sum()) for b, t in zip(batches, targets))
-    den = sum(float(t.square().sum()) for t in targets)
-    return math.sqrt(num / max(den, 1e-30))
+        for batch in batches:
+            # teachers are recomputed: a causal LM's logits over all val batches would not fit in memory
+            n, d = objective.terms(objective.outputs(model, batch), objective.outputs(reference, batch))
+            num, den = num + float(n), den + float(d)
+    return objective.score(num, den)
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -58,45 +125,59 @@ def distill(
     val: Sequence[Batch],
     steps: int,
     lr: float = 5e-5,
-    eval_every: int = 10,
+    eval_every: int | None = None,
+    objective: str | None = None,
 ) -> DistillResult:
     """Adam on the twiddles of ``compressed`` (everything else frozen), in place.
 
     Args:
-        reference: the dense model (targets are computed once, without gradients).
+        reference: the dense model (its outputs are computed without gradients).
         compressed: the model with ``ButterflyLinear`` layers; modified in place.
         train, val: calibration batches to fit and to judge (tensors or tokenizer outputs).
         steps: optimizer steps (one batch each, cycling through ``train``).
         lr: Adam learning rate.
-        eval_every: held-out check interval; the best state seen is restored at the end.
+        eval_every: held-out check interval (default: ``max(10, steps // 10)``); the best
+            state seen is restored at the end.
+        objective: a name from ``OBJECTIVES``; default ``default_objective(reference)``.
 
     Returns:
-        ``DistillResult`` with the held-out relative output error before and after.
+        ``DistillResult`` with the held-out objective before and after.
+
+    Example:
+        >>> result = distill(dense, compressed, train_batches, val_batches, steps=200, lr=1e-4)
+        >>> result.val_after <= result.val_before
+        True
     """
     if not train or not val:
         raise ValueError("distillation needs at least one training and one held-out batch")
-    with torch.no_grad():
-        train_targets = [_outputs(reference, b) for b in train]
-        val_targets = [_outputs(reference, b) for b in val]
+    name = objective or default_objective(reference)
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown distillation objective {name!r}; registered: {', '.join(OBJECTIVES)}")
+    chosen = OBJECTIVES[name]
+    every = eval_every or max(10, steps // 10)
     params = factor_parameters(compressed)
     frozen = [p for p in compressed.parameters() if all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
-    best_error = before = _relative_error(compressed, val, val_targets)
+    reference.train(False)
+    compressed.train(False)  # no dropout: the targets come from an eval-mode reference
+    best = before = _held_out(chosen, reference, compressed, val)
     best_state = copy.deepcopy(compressed.state_dict())
     optimizer = torch.optim.Adam(params, lr=lr)
-    compressed.train(False)  # no dropout: the targets come from an eval-mode reference
     for step in range(steps):
-        batch, target = train[step % len(train)], train_targets[step % len(train)]
-        loss = (_outputs(compressed, batch) - target).square().sum() / target.square().sum().clamp_min(1e-30)
+        batch = train[step % len(train)]
+        with torch.no_grad():
+            target = chosen.outputs(reference, batch)
+        num, den = chosen.terms(chosen.outputs(compressed, batch), target)
+        loss = num / den.clamp_min(1e-30)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            error = _relative_error(compressed, val, val_targets)
-            if math.isfinite(error) and error < best_error:
-                best_error, best_state = error, copy.deepcopy(compressed.state_dict())
+        if (step + 1) % every == 0 or step + 1 == steps:
+            value = _held_out(chosen, reference, compressed, val)
+            if math.isfinite(value) and value < best:
+                best, best_state = value, copy.deepcopy(compressed.state_dict())
     compressed.load_state_dict(best_state)
     for p in frozen:
         p.requires_grad_(True)
-    return DistillResult(before, best_error, steps)
+    return DistillResult(before, best, steps, name)
