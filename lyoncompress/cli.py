@@ -204,6 +204,14 @@ def factorize(
             help="Fit layers in forward order on the inputs of the already-compressed model (needs --calib).",
         ),
     ] = None,
+    permute: Annotated[
+        bool | None,
+        typer.Option(
+            "--permute/--no-permute",
+            help="Reorder the hidden units of MLP pairs so both matrices fit their structure better "
+            "(function unchanged; folded into the weights).",
+        ),
+    ] = None,
     allocate: Annotated[
         str | None,
         typer.Option(
@@ -286,6 +294,7 @@ def factorize(
         distill_steps=distill_steps,
         distill_lr=distill_lr,
         sequential=sequential,
+        permute=permute,
         allocate=allocate,
         max_shard_size=max_shard_size,
     )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lyoncompress.artifact import load_artifact
-from lyoncompress.checkpoint import open_checkpoint
+from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.layers import apply_artifact
 
@@ -79,9 +79,9 @@ def build_model(config: dict[str, Any] | None, where: Path) -> nn.Module:
     return builder(config)
 
 
-def load_reference(path: str | Path) -> nn.Module:
-    """The dense model of a checkpoint folder, in eval mode."""
-    checkpoint = open_checkpoint(path)
+def load_reference(path: str | Path | Checkpoint) -> nn.Module:
+    """The dense model of a checkpoint folder (or of an opened ``Checkpoint``), in eval mode."""
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     model = build_model(checkpoint.config, checkpoint.path)
     state = {name: checkpoint.load(name) for name in checkpoint.names()}
     expected = set(model.state_dict()) - tied_aliases(model)

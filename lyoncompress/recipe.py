@@ -68,6 +68,9 @@ class Recipe:
         sequential: fit the layers in forward order, each on the inputs of the model
             whose earlier layers are already compressed, against the reference outputs
             (needs ``calib``; one calibration pass per layer).
+        permute: search a hidden-unit order for each MLP pair (e.g. ``intermediate`` /
+            ``output``) that brings both matrices closer to their structure, and fold
+            it into the weights (the function is unchanged).
         allocate: ``uniform`` (every layer keeps ``budget`` of its parameters) or
             ``sensitivity`` (the same total, re-divided by each layer's measured effect
             on the final output; needs ``calib``).
@@ -88,6 +91,7 @@ class Recipe:
     distill_steps: int = 0
     distill_lr: float = 5e-5
     sequential: bool = False
+    permute: bool = False
     allocate: str = "uniform"
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
@@ -129,6 +133,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "distill_steps": (int,),
     "distill_lr": (float,),
     "sequential": (bool,),
+    "permute": (bool,),
     "allocate": (str,),
     "max_shard_size": (str,),
     "layers": (dict,),

@@ -189,3 +189,81 @@ def test_sequential_and_allocation_refusals(tmp_path, args, message):
     result = _invoke("factorize", ckpt, "-o", tmp_path / "out", *args)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _planted_permuted_mlp(folder):
+    """A demo MLP whose fc1 / fc2 are Monarch matrices with their hidden units shuffled."""
+    from safetensors.torch import save_file
+
+    from lyoncompress.butterfly import monarch
+
+    ckpt, model = make_mlp_checkpoint(folder)
+    generator = torch.Generator().manual_seed(5)
+    c1, c2 = monarch(128, 64, 8, 1), monarch(128, 128, 8, 1)
+    w1 = c1.to_dense([torch.randn(s, generator=generator) for s in c1.twiddle_shapes])
+    w2 = c2.to_dense([torch.randn(s, generator=generator) for s in c2.twiddle_shapes])
+    shuffle = torch.randperm(128, generator=generator)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["fc1.weight"], state["fc1.bias"] = w1[shuffle], state["fc1.bias"]
+    state["fc2.weight"] = w2[:, shuffle]
+    save_file(state, ckpt / "model.safetensors")
+    return ckpt
+
+
+def test_factorize_permute_recovers_a_shuffled_monarch_mlp(tmp_path):
+    from lyoncompress.models import load_compressed, load_reference
+
+    ckpt = _planted_permuted_mlp(tmp_path / "ckpt")
+    common = ["--method", "monarch", "--budget", "0.25", "--target", "fc1", "--target", "fc2", "--json"]
+    plain = json.loads(_invoke("factorize", ckpt, "-o", tmp_path / "plain", *common).stdout)
+    result = _invoke("factorize", ckpt, "-o", tmp_path / "perm", "--permute", *common)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(p["first"], p["second"]) for p in report["permutations"]] == [("fc1", "fc2")]
+    assert min(row["rel_error"] for row in plain["layers"]) > 0.3
+    assert max(row["rel_error"] for row in report["layers"]) < 1e-5
+    # the permutation is folded into the weights: the compressed model computes the same function
+    x = torch.randn(32, SIZES[0])
+    with torch.no_grad():
+        expected = load_reference(ckpt)(x)
+        torch.testing.assert_close(load_compressed(tmp_path / "perm")(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_permuted_checkpoint_keeps_a_gated_llama_mlp_function(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lyoncompress.checkpoint import open_checkpoint
+    from lyoncompress.factorization.permute import PairPermutation, mlp_pairs, permuted_checkpoint
+    from lyoncompress.models import load_reference
+    from lyoncompress.plan import make_plan
+    from lyoncompress.recipe import Recipe
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    source = open_checkpoint(tmp_path / "llama")
+    plan = make_plan(source, Recipe(targets=(r"model\.layers\.\d+\.mlp\.(up|down)_proj",)))
+    pairs = mlp_pairs(plan, source)
+    assert [(p.first, p.second, p.siblings) for p in pairs] == [
+        (
+            f"model.layers.{i}.mlp.up_proj",
+            f"model.layers.{i}.mlp.down_proj",
+            (f"model.layers.{i}.mlp.gate_proj",),
+        )
+        for i in range(2)
+    ]
+    perms = [PairPermutation(p, torch.randperm(64), 1.0, 0.5) for p in pairs]
+    view = permuted_checkpoint(source, perms)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    assert torch.equal(view.load(name), source.load(name)[perms[0].perm])
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        expected = load_reference(source)(input_ids=ids).logits
+        torch.testing.assert_close(load_reference(view)(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

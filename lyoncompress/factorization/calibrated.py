@@ -132,7 +132,7 @@ def calibrated_factors(
     with ``recipe.sequential`` fits the layers in forward order, each on the inputs
     of the model whose earlier layers are already compressed.
     """
-    model = load_reference(checkpoint)
+    model = load_reference(source)  # through ``source``: permuted MLPs stay permuted
     batches = list(calibration_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples))
     names = [layer.name for layer in layers]
     calibration = capture_inputs(model, names, batches, max_samples=recipe.calib_samples)

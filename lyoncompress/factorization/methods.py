@@ -51,6 +51,9 @@ class LayerFactors:
         return self.chain.params + sum(t.numel() for t in self.lowrank_twiddles)
 
 
+Method = Callable[[torch.Tensor, float, int, str], LayerFactors]
+
+
 def prepared_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
     """A weight ready to factorize: NaN/Inf and non-float weights are refused; float32
     carries the SVDs' ~1e-6 relative precision, far below any compression error, at half
@@ -73,31 +76,27 @@ def _best_of(structure: str, weight: torch.Tensor, chains: list[Chain], order: s
     return LayerFactors(structure, best.chain, best.twiddles, best.rel_error, tried)
 
 
-def lowrank_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+def lowrank_chains(m: int, n: int, budget: float, depth: int) -> list[Chain]:
     """Truncated SVD at the largest rank within the budget."""
-    m, n = weight.shape
     rank = max(1, math.floor(budget * m * n / (m + n)))
-    return _best_of("lowrank", weight, [lowrank(m, n, min(rank, m, n))], order)
+    return [lowrank(m, n, min(rank, m, n))]
 
 
-def monarch_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
-    """Monarch ``(1, m/k, k·r, k) (k, k·r, n/k, 1)``: ``k·r·(m+n)`` parameters; tries the
-    block counts nearest ``√min(m, n)`` with the largest rank that fits."""
-    m, n = weight.shape
+def monarch_chains(m: int, n: int, budget: float, depth: int) -> list[Chain]:
+    """Monarch ``(1, m/k, k·r, k) (k, k·r, n/k, 1)``: ``k·r·(m+n)`` parameters; the block
+    counts nearest ``√min(m, n)`` with the largest rank that fits."""
     width = budget * m * n / (m + n)  # k·r must not exceed this
     blocks = [k for k in range(2, math.gcd(m, n) + 1) if math.gcd(m, n) % k == 0 and k <= width]
     if not blocks:
         raise InputError(f"no Monarch structure fits a {m}x{n} weight at budget {budget}")
     target = math.sqrt(min(m, n))
     blocks.sort(key=lambda k: abs(math.log(k / target)))
-    chains = [monarch(m, n, k, max(1, math.floor(width / k))) for k in blocks[:CANDIDATES_PER_METHOD]]
-    return _best_of("monarch", weight, chains, order)
+    return [monarch(m, n, k, max(1, math.floor(width / k))) for k in blocks[:CANDIDATES_PER_METHOD]]
 
 
-def butterfly_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
-    """Chains of ``depth`` factors with a uniform rank that fill the budget; the few with
-    the most parameters and the most balanced blocks are projected, the best is kept."""
-    m, n = weight.shape
+def butterfly_chains(m: int, n: int, budget: float, depth: int) -> list[Chain]:
+    """Chains of ``depth`` factors with a uniform rank that fill the budget: the few with
+    the most parameters and the most balanced blocks."""
     try:
         chains = budget_chains(m, n, depth, int(budget * m * n))
     except PatternError as err:
@@ -105,7 +104,19 @@ def butterfly_method(weight: torch.Tensor, budget: float, depth: int, order: str
     most = chains[0].params
     full = [c for c in chains if c.params >= 0.9 * most]
     full.sort(key=lambda c: max(max(p.b, p.c) for p in c.patterns))
-    return _best_of("butterfly", weight, full[:CANDIDATES_PER_METHOD], order)
+    return full[:CANDIDATES_PER_METHOD]
+
+
+def lowrank_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    return _best_of("lowrank", weight, lowrank_chains(*weight.shape, budget, depth), order)
+
+
+def monarch_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    return _best_of("monarch", weight, monarch_chains(*weight.shape, budget, depth), order)
+
+
+def butterfly_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
+    return _best_of("butterfly", weight, butterfly_chains(*weight.shape, budget, depth), order)
 
 
 def auto_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> LayerFactors:
@@ -125,12 +136,19 @@ def auto_method(weight: torch.Tensor, budget: float, depth: int, order: str) -> 
     return LayerFactors(best.structure, best.chain, best.twiddles, best.rel_error, tried)
 
 
-Method = Callable[[torch.Tensor, float, int, str], LayerFactors]
 METHODS: dict[str, Method] = {
     "auto": auto_method,
     "butterfly": butterfly_method,
     "monarch": monarch_method,
     "lowrank": lowrank_method,
+}
+
+
+# the candidate chains of each weight-space method, by name ("auto" tries them all)
+CHAINS: dict[str, Callable[[int, int, float, int], list[Chain]]] = {
+    "butterfly": butterfly_chains,
+    "monarch": monarch_chains,
+    "lowrank": lowrank_chains,
 }
 
 

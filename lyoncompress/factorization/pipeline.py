@@ -22,6 +22,7 @@ from lyoncompress.factorization.calibrated import (
     distill_artifact,
 )
 from lyoncompress.factorization.methods import LayerFactors, get_method, prepared_weight
+from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
@@ -62,6 +63,9 @@ def factorize(
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     started = time.perf_counter()
+    permutations = search_pairs(plan, source, recipe.order) if recipe.permute else []
+    if permutations:
+        source = permuted_checkpoint(source, permutations)
     calibrated = (
         calibrated_factors(checkpoint, source, plan.layers, recipe, progress) if recipe.calib else None
     )
@@ -81,6 +85,8 @@ def factorize(
             totals=totals(rows, source),
             seconds=round(time.perf_counter() - started, 3),
         )
+        if recipe.permute:
+            report["permutations"] = permutation_report(permutations)
         if calibrated is not None and calibrated.sensitivity is not None:
             report["allocation"] = {
                 "method": "sensitivity",
