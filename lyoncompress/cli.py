@@ -110,7 +110,8 @@ class _LayerProgress:
             return
         if self.task is None:
             self.task = self.progress.add_task(name, total=total)
-        self.progress.update(self.task, completed=done, description=name)
+        # one bar serves several phases (permutation search, then layers): total may change
+        self.progress.update(self.task, completed=done, total=total, description=name)
 
 
 def _print_json(document: Any) -> None:

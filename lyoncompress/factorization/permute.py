@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +105,12 @@ def _has_blocks(chain: Chain) -> bool:
     return len(chain) >= 2 and any(p.a > 1 or p.d > 1 for p in chain.patterns)
 
 
-def search_pairs(plan: Plan, source: Checkpoint, order: str) -> list[PairPermutation]:
+def search_pairs(
+    plan: Plan,
+    source: Checkpoint,
+    order: str,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[PairPermutation]:
     """Search a hidden-unit order for each MLP pair of ``plan``.
 
     The structure a layer's method picks on the shuffled weights need not be the one
@@ -114,11 +120,14 @@ def search_pairs(plan: Plan, source: Checkpoint, order: str) -> list[PairPermuta
     if it beats the identity.
     """
     layers = {layer.name: layer for layer in plan.layers}
+    pairs = mlp_pairs(plan, source)
     found = []
-    for pair in mlp_pairs(plan, source):
+    for index, pair in enumerate(pairs):
         result = _search_pair(pair, layers[pair.first], layers[pair.second], source, order)
         if result is not None:
             found.append(result)
+        if progress is not None:
+            progress(f"{pair.first}: hidden-unit order", index + 1, len(pairs))
     return found
 
 

@@ -63,7 +63,7 @@ def factorize(
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     started = time.perf_counter()
-    permutations = search_pairs(plan, source, recipe.order) if recipe.permute else []
+    permutations = search_pairs(plan, source, recipe.order, progress) if recipe.permute else []
     if permutations:
         source = permuted_checkpoint(source, permutations)
     calibrated = (
