@@ -78,8 +78,7 @@ def calibrated_layer(
     metric of the compressed model's inputs, and ``reference_error`` reports the
     held-out error against the reference model's outputs.
     """
-    if calibration.rows_train == 0 or calibration.rows_val == 0:
-        raise InputError(f"layer {layer.name}: the calibration data never reached it; check --calib")
+    _check_reached(layer.name, calibration)
     target = (
         corrected_target(weight, calibration.gram_train, calibration.cross_train)
         if calibration.sequential
@@ -135,7 +134,11 @@ def calibrated_factors(
     model = load_reference(source)  # through ``source``: permuted MLPs stay permuted
     batches = list(calibration_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples))
     names = [layer.name for layer in layers]
-    calibration = capture_inputs(model, names, batches, max_samples=recipe.calib_samples)
+    calibration: dict[str, LayerCalibration] = {}
+    if not recipe.sequential or recipe.allocate == "sensitivity":
+        calibration = capture_inputs(model, names, batches, max_samples=recipe.calib_samples)
+        for name, layer_calibration in calibration.items():
+            _check_reached(name, layer_calibration)
     sensitivity: dict[str, float] | None = None
     if recipe.allocate == "sensitivity":
         layers, sensitivity = _allocate(
@@ -168,6 +171,11 @@ class CalibratedFactors:
     factors: dict[str, LayerFactors]
     budgets: dict[str, float]
     sensitivity: dict[str, float] | None
+
+
+def _check_reached(name: str, calibration: LayerCalibration) -> None:
+    if calibration.rows_train == 0 or calibration.rows_val == 0:
+        raise InputError(f"layer {name}: the calibration data never reached it; check --calib")
 
 
 def _weight(source: Checkpoint, layer: LayerPlan) -> torch.Tensor:
@@ -213,7 +221,7 @@ def _allocate(
         replacements[layer.name] = (approx, output_error(weight, approx, calibration[layer.name].gram_val))
         floors[layer.name] = max(1, rank // 4)  # no layer is starved below a quarter of its share
     sensitivity = measure_sensitivity(model, replacements, held_out[:ALLOCATION_BATCHES])
-    total = sum(int(layer.budget * m * n) for layer, (m, n) in zip(layers, shapes.values()))
+    total = sum(int(layer.budget * math.prod(shapes[layer.name])) for layer in layers)
     ranks = allocate_ranks(curves, sensitivity, shapes, total, floors)
     allocated = [
         dataclasses.replace(

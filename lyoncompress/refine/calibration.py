@@ -99,13 +99,7 @@ def capture_inputs(
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach()
-            mask = current["mask"]
-            if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                rows = x[mask.to(torch.bool)]  # (tokens, n)
-            else:
-                rows = x.reshape(-1, x.shape[-1])  # (samples, n)
-            acc[name].add(current["split"], rows)
+            acc[name].add(current["split"], _rows(inputs[0].detach(), current["mask"]))
 
         return record
 
@@ -203,7 +197,10 @@ def capture_paired(
         raise _Reached
 
     n = modules[0].in_features
-    zeros = lambda: torch.zeros(n, n, dtype=torch.float64)  # noqa: E731
+
+    def zeros() -> torch.Tensor:
+        return torch.zeros(n, n, dtype=torch.float64)
+
     grams, crosses, rows = [zeros(), zeros()], [zeros(), zeros()], [0, 0]
     reference_val = zeros()
     handles = [m.register_forward_pre_hook(record) for m in modules]
