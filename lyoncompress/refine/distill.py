@@ -8,8 +8,11 @@ network. Distillation fits the whole stack at once, against one of the ``OBJECTI
   real tokens, or the outputs of a tensor model). The default for encoders and MLPs.
 - ``logits-kl``: mean KL divergence ``KL(p_reference || p_compressed)`` of the
   next-token distributions over real tokens. The default for causal LMs: perplexity
-  is what they are judged on, and it is a function of exactly these distributions
-  (``benchmarks/causal_lm.py`` measures both objectives; this one wins there).
+  is what they are judged on, and it is a function of exactly these distributions.
+  Measured (MLPs at 50%, held-out perplexity / dense, from activation-aware SVD):
+  a 2-layer hidden-64 Llama 1.069x -> 1.027x with it, 1.050x with ``hidden-mse``;
+  ``benchmarks/causal_lm.py``'s 4-layer hidden-128 one 1.032x -> 1.019x, a tie
+  with ``hidden-mse`` (1.018x); SmolLM2-135M 4.18x -> 1.89x, ``hidden-mse`` 3.24x.
 
 The best state on held-out batches is kept, so it never ends worse than it started.
 """
