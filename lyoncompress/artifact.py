@@ -49,6 +49,23 @@ class Artifact:
         return self.tensors.load(name)
 
 
+# files a Hugging Face model folder carries beside its weights: an artifact keeps them,
+# so that it tokenizes and generates like the model it came from
+COMPANION_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "generation_config.json",
+)
+
+
 def prepare_output(out: Path, force: bool) -> None:
     """Refuse an existing output unless ``force``; checked before any work starts."""
     if out.exists() and not force:
@@ -59,6 +76,13 @@ def prepare_output(out: Path, force: bool) -> None:
         raise InputError(f"{out.parent}: output's parent folder does not exist")
 
 
+def companion_files(folder: Path) -> list[Path]:
+    """The tokenizer and generation files of a model folder (none for a single file)."""
+    if not folder.is_dir():
+        return []
+    return [folder / name for name in COMPANION_FILES if (folder / name).is_file()]
+
+
 def write_artifact(
     out: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -67,12 +91,14 @@ def write_artifact(
     report: Callable[[], dict[str, Any]],
     max_shard_size: int,
     force: bool = False,
+    companions: Iterable[Path] = (),
 ) -> None:
     """Stream ``tensors`` into a new artifact at ``out``, atomically.
 
     ``tensors`` is consumed lazily; ``layers`` may be filled while it is consumed
     and ``report()`` is called after the last tensor, so both can describe work
-    done during the stream. On any error or Ctrl-C the temporary folder is
+    done during the stream. ``companions`` (e.g. ``companion_files(source)``) are
+    copied beside the weights. On any error or Ctrl-C the temporary folder is
     removed and ``out`` is left as it was.
     """
     prepare_output(out, force)
@@ -81,6 +107,8 @@ def write_artifact(
     staging.mkdir()
     try:
         _write_into(staging, tensors, layers, config, report, max_shard_size)
+        for path in companions:
+            shutil.copyfile(path, staging / path.name)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

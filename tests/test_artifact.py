@@ -168,3 +168,29 @@ def test_folder_of_a_torch_state_dict_is_not_an_artifact(tmp_path, mlp):
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(InputError, match="not a lyoncompress artifact"):
         load_artifact(folder)
+
+
+def test_tokenizer_files_travel_with_the_artifact(tmp_path):
+    from lyoncompress.quantization.pipeline import quantize
+
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    files = {"vocab.txt": "[PAD]\n[UNK]\nhello\n", "tokenizer_config.json": '{"do_lower_case": true}'}
+    for name, text in files.items():
+        (ckpt / name).write_text(text)
+    (ckpt / "notes.txt").write_text("not a model file")
+    factorize(ckpt, tmp_path / "fact", Recipe(method="lowrank"))
+    quantize(tmp_path / "fact", tmp_path / "q", "int8")
+    for folder in ("fact", "q"):
+        for name, text in files.items():
+            assert (tmp_path / folder / name).read_text() == text
+        assert not (tmp_path / folder / "notes.txt").exists()
+
+
+def test_text_calibration_without_a_vocabulary_is_refused(tmp_path):
+    from lyoncompress.factorization.calibrated import calibration_batches
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(InputError, match="no tokenizer vocabulary"):
+        next(iter(calibration_batches(folder, {"model_type": "bert"}, "builtin", 64)))

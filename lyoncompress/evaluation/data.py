@@ -39,6 +39,34 @@ CORPUS_MODULES = (
 TEXT_MAX_LENGTH = 128  # tokens per text sample, for evaluation and calibration alike
 
 
+# a tokenizer needs its vocabulary: with only config.json, AutoTokenizer silently builds
+# one that maps every word to [UNK]
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The Hugging Face tokenizer saved in ``folder``; an ``InputError`` when there is none."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        raise InputError(
+            f"{folder}: no tokenizer vocabulary ({', '.join(VOCABULARY_FILES)}) to encode text; "
+            "point to the model folder that has one (e.g. --reference)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{folder}: the tokenizer files could not be loaded ({err})") from err
+
+
 def tokenized_batches(
     tokenizer: Any, texts: list[str], batch_size: int
 ) -> Iterator[Mapping[str, torch.Tensor]]:

@@ -18,7 +18,13 @@ from torch import nn
 from lyoncompress.artifact import Artifact
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import TEXT_MAX_LENGTH, Samples, builtin_corpus, tokenized_batches
+from lyoncompress.evaluation.data import (
+    TEXT_MAX_LENGTH,
+    Samples,
+    builtin_corpus,
+    load_tokenizer,
+    tokenized_batches,
+)
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.quantization.pipeline import dequantize_state
@@ -63,12 +69,7 @@ class EvalContext:
 
     @functools.cached_property
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.reference_path)
-        except (OSError, ValueError) as err:
-            raise InputError(f"{self.reference_path}: no tokenizer files to encode text ({err})") from err
+        return load_tokenizer(self.reference_path)
 
     def texts(self) -> list[str]:
         if self.samples is not None:

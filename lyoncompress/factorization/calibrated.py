@@ -20,7 +20,13 @@ import torch
 
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples, tokenized_batches
+from lyoncompress.evaluation.data import (
+    Samples,
+    builtin_corpus,
+    load_samples,
+    load_tokenizer,
+    tokenized_batches,
+)
 from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
@@ -62,9 +68,10 @@ def calibration_batches(
     else:
         data = load_samples(calib)
     if data.texts is not None:
-        from transformers import AutoTokenizer
-
-        yield from tokenized_batches(AutoTokenizer.from_pretrained(checkpoint), data.texts, TEXT_BATCH)
+        folder = Path(checkpoint)
+        yield from tokenized_batches(
+            load_tokenizer(folder if folder.is_dir() else folder.parent), data.texts, TEXT_BATCH
+        )
     else:
         yield from data.inputs.float().split(TENSOR_BATCH)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lyoncompress.artifact import prepare_output, write_artifact
+from lyoncompress.artifact import companion_files, prepare_output, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.calibrated import (
@@ -96,9 +96,12 @@ def factorize(
         return report
 
     stream = _stream(source, plan, recipe, calibrated, layers, rows, progress)
+    companions = companion_files(source.path)
     shard_size = parse_size(recipe.max_shard_size)
     if not recipe.distill_steps:
-        write_artifact(out, stream, layers, dict(source.config or {}), finish_report, shard_size, force)
+        write_artifact(
+            out, stream, layers, dict(source.config or {}), finish_report, shard_size, force, companions
+        )
         return report
     # Distillation needs every layer factorized first: stage the layer-wise artifact
     # beside OUT, distil it, then write OUT from it; the stage never outlives the call.
@@ -126,7 +129,9 @@ def factorize(
             (name, twiddles[name].to(info.dtype) if name in twiddles else staged.load(name))
             for name, info in staged.infos.items()
         )
-        write_artifact(out, tensors, layers, dict(source.config or {}), lambda: report, shard_size, force)
+        write_artifact(
+            out, tensors, layers, dict(source.config or {}), lambda: report, shard_size, force, companions
+        )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report

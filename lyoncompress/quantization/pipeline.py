@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lyoncompress.artifact import Artifact, load_artifact, write_artifact
+from lyoncompress.artifact import Artifact, companion_files, load_artifact, write_artifact
 from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
@@ -174,7 +174,16 @@ def quantize(
         return report
 
     stream = _stream(source, layers, fmt, rescale, group_size, rows, progress, calibration)
-    write_artifact(Path(out), stream, layers, config, finish_report, parse_size(max_shard_size), force)
+    write_artifact(
+        Path(out),
+        stream,
+        layers,
+        config,
+        finish_report,
+        parse_size(max_shard_size),
+        force,
+        companion_files(Path(artifact)),
+    )
     return report
 
 
