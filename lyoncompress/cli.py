@@ -156,7 +156,7 @@ def _print_factorized(report: dict[str, Any]) -> None:
     if "distill" in report:
         d = report["distill"]
         err_console.print(
-            f"distillation ({d['steps']} steps): held-out output error "
+            f"distillation ({d['steps']} steps, lr {d['lr']:g}): held-out {d['objective']} "
             f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
         )
 
@@ -197,7 +197,10 @@ def factorize(
     distill_steps: Annotated[
         int | None, typer.Option(help="Adam steps of end-to-end distillation of all factors (needs --calib).")
     ] = None,
-    distill_lr: Annotated[float | None, typer.Option(help="Learning rate of the distillation.")] = None,
+    distill_lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate of the distillation [5e-5; 1e-4 for causal LMs' logits-kl]."),
+    ] = None,
     sequential: Annotated[
         bool | None,
         typer.Option(

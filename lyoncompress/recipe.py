@@ -64,7 +64,8 @@ class Recipe:
         distill_steps: Adam steps of end-to-end distillation of all factors on the
             calibration data after the layer-wise pass (0: none; needs ``calib``).
         distill_lr: Adam learning rate of the distillation (small: the factors start
-            close to a good solution, and larger steps undo the layer-wise fit).
+            close to a good solution, and larger steps undo the layer-wise fit); None:
+            the objective's default (5e-5 for hidden states, 1e-4 for causal-LM logits).
         sequential: fit the layers in forward order, each on the inputs of the model
             whose earlier layers are already compressed, against the reference outputs
             (needs ``calib``; one calibration pass per layer).
@@ -89,7 +90,7 @@ class Recipe:
     calib_samples: int = 4096
     refine_steps: int = 300
     distill_steps: int = 0
-    distill_lr: float = 5e-5
+    distill_lr: float | None = None
     sequential: bool = False
     permute: bool = False
     allocate: str = "uniform"
@@ -131,7 +132,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "calib_samples": (int,),
     "refine_steps": (int,),
     "distill_steps": (int,),
-    "distill_lr": (float,),
+    "distill_lr": (float, type(None)),
     "sequential": (bool,),
     "permute": (bool,),
     "allocate": (str,),
@@ -202,7 +203,7 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError(f"calib_samples {recipe.calib_samples} is too few; use 16 or more (default 4096)")
     if recipe.refine_steps < 0 or recipe.distill_steps < 0:
         raise InputError("refine_steps and distill_steps must be >= 0")
-    if not recipe.distill_lr > 0:
+    if recipe.distill_lr is not None and not recipe.distill_lr > 0:
         raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")

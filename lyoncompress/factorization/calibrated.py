@@ -247,7 +247,7 @@ def distill_artifact(
     calib: str,
     samples: int,
     steps: int,
-    lr: float,
+    lr: float | None,
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
     """Distil the factors of a staged ``artifact`` against the reference model.
 

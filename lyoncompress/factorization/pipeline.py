@@ -119,6 +119,8 @@ def factorize(
             recipe.distill_lr,
         )
         report["distill"] = {
+            "objective": result.objective,
+            "lr": result.lr,
             "steps": result.steps,
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
