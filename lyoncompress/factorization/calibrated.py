@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,9 @@ def calibrated_factors(
     order = forward_order(model, names, batches[0]) if recipe.sequential else names
     working = copy.deepcopy(model) if recipe.sequential else None
     factors: dict[str, LayerFactors] = {}
+    seconds: dict[str, float] = {}
     for name in order:
+        begin = time.perf_counter()
         layer = by_name[name]
         weight = _weight(source, layer)
         if working is not None:
@@ -165,19 +168,22 @@ def calibrated_factors(
         factors[name] = calibrated_layer(weight, layer, layer_calibration, recipe.refine_steps)
         if working is not None:
             _swap(working, name, factors[name])
+        seconds[name] = time.perf_counter() - begin
         if progress is not None:
             progress(name, len(factors), len(order))
-    return CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, sensitivity)
+    return CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, sensitivity, seconds)
 
 
 @dataclass(frozen=True)
 class CalibratedFactors:
-    """Every layer's factors, the budget each layer got and, when allocated by
-    sensitivity, each layer's measured sensitivity."""
+    """Every layer's factors, the budget each layer got, when allocated by
+    sensitivity each layer's measured sensitivity, and the seconds each layer took
+    (its paired capture included when sequential)."""
 
     factors: dict[str, LayerFactors]
     budgets: dict[str, float]
     sensitivity: dict[str, float] | None
+    seconds: dict[str, float]
 
 
 def _check_reached(name: str, calibration: LayerCalibration) -> None:

@@ -170,12 +170,12 @@ def _stream(
         if layer is None:
             yield name, tensor  # untouched: same name, same bytes
             continue
-        begin = time.perf_counter()
         if calibrated is not None:
-            factors = calibrated.factors[layer.name]
+            factors, seconds = calibrated.factors[layer.name], calibrated.seconds[layer.name]
         else:
+            begin = time.perf_counter()
             factors = factorize_layer(tensor, layer, recipe)
-        seconds = time.perf_counter() - begin
+            seconds = time.perf_counter() - begin
         layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
         rows.append(report_row(layer, factors, seconds))
         for index, twiddle in enumerate(factors.twiddles):
