@@ -378,3 +378,25 @@ def test_feedback_with_calibration_lowers_held_out_output_error() -> None:
     # measured 0.061 vs 0.075 (feedback on the weight error) vs 0.084 (RTN)
     assert held_error("feedback", train) < 0.9 * held_error("feedback", None)
     assert held_error("feedback", train) < 0.8 * held_error("none", None)
+
+
+def test_blocked_gptq_equals_column_by_column_gptq() -> None:
+    """Lazy batches only defer the updates of later columns: same result as the plain loop."""
+    from lyoncompress.quantization.feedback import GPTQ_BLOCK, _damped, _round_entries, gptq_rows
+
+    gen = torch.Generator().manual_seed(3)
+    c = GPTQ_BLOCK * 2 + 37  # three blocks, the last one partial
+    x = torch.randn(1, 2, 5, c, dtype=torch.float64, generator=gen)
+    probe = torch.randn(2 * c, c, dtype=torch.float64, generator=gen)
+    h = (probe.T @ probe).expand(1, 2, c, c).contiguous()
+    fmt = get_format("int4")
+    per_entry = torch.rand(1, 2, 5, c, dtype=torch.float64, generator=gen) * 0.2 + 0.1  # one scale per entry
+    # the plain GPTQ loop, every later column updated after each entry
+    w = x.clone()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(_damped(h, 1e-6))), upper=True)
+    expected = torch.empty_like(w)
+    for col in range(c):
+        expected[..., col] = _round_entries(fmt, w[..., col], per_entry[..., col])
+        err = (w[..., col] - expected[..., col]) / u[..., col, col].unsqueeze(-1)
+        w[..., col + 1 :] -= err.unsqueeze(-1) * u[:, :, None, col, col + 1 :]
+    torch.testing.assert_close(gptq_rows(fmt, x, h, 1e-6, per_entry), expected, rtol=0, atol=1e-9)

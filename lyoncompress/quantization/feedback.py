@@ -40,6 +40,7 @@ from lyoncompress.quantization.formats import QuantFormat
 from lyoncompress.quantization.rankone import solve_rank_one
 
 MAX_EXACT_PROBES = 4096  # identity probes up to this input width, Gaussian ones beyond
+GPTQ_BLOCK = 128  # columns rounded one by one before the rest is updated in one matmul
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,20 @@ def gptq_rows(
     h_inv = torch.cholesky_inverse(torch.linalg.cholesky(_damped(h, damp)))
     u = torch.linalg.cholesky(h_inv, upper=True)  # (a, d, c, c)
     q = torch.empty_like(w)
-    for col in range(w.shape[-1]):
-        q[..., col] = _round_entries(fmt, w[..., col], None if per_entry is None else per_entry[..., col])
-        err = (w[..., col] - q[..., col]) / u[..., col, col].unsqueeze(-1)  # (a, d, b)
-        w[..., col + 1 :] -= err.unsqueeze(-1) * u[:, :, None, col, col + 1 :]
+    width = w.shape[-1]
+    # GPTQ's lazy batches: inside a block of columns the errors spread entry by entry;
+    # what they owe the columns after the block is one matmul (the same arithmetic,
+    # since those columns are not rounded before the block ends)
+    for start in range(0, width, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, width)
+        errors = torch.empty(*w.shape[:-1], end - start, dtype=w.dtype)  # (a, d, b, block)
+        for col in range(start, end):
+            q[..., col] = _round_entries(fmt, w[..., col], None if per_entry is None else per_entry[..., col])
+            err = (w[..., col] - q[..., col]) / u[..., col, col].unsqueeze(-1)  # (a, d, b)
+            w[..., col + 1 : end] -= err.unsqueeze(-1) * u[:, :, None, col, col + 1 : end]
+            errors[..., col - start] = err
+        if end < width:
+            w[..., end:] -= errors @ u[..., start:end, end:]  # (a, d, b, block) @ (a, d, block, rest)
     return q
 
 
