@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lyoncompress.errors import InputError
+from lyoncompress.refine.calibration import input_rows
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,9 @@ def capture(
 
     def hook(name: str):
         def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x, mask = inputs[0].detach(), state["mask"]
-            if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                rows = x[mask.to(torch.bool)]  # (tokens, n): padding left out
-            else:
-                rows = x.reshape(-1, x.shape[-1])  # (samples, n)
+            rows = input_rows(inputs[0].detach(), state["mask"])  # padding left out
             split = state["split"]
-            rows = rows[: max_rows - counts[name][split]].to(torch.float64).cpu()
+            rows = rows[: max_rows - counts[name][split]].cpu()
             counts[name][split] += rows.shape[0]
             if split == 0:
                 train[name].append(rows)

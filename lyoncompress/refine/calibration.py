@@ -99,7 +99,7 @@ def capture_inputs(
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            acc[name].add(current["split"], _rows(inputs[0].detach(), current["mask"]))
+            acc[name].add(current["split"], input_rows(inputs[0].detach(), current["mask"]))
 
         return record
 
@@ -134,8 +134,9 @@ def _run(model: nn.Module, batch: torch.Tensor | Mapping[str, Any]) -> None:
         pass
 
 
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One row per real token or sample: ``(rows, n)`` in float64."""
+def input_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input ``x`` as one float64 row per real token or sample, ``(rows, n)``:
+    positions that ``mask`` (a tokenizer's attention mask) marks as padding are left out."""
     if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.to(torch.bool)].to(torch.float64)
     return x.reshape(-1, x.shape[-1]).to(torch.float64)
@@ -218,7 +219,7 @@ def capture_paired(
                 _run(working, batch)
                 if len(captured) != 2:
                     raise InputError(f"the calibration data never reached {layer_name!r}; check --calib")
-                x, x_work = (_rows(t, mask)[: max_samples - rows[split]] for t in captured)
+                x, x_work = (input_rows(t, mask)[: max_samples - rows[split]] for t in captured)
                 grams[split] += x_work.T @ x_work
                 crosses[split] += x.T @ x_work
                 if split == 1:
