@@ -10,7 +10,7 @@ Baselines in the same run: plain SVD (weight space) and activation-aware SVD
 (``--method lowrank --calib builtin``). Issue 6's target: cosine >= 0.97, above
 activation-aware SVD, MLP run with refinement under 60 s on 2 cores.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery_e2e.py [--rows aware,alloc] [--distill-steps 300]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery_e2e.py [--rows aware,alloc] [--distill-steps 300] [--distill-lr 1e-4]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "minilm-ml
 CALIB = {"calib": "builtin", "method": "lowrank", "refine_steps": 0}
 
 
-def rows(distill_steps: int) -> dict[str, tuple[str, dict]]:
+def rows(distill_steps: int, distill_lr: float | None) -> dict[str, tuple[str, dict]]:
     """name -> (CLI options, recipe changes)."""
     return {
         "plain": ("--method lowrank (plain SVD)", {"method": "lowrank"}),
@@ -50,8 +50,9 @@ def rows(distill_steps: int) -> dict[str, tuple[str, dict]]:
             {"calib": "builtin", "refine_steps": 100},
         ),
         "alloc-distill": (
-            f"aware + --allocate sensitivity --distill-steps {distill_steps}",
-            {**CALIB, "allocate": "sensitivity", "distill_steps": distill_steps},
+            f"aware + --allocate sensitivity --distill-steps {distill_steps}"
+            + (f" --distill-lr {distill_lr:g}" if distill_lr else ""),
+            {**CALIB, "allocate": "sensitivity", "distill_steps": distill_steps, "distill_lr": distill_lr},
         ),
     }
 
@@ -66,10 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-lr", type=float, default=None, help="default: the objective's")
     parser.add_argument("--samples", type=int, default=256, help="held-out sentences for eval")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    table = rows(args.distill_steps)
+    table = rows(args.distill_steps, args.distill_lr)
     chosen = args.rows.split(",") if args.rows else list(table)
     unknown = [r for r in chosen if r not in table]
     if unknown:
