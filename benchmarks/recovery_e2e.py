@@ -10,7 +10,8 @@ Baselines in the same run: plain SVD (weight space) and activation-aware SVD
 (``--method lowrank --calib builtin``). Issue 6's target: cosine >= 0.97, above
 activation-aware SVD, MLP run with refinement under 60 s on 2 cores.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery_e2e.py [--rows aware,alloc] [--distill-steps 300] [--distill-lr 1e-4]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery_e2e.py [--rows aware,alloc]
+        [--distill-steps 300] [--distill-lr 1e-4]
 """
 
 from __future__ import annotations
