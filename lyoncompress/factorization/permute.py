@@ -134,6 +134,8 @@ def search_pairs(
 def _search_pair(
     pair: MLPPair, first: LayerPlan, second: LayerPlan, source: Checkpoint, order: str
 ) -> PairPermutation | None:
+    if "lowrank" in (_weight_method(first), _weight_method(second)):
+        return None  # a low-rank fit is the same in any order: nothing to search
     w1 = prepared_weight(source.load(first.weight_name), first.weight_name)
     w2 = prepared_weight(source.load(second.weight_name), second.weight_name)
     method1, method2 = get_method(_weight_method(first)), get_method(_weight_method(second))
