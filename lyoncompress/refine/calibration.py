@@ -9,6 +9,7 @@ correlated, so splitting inside a batch would leak.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,10 +129,8 @@ class _Reached(Exception):
 
 
 def _run(model: nn.Module, batch: torch.Tensor | Mapping[str, Any]) -> None:
-    try:
+    with contextlib.suppress(_Reached):
         model(**batch) if isinstance(batch, Mapping) else model(batch)
-    except _Reached:
-        pass
 
 
 def input_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
