@@ -13,7 +13,7 @@ permutation search (best of refined Monarch / hybrid), and ``auto``
 (``choose_structure``, no permutation). Ratios are auto over activation-aware and
 plain SVD; targets from issue 6 apply to the median over the nine matrices.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery.py [--steps 200]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery.py [--steps 200] [--sweeps 30]
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def load_model():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="Adam steps per refinement")
+    parser.add_argument(
+        "--sweeps", type=int, default=0, help="alternating least-squares sweeps per refinement"
+    )
     parser.add_argument("--sentences", type=int, default=480)
     parser.add_argument("--max-samples", type=int, default=4096, help="input rows per moment")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2], help="Monarch block counts tried")
@@ -106,6 +109,7 @@ def main() -> None:
                     calib[name].gram_val,
                     budget,
                     steps=args.steps,
+                    sweeps=args.sweeps,
                     blocks=args.blocks,
                 )
             permuted = permuted_errors(layer, weights, calib, choices, budget, args)
@@ -132,7 +136,14 @@ def permuted_errors(layer, weights, calib, choices, budget, args) -> dict[str, f
         ("output.dense", w2, g2.gram_train[perm][:, perm], g2.gram_val[perm][:, perm]),
     ):
         choice = choose_structure(
-            w, g_train, g_val, budget, candidates=("hybrid",), steps=args.steps, blocks=args.blocks
+            w,
+            g_train,
+            g_val,
+            budget,
+            candidates=("hybrid",),
+            steps=args.steps,
+            sweeps=args.sweeps,
+            blocks=args.blocks,
         )
         out[matrix] = choice.chosen.val_error
     return out
@@ -142,7 +153,7 @@ def print_table(rows, seconds: float, args) -> None:
     cpu = platform.processor() or platform.machine()
     print(
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, steps={args.steps}, "
-        f"blocks={args.blocks}, total {seconds:.0f}s\n"
+        f"sweeps={args.sweeps}, blocks={args.blocks}, total {seconds:.0f}s\n"
     )
     print(
         "| budget | layer | matrix | plain SVD | aware SVD | Monarch proj | Monarch refined | "

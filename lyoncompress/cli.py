@@ -194,6 +194,9 @@ def factorize(
     ] = None,
     calib_samples: Annotated[int | None, typer.Option(help="Input rows per layer to capture.")] = None,
     refine_steps: Annotated[int | None, typer.Option(help="Adam steps of each layer's refinement.")] = None,
+    refine_sweeps: Annotated[
+        int | None, typer.Option(help="Alternating least-squares sweeps of each layer's refinement.")
+    ] = None,
     distill_steps: Annotated[
         int | None, typer.Option(help="Adam steps of end-to-end distillation of all factors (needs --calib).")
     ] = None,
@@ -295,6 +298,7 @@ def factorize(
         calib=calib,
         calib_samples=calib_samples,
         refine_steps=refine_steps,
+        refine_sweeps=refine_sweeps,
         distill_steps=distill_steps,
         distill_lr=distill_lr,
         sequential=sequential,

@@ -61,6 +61,10 @@ class Recipe:
             ``builtin`` (offline defaults) or a data file; None: weight error only.
         calib_samples: input rows per layer captured for calibration.
         refine_steps: Adam steps of each layer-wise refinement.
+        refine_sweeps: alternating least-squares sweeps of each layer-wise refinement
+            (exact solves of the first and last factor), before the Adam steps. Off by
+            default: on MiniLM 30 sweeps lower a hybrid's held-out error by ~2% but
+            take 3x (384 inputs) to 11x (1536 inputs) the time of 100 Adam steps.
         distill_steps: Adam steps of end-to-end distillation of all factors on the
             calibration data after the layer-wise pass (0: none; needs ``calib``).
         distill_lr: Adam learning rate of the distillation (small: the factors start
@@ -89,6 +93,7 @@ class Recipe:
     calib: str | None = None
     calib_samples: int = 4096
     refine_steps: int = 300
+    refine_sweeps: int = 0
     distill_steps: int = 0
     distill_lr: float | None = None
     sequential: bool = False
@@ -131,6 +136,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "calib": (str, type(None)),
     "calib_samples": (int,),
     "refine_steps": (int,),
+    "refine_sweeps": (int,),
     "distill_steps": (int,),
     "distill_lr": (float, type(None)),
     "sequential": (bool,),
@@ -201,8 +207,8 @@ def validate(recipe: Recipe, where: str) -> None:
             raise InputError(f"depth {depth} must be >= 1 (number of butterfly factors)")
     if recipe.calib_samples < 16:
         raise InputError(f"calib_samples {recipe.calib_samples} is too few; use 16 or more (default 4096)")
-    if recipe.refine_steps < 0 or recipe.distill_steps < 0:
-        raise InputError("refine_steps and distill_steps must be >= 0")
+    if min(recipe.refine_steps, recipe.refine_sweeps, recipe.distill_steps) < 0:
+        raise InputError("refine_steps, refine_sweeps and distill_steps must be >= 0")
     if recipe.distill_lr is not None and not recipe.distill_lr > 0:
         raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:

@@ -25,6 +25,7 @@ def test_shipped_recipes_load():
         ("targets: ['(']\n", "invalid regular expression"),
         ("layers: {fc1: {methd: lowrank}}\n", "unknown key 'methd'"),
         ("version: 7\n", "version 7"),
+        ("refine_sweeps: -1\n", "refine_sweeps"),
         ("- a\n- b\n", "mapping"),
         ("a: [\n", "not valid YAML"),
     ],

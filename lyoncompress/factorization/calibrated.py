@@ -78,7 +78,7 @@ def calibration_batches(
 
 
 def calibrated_layer(
-    weight: torch.Tensor, layer: LayerPlan, calibration: LayerCalibration, steps: int
+    weight: torch.Tensor, layer: LayerPlan, calibration: LayerCalibration, steps: int, sweeps: int
 ) -> LayerFactors:
     """The structure with the lowest held-out output error within the layer's budget.
 
@@ -99,6 +99,7 @@ def calibrated_layer(
         layer.budget,
         candidates=CANDIDATES_FOR[layer.method],
         steps=steps,
+        sweeps=sweeps,
     )
     best = choice.chosen
     approx = best.chain.to_dense(best.twiddles)
@@ -165,7 +166,9 @@ def calibrated_factors(
             layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples, VAL_EVERY)
         else:
             layer_calibration = calibration[name]
-        factors[name] = calibrated_layer(weight, layer, layer_calibration, recipe.refine_steps)
+        factors[name] = calibrated_layer(
+            weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps
+        )
         if working is not None:
             _swap(working, name, factors[name])
         seconds[name] = time.perf_counter() - begin

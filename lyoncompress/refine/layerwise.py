@@ -12,11 +12,16 @@ Two kinds of steps:
 
 * exact least squares where the problem is linear: the output-side factor ``X_1``
   together with ``U`` given the rest (rows of ``X_1`` are independent problems,
-  one small solve per ``(a, d)`` group), and ``U V`` given the chain (the
-  activation-aware SVD of the residual);
-* Adam on every twiddle jointly, for the non-linear coupling, with a per-tensor
-  step size proportional to the tensor's RMS (the projection leaves factors at
-  very different scales) and a cosine decay.
+  one small solve per ``(a, d)`` group), the input-side factor ``X_L`` together
+  with ``V`` given the rest (preconditioned conjugate gradients: ``G`` couples all
+  its entries), and ``U V`` given the chain (the activation-aware SVD of the
+  residual). Alternating the first two is exact alternating least squares for a
+  two-factor chain (Monarch, and Monarch + low rank); each sweep is extrapolated
+  along its own step when that lowers the loss, which roughly halves the sweeps
+  needed on MiniLM;
+* Adam on every twiddle jointly, for the coupling with middle factors, with a
+  per-tensor step size proportional to the tensor's RMS (the projection leaves
+  factors at very different scales) and a cosine decay.
 
 The held-out error (on a separate second moment) is measured after each phase
 and every ``eval_every`` Adam steps; the best state seen is returned, the start
@@ -39,6 +44,10 @@ from lyoncompress.refine.gram import check_gram, output_error, sqrt_factor
 
 # Adam is declared diverged when the training loss exceeds the start by this factor.
 _BLOWUP = 1e4
+# Alternating least squares stops once a sweep lowers the training loss by less than this.
+_SWEEP_TOLERANCE = 1e-4
+# Conjugate-gradient iterations per solve of the input-side factor, warm-started.
+_CG_ITERATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ def refine_layer(
     gram_train: torch.Tensor,
     gram_val: torch.Tensor,
     steps: int = 300,
+    sweeps: int = 0,
     lowrank_rank: int = 0,
     lowrank_init: Sequence[torch.Tensor] | None = None,
     lr: float = 3e-2,
@@ -78,6 +88,9 @@ def refine_layer(
         gram_train: ``X^T X`` of the calibration inputs that are fitted.
         gram_val: ``X^T X`` of held-out inputs; decides which state is kept.
         steps: Adam steps (0: exact least-squares steps only).
+        sweeps: alternating least-squares sweeps before Adam (each solves the
+            output-side and the input-side factor exactly); they stop early once a
+            sweep gains less than ``_SWEEP_TOLERANCE`` of the training loss.
         lowrank_rank: rank of a low-rank term ``U V`` fitted jointly (0: none).
         lowrank_init: its start ``[U, V]``; default: activation-aware SVD of
             ``weight - chain``.
@@ -122,6 +135,7 @@ def refine_layer(
 
     state = problem.solve_first_factors(start)
     consider(state)
+    state = _alternate(problem, state, sweeps, consider)
     state, diverged = _adam(problem, state, steps, lr, eval_every, columns, consider)
     if diverged:
         return _result(start, lowrank_rank, err_before, err_before, True)
@@ -158,6 +172,7 @@ class _Problem:
         self.lowrank_chain = lowrank(*weight.shape, rank) if rank else None
         chol = sqrt_factor(gram_train, damping)  # (n, n) float64
         self.gram = chol @ chol.T  # the damped second moment the loss uses
+        self.gram_inverse = torch.cholesky_inverse(chol)  # preconditions solve_last_factors
         self.gram_val = gram_val
         self.chol_t = chol.T.to(weight.dtype)  # (n, n): apply(·, L^T) = (B L)^T
         self.target_t = self.chol_t @ self.weight.T  # (n, m) = (W L)^T
@@ -241,6 +256,98 @@ class _Problem:
                 return [first, *twiddles[1:]]
             u = coef[..., c:].permute(0, 2, 1, 3).reshape(m, -1)  # (a, b, d, r) -> (m, r)
             return [first, *twiddles[1:], u.reshape(1, 1, m, -1).to(self.weight.dtype), low[1]]
+
+    def solve_last_factors(self, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Least squares for ``X_L`` and ``V`` jointly, the rest fixed.
+
+        With ``A = [X_1 … X_{L-1}, U]`` and ``Z = [X_L; V]`` the loss is
+        ``tr((W - A Z) G (W - A Z)^T)``: ``G`` sits on ``Z``'s input side, so every
+        entry of ``Z`` meets every other and no per-block solve exists. The normal
+        equations ``P(H Z G) = P(A^T W G)`` (``H = A^T A``, ``P`` the support of
+        ``Z``) are solved by conjugate gradients preconditioned with
+        ``P(H^{-1} R G^{-1})``, their exact inverse without the support constraint,
+        warm-started from the current ``Z``.
+        """
+        twiddles, low = self.split(state)
+        last = self.chain.patterns[-1]
+        m, n = self.weight.shape
+        with torch.no_grad():
+            head = Chain(self.chain.patterns[:-1]).to_dense(twiddles[:-1]).to(torch.float64)  # (m, p)
+            mask = last.support().to(torch.float64)  # (p, n)
+            z = last.to_dense(twiddles[-1]).to(torch.float64)
+            if low:
+                head = torch.cat([head, low[0].reshape(m, -1).to(torch.float64)], dim=1)  # (m, p + r)
+                mask = torch.cat([mask, torch.ones(low[1].shape[-2], n, dtype=torch.float64)])
+                z = torch.cat([z, low[1].reshape(-1, n).to(torch.float64)])  # (p + r, n)
+            h = head.T @ head
+            # ridged for the preconditioner only: [X_1…, U] can have more columns than rows
+            ridge = 1e-8 * float(torch.diagonal(h).mean().clamp_min(1e-300))
+            h_inverse = torch.cholesky_inverse(
+                torch.linalg.cholesky(h + ridge * torch.eye(len(h), dtype=h.dtype))
+            )
+            g, g_inverse = self.gram, self.gram_inverse
+
+            def normal(x: torch.Tensor) -> torch.Tensor:
+                return mask * (h @ x @ g)
+
+            def precondition(x: torch.Tensor) -> torch.Tensor:
+                return mask * (h_inverse @ x @ g_inverse)
+
+            residual = mask * (head.T @ self.weight.to(torch.float64) @ g) - normal(z)
+            step = precondition(residual)
+            direction, rz = step, float((residual * step).sum())
+            for _ in range(_CG_ITERATIONS):
+                if rz <= 0:
+                    break  # converged to round-off
+                applied = normal(direction)
+                alpha = rz / float((direction * applied).sum())
+                z, residual = z + alpha * direction, residual - alpha * applied
+                step = precondition(residual)
+                rz, previous = float((residual * step).sum()), rz
+                direction = step + (rz / previous) * direction
+            inner = last.shape[0]
+            dtype = self.weight.dtype
+            solved = [*twiddles[:-1], last.from_dense(z[:inner]).to(dtype)]
+            if not low:
+                return solved
+            return [*solved, low[0], z[inner:].reshape(1, 1, -1, n).to(dtype)]
+
+
+def _alternate(
+    problem: _Problem,
+    state: list[torch.Tensor],
+    sweeps: int,
+    consider: Callable[[list[torch.Tensor]], None],
+) -> list[torch.Tensor]:
+    """Alternating least squares on the first and last factors, with extrapolation.
+
+    After a sweep ``old -> new``, ``new + beta (new - old)`` is tried and kept when
+    its training loss is lower; ``beta`` grows after a success and shrinks after a
+    failure (the usual line-search acceleration of alternating least squares,
+    whose plain steps crawl along the valleys a bilinear fit has).
+    """
+    if sweeps <= 0 or len(problem.chain) < 2:
+        return state
+    with torch.no_grad():
+        loss = float(problem.loss(state))
+        beta = 1.0
+        for _ in range(sweeps):
+            old = state
+            state = problem.solve_last_factors(problem.solve_first_factors(state))
+            new_loss = float(problem.loss(state))
+            trial = [t + beta * (t - o) for t, o in zip(state, old)]
+            trial_loss = float(problem.loss(trial))
+            if trial_loss < new_loss:
+                state, new_loss, beta = trial, trial_loss, beta * 1.5
+            else:
+                beta = max(beta / 2, 0.25)
+            if not math.isfinite(new_loss):
+                return old
+            consider(state)
+            if loss - new_loss < _SWEEP_TOLERANCE * loss:
+                break
+            loss = new_loss
+    return state
 
 
 def _adam(

@@ -59,6 +59,7 @@ class _Context:
     gram_val: torch.Tensor
     max_params: int
     steps: int
+    sweeps: int
     blocks: tuple[int, ...]
     lowrank_share: float
 
@@ -96,6 +97,7 @@ def choose_structure(
     budget: float,
     candidates: Sequence[str] = ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
     steps: int = 300,
+    sweeps: int = 0,
     blocks: Sequence[int] = (2, 4, 8),
     lowrank_share: float = 0.5,
 ) -> StructureChoice:
@@ -109,6 +111,7 @@ def choose_structure(
         budget: fraction of the dense parameter count, in ``(0, 1]``.
         candidates: names from ``CANDIDATES``.
         steps: Adam steps of each refinement.
+        sweeps: alternating least-squares sweeps of each refinement (see ``refine_layer``).
         blocks: Monarch block counts tried (those dividing ``m`` and ``n``).
         lowrank_share: budget share of the low-rank term in the hybrid.
 
@@ -128,7 +131,9 @@ def choose_structure(
     unknown = [name for name in candidates if name not in CANDIDATES]
     if unknown:
         raise InputError(f"unknown candidate(s) {unknown}; registered: {', '.join(CANDIDATES)}")
-    context = _Context(weight, gram_train, gram_val, int(budget * m * n), steps, tuple(blocks), lowrank_share)
+    context = _Context(
+        weight, gram_train, gram_val, int(budget * m * n), steps, sweeps, tuple(blocks), lowrank_share
+    )
     built = [s for s in (CANDIDATES[name](context) for name in candidates) if s is not None]
     if not built:
         raise InputError(f"no candidate fits {budget:.0%} of a {m}x{n} weight; raise the budget")
@@ -206,7 +211,15 @@ def _start_error(
 ) -> float:
     """Held-out error after the exact least-squares steps alone: cheap enough to rank starts."""
     result = refine_layer(
-        context.weight, chain, twiddles, context.gram_train, context.gram_val, 0, _rank(low), low or None
+        context.weight,
+        chain,
+        twiddles,
+        context.gram_train,
+        context.gram_val,
+        steps=0,
+        sweeps=0,
+        lowrank_rank=_rank(low),
+        lowrank_init=low or None,
     )
     return result.err_after
 
@@ -226,6 +239,7 @@ def _refined(
         context.gram_train,
         context.gram_val,
         steps=context.steps,
+        sweeps=context.sweeps,
         lowrank_rank=_rank(low),
         lowrank_init=low or None,
     )
