@@ -4,8 +4,14 @@ model's outputs match the reference model's, on calibration batches.
 Layer-wise refinement fits each layer alone; errors still compound through the
 network. Distillation fits the whole stack at once, against one of the ``OBJECTIVES``:
 
+- ``layers-mse``: relative squared error of the hidden states of every layer (real
+  tokens). The default for transformers encoders: each compressed layer gets a
+  signal from the block it sits in, not only through the rest of the stack. On
+  all-MiniLM-L6-v2 (MLPs at 50%, 300 steps from activation-aware SVD, cosine decay)
+  it ends at held-out embedding cosine 0.939 against 0.928 with ``hidden-mse``.
 - ``hidden-mse``: relative squared error of the final outputs (last hidden states of
-  real tokens, or the outputs of a tensor model). The default for encoders and MLPs.
+  real tokens, or the outputs of a tensor model). The default for other models
+  (tensor MLPs), and what ``layers-mse`` falls back to on them.
 - ``logits-kl``: mean KL divergence ``KL(p_reference || p_compressed)`` of the
   next-token distributions over real tokens. The default for causal LMs: perplexity
   is what they are judged on, and it is a function of exactly these distributions.
@@ -14,7 +20,9 @@ network. Distillation fits the whole stack at once, against one of the ``OBJECTI
   ``benchmarks/causal_lm.py``'s 4-layer hidden-128 one 1.032x -> 1.019x, a tie
   with ``hidden-mse`` (1.018x); SmolLM2-135M 4.18x -> 1.89x, ``hidden-mse`` 3.24x.
 
-The best state on held-out batches is kept, so it never ends worse than it started.
+The step size follows a cosine decay from ``lr`` to 0 over the steps, so the last
+steps polish rather than jump. The best state on held-out batches is kept, so it
+never ends worse than it started.
 """
 
 from __future__ import annotations
@@ -56,6 +64,15 @@ def _hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch)
 
 
+def _all_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Every layer's hidden states of real tokens side by side ``(rows, layers · H)``;
+    the embeddings' output is left out (compressing linear layers never changes it)."""
+    if isinstance(batch, Mapping):
+        states = model(**batch, output_hidden_states=True).hidden_states[1:]
+        return _real_rows(torch.cat(states, dim=-1), batch)
+    return model(batch)
+
+
 def _squared_error(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (student - teacher).square().sum(), teacher.square().sum()
 
@@ -87,6 +104,12 @@ class Objective:
 
 
 OBJECTIVES: dict[str, Objective] = {
+    # relative Frobenius error of all hidden states (post-LayerNorm encoders keep
+    # every layer at a similar scale, so none dominates); 2e-4 with the cosine decay
+    # on MiniLM (constant 5e-5 with the final states only: 0.928 held-out cosine)
+    "layers-mse": Objective(
+        _all_hidden, _squared_error, lambda num, den: math.sqrt(num / max(den, 1e-30)), default_lr=2e-4
+    ),
     # relative Frobenius error of the outputs, as layer-wise refinement reports it
     # (5e-5: on MiniLM 1e-3 undid the layer-wise fit, 1e-4 and 3e-5 both improved)
     "hidden-mse": Objective(
@@ -106,8 +129,11 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def default_objective(model: nn.Module) -> str:
-    """``logits-kl`` for causal LMs, ``hidden-mse`` for everything else."""
-    return "logits-kl" if is_causal_lm(model) else "hidden-mse"
+    """``logits-kl`` for causal LMs, ``layers-mse`` for other transformers models,
+    ``hidden-mse`` for everything else."""
+    if is_causal_lm(model):
+        return "logits-kl"
+    return "layers-mse" if getattr(model, "config", None) is not None else "hidden-mse"
 
 
 def _held_out(
@@ -174,6 +200,9 @@ def distill(
     best = before = _held_out(chosen, reference, compressed, val)
     best_state = copy.deepcopy(compressed.state_dict())
     optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+    )
     for step in range(steps):
         batch = train[step % len(train)]
         with torch.no_grad():
@@ -183,6 +212,7 @@ def distill(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         if (step + 1) % every == 0 or step + 1 == steps:
             value = _held_out(chosen, reference, compressed, val)
             if math.isfinite(value) and value < best:
