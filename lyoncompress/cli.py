@@ -202,7 +202,10 @@ def factorize(
     ] = None,
     distill_lr: Annotated[
         float | None,
-        typer.Option(help="Learning rate of the distillation [5e-5; 1e-4 for causal LMs' logits-kl]."),
+        typer.Option(
+            help="Peak learning rate of the distillation, decayed to 0 "
+            "[2e-4 for encoders' layers-mse; 1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
+        ),
     ] = None,
     sequential: Annotated[
         bool | None,
