@@ -203,8 +203,8 @@ def factorize(
     distill_lr: Annotated[
         float | None,
         typer.Option(
-            help="Peak learning rate of the distillation, decayed to 0 "
-            "[2e-4 for encoders' layers-mse; 1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
+            help="Learning rate of the distillation [2e-4 decayed to 0 for encoders' layers-mse; "
+            "1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
         ),
     ] = None,
     sequential: Annotated[

@@ -67,10 +67,10 @@ class Recipe:
             take 3x (384 inputs) to 11x (1536 inputs) the time of 100 Adam steps.
         distill_steps: Adam steps of end-to-end distillation of all factors on the
             calibration data after the layer-wise pass (0: none; needs ``calib``).
-        distill_lr: peak Adam learning rate of the distillation, decayed to 0 (small:
-            the factors start close to a good solution, and larger steps undo the
-            layer-wise fit); None: the objective's default (2e-4 for every layer's
-            hidden states, 1e-4 for causal-LM logits, 5e-5 for final outputs).
+        distill_lr: Adam learning rate of the distillation (small: the factors start
+            close to a good solution, and larger steps undo the layer-wise fit); None:
+            the objective's default (2e-4, decayed to 0, for every layer's hidden
+            states; 1e-4 for causal-LM logits; 5e-5 for final outputs).
         sequential: fit the layers in forward order, each on the inputs of the model
             whose earlier layers are already compressed, against the reference outputs
             (needs ``calib``; one calibration pass per layer).
