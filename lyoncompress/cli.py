@@ -448,9 +448,10 @@ def quantize(
         str | None,
         typer.Option(
             help="none | optimal | pairwise | left-to-right | feedback | auto | learned, optionally "
-            "after equalize+ (default: left-to-right; equalize+auto for int formats). feedback: "
-            "least-squares re-fit of each next factor + GPTQ rounding + clipping search; auto: the "
-            "better of left-to-right and feedback."
+            "after equalize+ (default: left-to-right; for int formats equalize+auto, or auto with "
+            "--calib). feedback: least-squares re-fit of each next factor + GPTQ rounding + clipping "
+            "search; auto: the best of left-to-right, feedback and plain rounding (on held-out "
+            "inputs with --calib)."
         ),
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="Entries per scale along a block row.")] = None,

@@ -400,3 +400,32 @@ def test_blocked_gptq_equals_column_by_column_gptq() -> None:
         err = (w[..., col] - expected[..., col]) / u[..., col, col].unsqueeze(-1)
         w[..., col + 1 :] -= err.unsqueeze(-1) * u[:, :, None, col, col + 1 :]
     torch.testing.assert_close(gptq_rows(fmt, x, h, 1e-6, per_entry), expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_judged_on_held_out_inputs_is_never_worse_than_rounding_there(seed):
+    gen = torch.Generator().manual_seed(seed)
+    chain = monarch(16, 24, 2, 2)
+    twiddles = [torch.randn(shape, dtype=torch.float64, generator=gen) for shape in chain.twiddle_shapes]
+    # anisotropic inputs with a few outlier features, as transformer activations have
+    spread = torch.ones(24, dtype=torch.float64)
+    spread[:3] = 30.0
+    train = torch.randn(64, 24, dtype=torch.float64, generator=gen) * spread
+    held_out = torch.randn(64, 24, dtype=torch.float64, generator=gen) * spread
+    gram = held_out.T @ held_out
+    exact = chain.to_dense(twiddles)
+
+    def held_out_error(q) -> float:
+        diff = exact - chain.to_dense(q.dequantized(torch.float64))
+        return float(((diff @ gram) * diff).sum())
+
+    found = quantize_chain(chain, twiddles, "int4", "auto", calib=train, held_out_gram=gram)
+    rounded = quantize_chain(chain, twiddles, "int4", "none")
+    assert held_out_error(found) <= held_out_error(rounded) * (1 + 1e-9)
+
+
+def test_held_out_gram_of_the_wrong_width_is_refused():
+    chain = monarch(16, 24, 2, 2)
+    twiddles = [torch.randn(shape, dtype=torch.float64) for shape in chain.twiddle_shapes]
+    with pytest.raises(InputError, match="24 inputs"):
+        quantize_chain(chain, twiddles, "int4", "auto", held_out_gram=torch.eye(16, dtype=torch.float64))

@@ -54,6 +54,7 @@ def quantize_chain(
     rescale: str = "left-to-right",
     group_size: int | None = None,
     calib: torch.Tensor | None = None,
+    held_out_gram: torch.Tensor | None = None,
 ) -> QuantizedChain:
     """Quantize the factors of ``W = X_1 … X_L`` to ``fmt``, using the diagonal freedom
     ``X_ℓ X_{ℓ+1} = (X_ℓ D)(D⁻¹ X_{ℓ+1})`` to lower the error of the product.
@@ -70,6 +71,8 @@ def quantize_chain(
             Formats without scales refuse it.
         calib: inputs ``(B, n)`` of the layer, used by ``learned`` (Gaussian
             probes when None).
+        held_out_gram: ``Xᵀ X`` ``(n, n)`` of held-out inputs of the layer; ``auto``
+            then keeps the candidate with the lower error on them.
 
     Returns:
         ``QuantizedChain`` with one payload per factor.
@@ -91,7 +94,11 @@ def quantize_chain(
         raise InputError(
             f"calibration inputs have {calib.shape[-1]} features but the chain takes {chain.shape[1]}"
         )
-    job = Job(chain=chain, fmt=format_, group_size=group_size, calib=calib)
+    if held_out_gram is not None and tuple(held_out_gram.shape) != (chain.shape[1],) * 2:
+        raise InputError(
+            f"held_out_gram has shape {tuple(held_out_gram.shape)}; the chain takes {chain.shape[1]} inputs"
+        )
+    job = Job(chain=chain, fmt=format_, group_size=group_size, calib=calib, held_out_gram=held_out_gram)
     found = rescale_fn(job, [t.detach().double() for t in twiddles], rescale)
     payloads = tuple(format_.quantize(t, group_size, s) for t, s in zip(found.twiddles, found.scales))
     return QuantizedChain(chain=chain, format=fmt, rescale=rescale, group_size=group_size, payloads=payloads)

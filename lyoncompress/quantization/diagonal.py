@@ -31,6 +31,9 @@ class Job:
     fmt: QuantFormat
     group_size: int | None
     calib: torch.Tensor | None  # (B, n) inputs of the layer, or None
+    # (n, n) Gram of held-out inputs: what ``auto`` judges by, so that a rescaling fitted
+    # to ``calib`` is not also judged on it
+    held_out_gram: torch.Tensor | None = None
 
 
 def cols(pattern: KSPattern, twiddle: torch.Tensor) -> torch.Tensor:
