@@ -478,7 +478,7 @@ def quantize(
 ) -> None:
     """Quantize the factors of ARTIFACT with optimal rescalings; RTN is measured beside it.
 
-    Example:  lyoncompress quantize fact/ -o q/ --format int4 --group-size 32 --calib builtin
+    Example:  lyoncompress quantize fact/ -o q/ --format int4 --calib builtin
     """
     with _LayerProgress(_show_progress(quiet, as_json), "quantizing") as progress:
         report = quantize_artifact(
