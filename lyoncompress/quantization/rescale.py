@@ -129,17 +129,20 @@ def auto(job: Job, twiddles: Sequence[torch.Tensor]) -> Rescaled:
     the probes (the calibration inputs, or the identity, where it is the exact product
     error). Neither rescaling wins everywhere: the per-index search is best on small blocks
     (radix-2 int8), feedback on int4 and on wide blocks; and on MiniLM's int4 factors with
-    calibration both lost to plain rounding on held-out inputs for some layers (layer 0
-    intermediate 0.158 against 0.145), so plain rounding stays a candidate and ``auto`` is
-    never worse than it on what it is judged by. Judging on the rows ``feedback`` was
-    fitted to would favour it wherever it over-fits them."""
+    calibration, after ``equalize+``, both lost to plain rounding on held-out inputs for
+    some layers (layer 0 intermediate 0.158 against 0.145), so plain rounding stays a
+    candidate and ``auto`` is never worse than it on what it is judged by. Judging on the
+    rows ``feedback`` was fitted to would favour it wherever it over-fits them."""
+
+    def stored(found: Rescaled) -> list[torch.Tensor]:
+        return [job.fmt.fake(t, job.group_size, s) for t, s in zip(found.twiddles, found.scales)]
+
     if job.held_out_gram is not None:
         gram = job.held_out_gram.double()
         exact = job.chain.to_dense(list(twiddles))  # (m, n)
 
         def error(found: Rescaled) -> float:
-            rounded = [job.fmt.fake(t, job.group_size, s) for t, s in zip(found.twiddles, found.scales)]
-            diff = exact - job.chain.to_dense(rounded)
+            diff = exact - job.chain.to_dense(stored(found))
             return float(((diff @ gram) * diff).sum())
 
     else:
@@ -147,8 +150,7 @@ def auto(job: Job, twiddles: Sequence[torch.Tensor]) -> Rescaled:
         target = job.chain.apply(list(twiddles), inputs)  # (N, m)
 
         def error(found: Rescaled) -> float:
-            rounded = [job.fmt.fake(t, job.group_size, s) for t, s in zip(found.twiddles, found.scales)]
-            return float((job.chain.apply(rounded, inputs) - target).norm())
+            return float((job.chain.apply(stored(found), inputs) - target).norm())
 
     return min((left_to_right(job, twiddles), feedback(job, twiddles), rtn(job, twiddles)), key=error)
 
