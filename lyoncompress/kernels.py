@@ -53,6 +53,8 @@ MMA_MIN_INTENSITY = 8.0
 class PatternLike(Protocol):
     def as_tuple(self) -> tuple[int, int, int, int]: ...
 
+    def apply(self, twiddle: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
 
 # ----------------------------------------------------------------------------- plans
 # A plan is everything a launch needs that does not depend on CuPy, so it can be
@@ -386,7 +388,10 @@ def chain_forward_fused(
     left: PatternLike, right: PatternLike, twiddles: Sequence[torch.Tensor], x: torch.Tensor
 ) -> torch.Tensor | None:
     """``x @ (X_1 X_2)^T`` in one kernel with the intermediate on chip, or None when the
-    fused kernel does not cover this chain (then apply the factors one by one)."""
+    fused kernel does not cover this chain (then apply the factors one by one).
+
+    Experimental and not dispatched: on an H200 it was 2-40x slower than the two
+    factors one by one (benchmarks/ks_matmul_gpu.py, RESULTS.md)."""
     plan = plan_monarch(left.as_tuple(), right.as_tuple(), x.shape[0], x.dtype)
     if plan is None:
         return None
@@ -436,13 +441,82 @@ def ks_factor_apply(pattern: PatternLike, twiddle: torch.Tensor, x: torch.Tensor
     return _KSFactorFunction.apply(x, twiddle, pattern)
 
 
+# Which of kernel and einsum is faster depends on the block size, the factor's place,
+# the dtype, the GPU and the layout the previous factor left: einsum on a
+# block-diagonal (d = 1) factor returns a feature-major view that the next einsum reads
+# without a copy, while a kernel needs it made contiguous first. On an H200 the kernel
+# alone was 1.5-10x faster than einsum on 2 x 2 blocks and on first factors up to
+# 64 x 64 blocks, 2-10x slower on block-diagonal factors from 4 x 4 blocks up, and a
+# Monarch chain ran fastest as einsum only (benchmarks/ks_matmul_gpu.py, RESULTS.md).
+# So each chain's route is measured on first use and cached.
+Route = tuple[bool, ...]  # per factor, in chain order: through the kernel (True) or einsum
+_routes: dict[tuple[object, ...], Route] = {}
+_TUNE_REPEATS = 3
+
+
+def _elapsed_ms(run: Callable[[], object]) -> float:
+    run()  # compiles the kernel / warms cuBLAS
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(_TUNE_REPEATS):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _apply_factor(pattern: PatternLike, twiddle: torch.Tensor, h: torch.Tensor, kernel: bool) -> torch.Tensor:
+    return (
+        ks_factor_apply(pattern, twiddle.contiguous(), h.contiguous())
+        if kernel
+        else pattern.apply(twiddle, h)
+    )
+
+
+def _run_route(
+    patterns: Sequence[PatternLike], twiddles: Sequence[torch.Tensor], h: torch.Tensor, route: Route
+) -> torch.Tensor:
+    for pattern, twiddle, kernel in zip(reversed(patterns), reversed(twiddles), reversed(route)):
+        h = _apply_factor(pattern, twiddle, h, kernel)
+    return h
+
+
+def chain_route(patterns: Sequence[PatternLike], twiddles: Sequence[torch.Tensor], h: torch.Tensor) -> Route:
+    """The fastest of three routes for this chain on ``h (B, n)``: einsum only, kernels
+    only, and per factor the faster of the two on the layout it receives.
+
+    Timed the first time a (chain, dtype, batch rounded up to a power of two, device)
+    is seen, then cached: later calls cost a dictionary lookup.
+    """
+    key = (tuple(p.as_tuple() for p in patterns), h.dtype, _pow2_ceil(h.shape[0]), h.device.index or 0)
+    if key not in _routes:
+        with torch.no_grad():
+            twiddles = [t.detach() for t in twiddles]
+            greedy: list[bool] = []
+            g = h
+            for pattern, twiddle in zip(reversed(patterns), reversed(twiddles)):
+                kernel_ms = _elapsed_ms(functools.partial(_apply_factor, pattern, twiddle, g, True))
+                einsum_ms = _elapsed_ms(functools.partial(_apply_factor, pattern, twiddle, g, False))
+                greedy.insert(0, kernel_ms < einsum_ms)
+                g = _apply_factor(pattern, twiddle, g, greedy[0])
+            candidates = {(False,) * len(patterns), (True,) * len(patterns), tuple(greedy)}
+            timed = {
+                r: _elapsed_ms(functools.partial(_run_route, patterns, twiddles, h, r)) for r in candidates
+            }
+        _routes[key] = min(timed, key=timed.__getitem__)
+    return _routes[key]
+
+
 def ks_chain_apply(
     patterns: Sequence[PatternLike], twiddles: Sequence[torch.Tensor], x: torch.Tensor
 ) -> torch.Tensor:
-    """``x @ (X_1 … X_L).T`` through the kernels: ``(…, n) -> (…, m)``, ``X_L`` applied first.
+    """``x @ (X_1 … X_L).T`` on the GPU: ``(…, n) -> (…, m)``, ``X_L`` applied first.
 
-    Two-factor chains use the fused kernel when no gradient is needed and the kernel
-    covers their shape; otherwise each factor goes through ``ks_factor_apply``.
+    With ``LYONCOMPRESS_KERNELS=cupy`` every factor goes through ``ks_factor_apply``;
+    unset, each factor goes through the kernel or the pattern's einsum as the route
+    measured fastest on first use says (``chain_route``). The fused two-factor kernel
+    (``chain_forward_fused``) is not used here: on an H200 it was 2-40x slower than the
+    factors one by one (RESULTS.md).
 
     Example:
         >>> y = ks_chain_apply(chain.patterns, layer.twiddles, x.cuda())
@@ -450,17 +524,9 @@ def ks_chain_apply(
     if len(patterns) != len(twiddles):
         raise InputError(f"{len(patterns)} patterns but {len(twiddles)} twiddles")
     lead = x.shape[:-1]
-    h = x.reshape(-1, x.shape[-1]).contiguous()  # (B, n)
-    twiddles = [t.contiguous() for t in twiddles]
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(t.requires_grad for t in twiddles))
-    fused = None
-    if len(patterns) == 2 and not needs_grad:
-        fused = chain_forward_fused(patterns[0], patterns[1], twiddles, h)
-    if fused is not None:
-        h = fused
-    else:
-        for pattern, twiddle in zip(reversed(patterns), reversed(twiddles)):
-            h = ks_factor_apply(pattern, twiddle, h)
+    h = x.reshape(-1, x.shape[-1])  # (B, n)
+    route = (True,) * len(patterns) if backend() == "cupy" else chain_route(patterns, twiddles, h)
+    h = _run_route(patterns, twiddles, h, route)
     return h.reshape(*lead, h.shape[-1])  # (…, m)
 
 

@@ -172,7 +172,10 @@ def test_backward_vs_autograd(pattern: tuple[int, int, int, int], dtype: torch.d
     ks = KSPattern(*pattern)
     twiddle, x = _inputs(ks, 33, dtype)
     grad_y = torch.randn(33, ks.shape[0], device="cuda").to(dtype)
-    t_ref, x_ref = twiddle.float().requires_grad_(), x.float().requires_grad_()
+    # detach().float().clone(): for float32, .float() is the same tensor, and marking it
+    # would make the kernel side's clones non-leaf tensors without .grad
+    t_ref = twiddle.detach().float().clone().requires_grad_()
+    x_ref = x.detach().float().clone().requires_grad_()
     ks.apply(t_ref, x_ref).backward(grad_y.float())
     t_k, x_k = twiddle.clone().requires_grad_(), x.clone().requires_grad_()
     kernels.ks_factor_apply(ks, t_k, x_k).backward(grad_y)
@@ -229,8 +232,42 @@ def test_kernels_run_on_torch_current_stream() -> None:
 
 
 @gpu
+def test_each_chain_takes_the_measured_faster_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    # margins measured on an H200 (RESULTS.md): kernels only ~5x faster than einsum on a
+    # radix-2 butterfly, einsum only ~3x faster than any route with kernels on a Monarch
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "_routes", {})
+    x = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
+    for chain, expected in [(square_butterfly(4096), True), (monarch(4096, 4096, 64), False)]:
+        twiddles = [torch.randn(s, device="cuda").bfloat16() for s in chain.twiddle_shapes]
+        assert kernels.chain_route(chain.patterns, twiddles, x) == (expected,) * len(chain)
+    assert len(kernels._routes) == 2  # measured once per chain, then looked up
+
+
+@gpu
+@pytest.mark.parametrize("forced", [None, "cupy"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chain_apply_vs_einsum_with_gradients(
+    dtype: torch.dtype, forced: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if forced is None:
+        monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(kernels.ENV_VAR, forced)
+    chain = Chain.of((2, 64, 64, 1), (64, 2, 2, 1))  # a large-block and a 2 x 2-block factor
+    twiddles = [torch.randn(s, device="cuda").to(dtype).requires_grad_() for s in chain.twiddle_shapes]
+    x = torch.randn(3, 5, chain.shape[1], device="cuda").to(dtype).requires_grad_()
+    y = kernels.ks_chain_apply(chain.patterns, twiddles, x)
+    expected = chain.apply([t.detach().float() for t in twiddles], x.detach().float())
+    assert y.shape == (3, 5, chain.shape[0])
+    assert _rel_error(y, expected) < 2 * TOLERANCE[dtype]
+    y.float().square().sum().backward()
+    assert all(t.grad is not None for t in twiddles) and x.grad is not None
+
+
+@gpu
 def test_butterfly_linear_trains_through_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    chain = monarch(256, 256, 16)
+    chain = square_butterfly(256)  # radix-2: every factor goes through the kernels
     reference = ButterflyLinear(256, 256, chain).cuda()
     for factor in reference.factors:
         torch.nn.init.normal_(factor.twiddle, std=0.1)
