@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # CPU benchmarks; benchmarks/memory.py (2 GB of disk, minutes) and
-# benchmarks/ks_matmul_gpu.py (needs a GPU) are run by hand.
+# benchmarks/gpu_checks.sh (GPU tests + ks_matmul_gpu.py, needs a GPU) are run by hand.
 bench: $(STAMP)
 	$(BIN)/pip install -q pyfaust
 	$(BIN)/python benchmarks/projection.py
