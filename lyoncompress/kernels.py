@@ -13,8 +13,9 @@ by duck typing (anything with ``as_tuple()``) so that this module imports nothin
 the package but the error types.
 
 Backend choice (``use_cuda_kernels``): the environment variable ``LYONCOMPRESS_KERNELS``
-is ``torch`` (always the reference einsum), ``cupy`` (always the kernels; an error if they
-cannot run) or unset (the kernels for CUDA tensors when CuPy imports, torch otherwise).
+is ``torch`` (always the reference einsum), ``cupy`` (every factor through the kernels; an
+error if they cannot run) or unset (for CUDA tensors when CuPy imports, each chain's
+fastest route among kernels and einsum, measured on first use; torch otherwise).
 """
 
 from __future__ import annotations
@@ -486,7 +487,8 @@ def chain_route(patterns: Sequence[PatternLike], twiddles: Sequence[torch.Tensor
     only, and per factor the faster of the two on the layout it receives.
 
     Timed the first time a (chain, dtype, batch rounded up to a power of two, device)
-    is seen, then cached: later calls cost a dictionary lookup.
+    is seen, then cached: later calls cost a dictionary lookup. The timing synchronises
+    the device, so run a shape once before capturing it in a CUDA graph.
     """
     key = (tuple(p.as_tuple() for p in patterns), h.dtype, _pow2_ceil(h.shape[0]), h.device.index or 0)
     if key not in _routes:
@@ -556,7 +558,8 @@ def backend() -> str | None:
 
 
 def use_cuda_kernels(x: torch.Tensor) -> bool:
-    """Whether KS products on ``x`` should go through the CUDA kernels.
+    """Whether KS products on ``x`` should go through ``ks_chain_apply`` (the kernels,
+    or einsum per factor where the measured route says so) rather than plain einsum.
 
     Unset ``LYONCOMPRESS_KERNELS``: yes exactly when ``kernels_available(x)``.
     ``torch``: never. ``cupy``: always, and an error when they cannot run
