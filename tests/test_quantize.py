@@ -123,6 +123,38 @@ def test_weighted_rank_one_solver_vs_brute_force(m: int, n: int, t: int) -> None
         assert (unweighted > solved.cost * (1 + 1e-6)).any()
 
 
+def _rank_one_cost(x, y, x_hat, y_hat):
+    """‖x yᵀ - x̂ ŷᵀ‖² over the last axis, broadcasting the leading ones."""
+    dot_x, dot_y = (x * x_hat).sum(-1), (y * y_hat).sum(-1)
+    return (
+        (x * x).sum(-1) * (y * y).sum(-1)
+        - 2 * dot_x * dot_y
+        + (x_hat * x_hat).sum(-1) * (y_hat * y_hat).sum(-1)
+    )
+
+
+def test_optimal_rank_one_survives_re_rounding_and_coordinate_flips() -> None:
+    # beyond brute force (m = n = 32, a Monarch 1024/32 block, t = 4): the optimum is a fixed
+    # point of re-rounding x̂ for ŷ, and no entry of x̂ moved to its other grid neighbour
+    # (ŷ re-optimised) lowers the cost, so a "raise cos(x, x̂)" post-pass cannot help
+    gen = torch.Generator().manual_seed(11)
+    t, x, y = 4, torch.randn(64, 32, generator=gen, dtype=F64), torch.randn(64, 32, generator=gen, dtype=F64)
+    solved = solve_rank_one(x, y, t)
+    x_hat = round_significand(solved.lam[:, None] * x, t)
+    y_hat = round_significand(solved.mu[:, None] * y, t)
+    floor = solved.cost - 1e-12 * (x * x).sum(-1) * (y * y).sum(-1)
+    nu = (y * y_hat).sum(-1) / (y_hat * y_hat).sum(-1)
+    assert (_rank_one_cost(x, y, round_significand(nu[:, None] * x, t), y_hat) >= floor).all()
+    v = solved.lam[:, None] * x  # (B, m)
+    ulp = torch.exp2((torch.frexp(v)[1] - t).to(F64))
+    low = torch.floor(v / ulp) * ulp
+    other = torch.where(x_hat == low, low + ulp, low)
+    flipped = torch.where(torch.eye(32, dtype=torch.bool), other[:, None, :], x_hat[:, None, :])  # (B, m, m)
+    mu = (x[:, None] * flipped).sum(-1) / (flipped * flipped).sum(-1)  # (B, m)
+    y_flip = round_significand(mu[..., None] * y[:, None], t)  # (B, m, n)
+    assert (_rank_one_cost(x[:, None], y[:, None], flipped, y_flip) >= floor[:, None]).all()
+
+
 def test_rank_one_zero_vector_costs_nothing() -> None:
     solved = solve_rank_one(torch.zeros(2, 3, dtype=F64), torch.randn(2, 2, dtype=F64), 3)
     assert torch.equal(solved.cost, torch.zeros(2, dtype=F64))
