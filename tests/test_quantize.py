@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lyoncompress.butterfly import Chain, KSPattern, monarch, square_butterfly
+from lyoncompress.butterfly import Chain, KSPattern, monarch, search_chains, square_butterfly
 from lyoncompress.errors import InputError
 from lyoncompress.quantization import FORMATS, RESCALINGS, get_format, quantize_chain, solve_rank_one
+from lyoncompress.quantization.descent import descend, one_path_per_entry
 from lyoncompress.quantization.diagonal import (
     Job,
     cols,
@@ -289,6 +290,84 @@ def test_prefix_weights_lower_the_left_to_right_error() -> None:
         ]
         ratios.append(errs[0] / errs[1])
     assert sum(ratios) / len(ratios) < 0.9  # measured 0.77 (0.73-0.83 per seed)
+
+
+_PATH_CHAINS = [
+    *search_chains(16, 16, 3)[:60],
+    *search_chains(24, 16, 3)[:60],
+    *search_chains(16, 32, 2)[:30],
+    square_butterfly(64, 4),
+    monarch(64, 64, 8, rank=2),
+    Chain.of((2, 2, 2, 2), (4, 2, 2, 1)),  # block-diagonal product
+]
+
+
+def test_one_path_per_entry_vs_counted_paths() -> None:
+    for chain in _PATH_CHAINS:
+        paths = chain.to_dense([torch.ones(p.twiddle_shape, dtype=F64) for p in chain.patterns])
+        assert one_path_per_entry(chain) == bool(paths.max() <= 1), chain
+    found = [one_path_per_entry(c) for c in _PATH_CHAINS]
+    assert any(found) and not all(found)
+
+
+def _rounded_left_to_right(chain: Chain, tw: list[torch.Tensor], t: int) -> list[torch.Tensor]:
+    job = Job(chain=chain, fmt=get_format(f"float:t{t}"), group_size=None, calib=None)
+    return [round_significand(x, t) for x in left_to_right(job, tw).twiddles]
+
+
+@pytest.mark.parametrize("n,radix,t", [(64, 2, 3), (64, 2, 6), (64, 4, 4), (32, 2, 8)])
+def test_descent_never_raises_the_product_error(n: int, radix: int, t: int) -> None:
+    chain = square_butterfly(n, radix)
+    for seed in range(3):
+        tw = _gaussian(chain, seed)
+        exact = chain.to_dense(tw)
+        start = _rounded_left_to_right(chain, tw, t)
+        errs = []
+        for passes in range(4):  # sweeps from the right, the left, the right
+            q = descend(chain, tw, start, t, passes)
+            assert all(torch.equal(round_significand(x, t), x) for x in q)  # on the grid
+            errs.append(float((chain.to_dense(q) - exact).norm()))
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:])), errs
+        assert errs[-1] < errs[0]
+
+
+@pytest.mark.parametrize("passes,level", [(1, 0), (2, 1)])
+def test_descent_level_is_the_optimum_given_the_other_factors(passes: int, level: int) -> None:
+    # the level a sweep solved last (the first after a sweep from the right, the second after
+    # one from the left) is optimal given the other factors: compare every shared index j with
+    # every pair of grid vectors in a window (t=2) on the dense product
+    chain = square_butterfly(8)
+    for seed in range(4):
+        _check_level_against_brute_force(chain, _gaussian(chain, seed), passes, level)
+
+
+def _check_level_against_brute_force(chain: Chain, tw: list[torch.Tensor], passes: int, level: int) -> None:
+    t = 2
+    q = descend(chain, tw, _rounded_left_to_right(chain, tw, t), t, passes)
+    exact = chain.to_dense(tw)
+    dense = [p.to_dense(x) for p, x in zip(chain.patterns, q)]  # (8, 8) each
+    eye = torch.eye(8, dtype=F64)
+    prefix = dense[0] if level == 1 else eye
+    left, right = dense[level], dense[level + 1]
+    suffix = dense[2] if level == 0 else eye
+    residual = exact - prefix @ left @ right @ suffix
+    small = torch.cat((torch.zeros(1, dtype=F64), _grid(t, range(-6, 1), (1.0, -1.0))))  # |x̂| < 2
+    wide = torch.cat((torch.zeros(1, dtype=F64), _grid(t, range(-12, 12), (1.0, -1.0))))
+    xs, ys = torch.cartesian_prod(small, small), torch.cartesian_prod(wide, wide)  # (C, 2), (D, 2)
+    for j in range(8):
+        col = chain.patterns[level].support()[:, j]  # the 2 rows of column j
+        row = chain.patterns[level + 1].support()[j, :]  # the 2 columns of row j
+        term = torch.outer(prefix @ left[:, j], right[j] @ suffix)
+        target = residual + term  # W minus every other index's term
+        u = torch.zeros(len(xs), 8, dtype=F64)
+        u[:, col] = xs
+        v = torch.zeros(len(ys), 8, dtype=F64)
+        v[:, row] = ys
+        u, v = u @ prefix.T, v @ suffix  # (C, 8), (D, 8)
+        # ‖target - u vᵀ‖² for every pair, without a (C, D, 8, 8) tensor
+        brute = (target * target).sum() - 2 * (u @ target) @ v.T + (u * u).sum(-1)[:, None] * (v * v).sum(-1)
+        mine = ((target - term) ** 2).sum()
+        assert mine <= brute.min() + 1e-12 * (target * target).sum(), j
 
 
 @pytest.mark.parametrize("fmt", ["float:t4", "int8", "fp8-e4m3"])
