@@ -110,10 +110,17 @@ def float_rows() -> None:
             )
             r = unweighted_error(chain, tw, t) / base
             row(f"radix-2 N={n}", fmt, "left-to-right without prefix weights / RTN", r, "", None)
+            r = product_error(chain, tw, fmt, "descent") / base
+            row(f"radix-2 N={n}", fmt, "descent / RTN", r, "", None)
             r = product_error(chain, tw, fmt, "pairwise") / base
             row(f"radix-2 N={n}", fmt, "pairwise / RTN", r, "", None)
     for n in (256, 1024):
-        ratio_rows(f"radix-4 N={n}", square_butterfly(n, 4), (4, 6, 8), {"left-to-right": (0.5, 6)})
+        ratio_rows(
+            f"radix-4 N={n}",
+            square_butterfly(n, 4),
+            (4, 6, 8),
+            {"left-to-right": (0.5, 6), "descent": (None, 0)},
+        )
     ratio_rows("Monarch 256, 16 blocks", monarch(256, 256, 16), (4, 6, 8), {"optimal": (0.75, 0)})
     ratio_rows("Monarch 1024, 32 blocks", monarch(1024, 1024, 32), (4, 6, 8), {"optimal": (0.75, 0)})
     flip_rows()
@@ -182,6 +189,7 @@ def growth_rows() -> None:
             "RTN": "none",
             "left-to-right without prefix weights": None,
             "left-to-right": "left-to-right",
+            "descent": "descent",
             "feedback": "feedback",
         }
         for seeds in (range(GROWTH_SEEDS), range(1)):
@@ -200,7 +208,7 @@ def growth_rows() -> None:
                         sum(_error(chain, gaussian(chain, seed), t, method) for seed in seeds) / len(seeds)
                     )
                 growth = errs[1] / errs[0]
-                judged = label == "left-to-right"
+                judged = label in ("left-to-right", "descent")
                 row(case, fmt, f"{label} err(L=6)", errs[0], "", None)
                 row(case, fmt, f"{label} err(L=10)", errs[1], "", None)
                 row(
@@ -293,6 +301,9 @@ def speed_rows() -> None:
             wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
         row("radix-2 N=4096 L=12", f"float:t{t}", "left-to-right wall time [s]", wall, "< 2", wall < 2)
         row("radix-2 N=4096 L=12", f"float:t{t}", "left-to-right CPU time, all threads [s]", cpu, "", None)
+        t0 = time.perf_counter()
+        quantize_chain(chain, tw, f"float:t{t}", rescale="descent")
+        row("radix-2 N=4096 L=12", f"float:t{t}", "descent wall time [s]", time.perf_counter() - t0, "", None)
     t0 = time.perf_counter()
     quantize_chain(chain, tw, "int4", rescale="equalize+auto")
     row("radix-2 N=4096 L=12", "int4", "equalize+auto wall time [s]", time.perf_counter() - t0, "", None)
