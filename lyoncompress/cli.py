@@ -447,11 +447,12 @@ def quantize(
     rescale: Annotated[
         str | None,
         typer.Option(
-            help="none | optimal | pairwise | left-to-right | feedback | auto | learned, optionally "
-            "after equalize+ (default: left-to-right; for int formats equalize+auto, or auto with "
-            "--calib). feedback: least-squares re-fit of each next factor + GPTQ rounding + clipping "
-            "search; auto: the best of left-to-right, feedback and plain rounding (on held-out "
-            "inputs with --calib)."
+            help="none | optimal | pairwise | left-to-right | descent | feedback | auto | learned, "
+            "optionally after equalize+ (default: left-to-right; for int formats equalize+auto, or "
+            "auto with --calib). descent: left-to-right, then exact per-level re-solves (float "
+            "formats on square butterflies; 3-5x slower). feedback: least-squares re-fit of "
+            "each next factor + GPTQ rounding + clipping search; auto: the best of left-to-right, "
+            "feedback and plain rounding (on held-out inputs with --calib)."
         ),
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="Entries per scale along a block row.")] = None,

@@ -9,12 +9,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lyoncompress.butterfly import Chain, KSPattern, monarch, square_butterfly
+from lyoncompress.butterfly import Chain, KSPattern, monarch, search_chains, square_butterfly
 from lyoncompress.errors import InputError
 from lyoncompress.quantization import FORMATS, RESCALINGS, get_format, quantize_chain, solve_rank_one
-from lyoncompress.quantization.diagonal import Job, cols, rows, scale_cols, scale_rows
+from lyoncompress.quantization.descent import descend, one_path_per_entry
+from lyoncompress.quantization.diagonal import (
+    Job,
+    cols,
+    entry_weights,
+    prefix_weights,
+    rows,
+    scale_cols,
+    scale_rows,
+)
 from lyoncompress.quantization.feedback import FeedbackSettings, blocks, clipped_scales, feedback, gptq, refit
 from lyoncompress.quantization.formats import pack_int4, round_significand, unpack_int4
+from lyoncompress.quantization.rescale import left_to_right
 
 F64 = torch.float64
 
@@ -38,20 +48,26 @@ def _grid(t: int, exponents: range, signs: tuple[float, ...]) -> torch.Tensor:
     return torch.cat([s * significands * 2.0**e for e in exponents for s in signs])
 
 
-def _brute_force(x: torch.Tensor, y: torch.Tensor, t: int) -> torch.Tensor:
-    """min over every t-bit x̂ (in a window) of ‖x yᵀ - x̂ ŷᵀ‖², ŷ = fl(μ y) optimal for x̂.
+def _brute_force(
+    x: torch.Tensor, y: torch.Tensor, t: int, wx: torch.Tensor | None = None, wy: torch.Tensor | None = None
+) -> torch.Tensor:
+    """min over every t-bit x̂ (in a window) of ‖diag(wx)^½ (x yᵀ - x̂ ŷᵀ) diag(wy)^½‖²,
+    ŷ = fl(μ y) with the weighted μ = ⟨x, x̂⟩_wx / ‖x̂‖²_wx, optimal for x̂.
 
     By scale invariance x̂_0 (x sorted so that |x_0| is largest) lies in [1, 2); the
     other entries range over 0 and ±[2^-3, 4), which covers |x_i| / |x_0| ∈ [1/4, 1].
     """
     batch, m = x.shape
+    wx = torch.ones_like(x) if wx is None else wx
+    wy = torch.ones_like(y) if wy is None else wy
     others = torch.cat((torch.zeros(1, dtype=F64), _grid(t, range(-3, 2), (1.0, -1.0))))
     cand = torch.cartesian_prod(_grid(t, range(1), (1.0,)), *[others] * (m - 1)).reshape(-1, m)  # (C, m)
-    mu = (x @ cand.T) / (cand * cand).sum(-1)  # (B, C)
+    mu = ((wx * x) @ cand.T) / (wx @ (cand * cand).T)  # (B, C)
     y_hat = round_significand(mu.unsqueeze(-1) * y.unsqueeze(1), t)  # (B, C, n)
     full = x[:, None, :, None] * y[:, None, None, :]  # (B, 1, m, n)
     approx = cand[None, :, :, None] * y_hat[:, :, None, :]  # (B, C, m, n)
-    return ((full - approx) ** 2).sum((-1, -2)).min(-1).values
+    weight = wx[:, None, :, None] * wy[:, None, None, :]  # (B, 1, m, n)
+    return (weight * (full - approx) ** 2).sum((-1, -2)).min(-1).values
 
 
 @pytest.mark.parametrize("m,n,t", list(itertools.product((1, 2, 3), (1, 2, 3), (1, 2, 3, 4))))
@@ -76,6 +92,68 @@ def test_rank_one_solver_vs_brute_force(m: int, n: int, t: int) -> None:
         x[:, :, None] * y[:, None] - round_significand(x, t)[:, :, None] * round_significand(y, t)[:, None]
     ) ** 2
     assert (solved.cost <= rtn.sum((1, 2)) * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("m,n,t", list(itertools.product((1, 2, 3), (1, 2, 3), (2, 4))))
+def test_weighted_rank_one_solver_vs_brute_force(m: int, n: int, t: int) -> None:
+    # 18 shapes x 60 cases, weights spread over two decades on both sides
+    gen = torch.Generator().manual_seed(1000 + 100 * m + 10 * n + t)
+    x = torch.empty(60, m, dtype=F64).uniform_(0.25, 1, generator=gen)
+    x = x * torch.randn(60, m, generator=gen, dtype=F64).sign()
+    x = x[torch.arange(60)[:, None], x.abs().argsort(-1, descending=True)]
+    y = torch.randn(60, n, generator=gen, dtype=F64)
+    wx = 10 ** torch.empty(60, m, dtype=F64).uniform_(-1, 1, generator=gen)
+    wy = 10 ** torch.empty(60, n, dtype=F64).uniform_(-1, 1, generator=gen)
+    solved = solve_rank_one(x, y, t, x_weight=wx, y_weight=wy)
+    best = _brute_force(x, y, t, wx, wy)
+    scale = (wx * x * x).sum(-1) * (wy * y * y).sum(-1)
+    assert ((solved.cost - best).abs() <= 1e-12 * scale + 1e-9 * best).all()
+    x_hat = round_significand(solved.lam[:, None] * x, t)
+    y_hat = round_significand(solved.mu[:, None] * y, t)
+    diff = x[:, :, None] * y[:, None] - x_hat[:, :, None] * y_hat[:, None]
+    direct = (wx[:, :, None] * wy[:, None] * diff**2).sum((1, 2))
+    assert torch.allclose(direct, solved.cost, rtol=1e-9, atol=1e-12)
+    # the weights matter: the unweighted optimum is worse on the weighted cost somewhere
+    plain = solve_rank_one(x, y, t)
+    x_hat = round_significand(plain.lam[:, None] * x, t)
+    y_hat = round_significand(plain.mu[:, None] * y, t)
+    diff = x[:, :, None] * y[:, None] - x_hat[:, :, None] * y_hat[:, None]
+    unweighted = (wx[:, :, None] * wy[:, None] * diff**2).sum((1, 2))
+    assert (unweighted >= solved.cost * (1 - 1e-9)).all()
+    if m > 1 or n > 1:
+        assert (unweighted > solved.cost * (1 + 1e-6)).any()
+
+
+def _rank_one_cost(x, y, x_hat, y_hat):
+    """‖x yᵀ - x̂ ŷᵀ‖² over the last axis, broadcasting the leading ones."""
+    dot_x, dot_y = (x * x_hat).sum(-1), (y * y_hat).sum(-1)
+    return (
+        (x * x).sum(-1) * (y * y).sum(-1)
+        - 2 * dot_x * dot_y
+        + (x_hat * x_hat).sum(-1) * (y_hat * y_hat).sum(-1)
+    )
+
+
+def test_optimal_rank_one_survives_re_rounding_and_coordinate_flips() -> None:
+    # beyond brute force (m = n = 32, a Monarch 1024/32 block, t = 4): the optimum is a fixed
+    # point of re-rounding x̂ for ŷ, and no entry of x̂ moved to its other grid neighbour
+    # (ŷ re-optimised) lowers the cost, so a "raise cos(x, x̂)" post-pass cannot help
+    gen = torch.Generator().manual_seed(11)
+    t, x, y = 4, torch.randn(64, 32, generator=gen, dtype=F64), torch.randn(64, 32, generator=gen, dtype=F64)
+    solved = solve_rank_one(x, y, t)
+    x_hat = round_significand(solved.lam[:, None] * x, t)
+    y_hat = round_significand(solved.mu[:, None] * y, t)
+    floor = solved.cost - 1e-12 * (x * x).sum(-1) * (y * y).sum(-1)
+    nu = (y * y_hat).sum(-1) / (y_hat * y_hat).sum(-1)
+    assert (_rank_one_cost(x, y, round_significand(nu[:, None] * x, t), y_hat) >= floor).all()
+    v = solved.lam[:, None] * x  # (B, m)
+    ulp = torch.exp2((torch.frexp(v)[1] - t).to(F64))
+    low = torch.floor(v / ulp) * ulp
+    other = torch.where(x_hat == low, low + ulp, low)
+    flipped = torch.where(torch.eye(32, dtype=torch.bool), other[:, None, :], x_hat[:, None, :])  # (B, m, m)
+    mu = (x[:, None] * flipped).sum(-1) / (flipped * flipped).sum(-1)  # (B, m)
+    y_flip = round_significand(mu[..., None] * y[:, None], t)  # (B, m, n)
+    assert (_rank_one_cost(x[:, None], y[:, None], flipped, y_flip) >= floor[:, None]).all()
 
 
 def test_rank_one_zero_vector_costs_nothing() -> None:
@@ -168,6 +246,128 @@ def test_rescaling_never_worse_than_rtn_on_two_factors(rescale: str) -> None:
         assert _product_error(chain, tw, fmt="float:t4", rescale=rescale) <= _product_error(
             chain, tw, fmt="float:t4", rescale="none"
         )
+
+
+@pytest.mark.parametrize("n,radix", [(32, 2), (64, 4)])
+def test_prefix_weights_vs_dense_column_norms(n: int, radix: int) -> None:
+    chain = square_butterfly(n, radix)
+    quantized = [round_significand(t, 3) for t in _gaussian(chain)]
+    weight = torch.ones(n, dtype=F64)
+    for depth, pattern in enumerate(chain.patterns[:-1], start=1):
+        weight = prefix_weights(pattern, quantized[depth - 1], weight)
+        prefix = Chain(chain.patterns[:depth]).to_dense(quantized[:depth])  # (n, n)
+        norms = (prefix * prefix).sum(0)
+        assert torch.allclose(weight, norms / norms.mean(), rtol=1e-12)
+
+
+def test_weighted_last_pair_cost_is_the_product_error() -> None:
+    # with X̂_1 fixed, the weighted rank-one costs of (X_2, X_3) add up to ‖X̂_1 (X_2 X_3 - X̂_2 X̂_3)‖²
+    chain = square_butterfly(8)
+    p1, p2, p3 = chain.patterns
+    tw = _gaussian(chain, 5)
+    first = round_significand(tw[0], 3)
+    prefix = p1.to_dense(first)  # (8, 8)
+    norms = (prefix * prefix).sum(0)
+    weight = entry_weights(p2, prefix_weights(p1, first, torch.ones(8, dtype=F64)))
+    solved = solve_rank_one(cols(p2, tw[1]), rows(p3, tw[2]), 3, x_weight=weight)
+    second = round_significand(scale_cols(p2, tw[1], solved.lam), 3)
+    third = round_significand(scale_rows(p3, tw[2], solved.mu), 3)
+    exact = p2.to_dense(tw[1]) @ p3.to_dense(tw[2])
+    err = prefix @ (exact - p2.to_dense(second) @ p3.to_dense(third))
+    assert float((err**2).sum()) == pytest.approx(float(solved.cost.sum() * norms.mean()), rel=1e-9)
+
+
+def test_prefix_weights_lower_the_left_to_right_error() -> None:
+    chain = square_butterfly(256)
+    job = Job(chain=chain, fmt=get_format("float:t8"), group_size=None, calib=None)
+    ratios = []
+    for seed in range(4):
+        tw = _gaussian(chain, seed)
+        exact = chain.to_dense(tw)
+        errs = [
+            float((chain.to_dense([round_significand(t, 8) for t in found.twiddles]) - exact).norm())
+            for found in (left_to_right(job, tw), left_to_right(job, tw, weigh_prefix=False))
+        ]
+        ratios.append(errs[0] / errs[1])
+    assert sum(ratios) / len(ratios) < 0.9  # measured 0.77 (0.73-0.83 per seed)
+
+
+_PATH_CHAINS = [
+    *search_chains(16, 16, 3)[:60],
+    *search_chains(24, 16, 3)[:60],
+    *search_chains(16, 32, 2)[:30],
+    square_butterfly(64, 4),
+    monarch(64, 64, 8, rank=2),
+    Chain.of((2, 2, 2, 2), (4, 2, 2, 1)),  # block-diagonal product
+]
+
+
+def test_one_path_per_entry_vs_counted_paths() -> None:
+    for chain in _PATH_CHAINS:
+        paths = chain.to_dense([torch.ones(p.twiddle_shape, dtype=F64) for p in chain.patterns])
+        assert one_path_per_entry(chain) == bool(paths.max() <= 1), chain
+    found = [one_path_per_entry(c) for c in _PATH_CHAINS]
+    assert any(found) and not all(found)
+
+
+def _rounded_left_to_right(chain: Chain, tw: list[torch.Tensor], t: int) -> list[torch.Tensor]:
+    job = Job(chain=chain, fmt=get_format(f"float:t{t}"), group_size=None, calib=None)
+    return [round_significand(x, t) for x in left_to_right(job, tw).twiddles]
+
+
+@pytest.mark.parametrize("n,radix,t", [(64, 2, 3), (64, 2, 6), (64, 4, 4), (32, 2, 8)])
+def test_descent_never_raises_the_product_error(n: int, radix: int, t: int) -> None:
+    chain = square_butterfly(n, radix)
+    for seed in range(3):
+        tw = _gaussian(chain, seed)
+        exact = chain.to_dense(tw)
+        start = _rounded_left_to_right(chain, tw, t)
+        errs = []
+        for passes in range(4):  # sweeps from the right, the left, the right
+            q = descend(chain, tw, start, t, passes)
+            assert all(torch.equal(round_significand(x, t), x) for x in q)  # on the grid
+            errs.append(float((chain.to_dense(q) - exact).norm()))
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(errs, errs[1:])), errs
+        assert errs[-1] < errs[0]
+
+
+@pytest.mark.parametrize("passes,level", [(1, 0), (2, 1)])
+def test_descent_level_is_the_optimum_given_the_other_factors(passes: int, level: int) -> None:
+    # the level a sweep solved last (the first after a sweep from the right, the second after
+    # one from the left) is optimal given the other factors: compare every shared index j with
+    # every pair of grid vectors in a window (t=2) on the dense product
+    chain = square_butterfly(8)
+    for seed in range(4):
+        _check_level_against_brute_force(chain, _gaussian(chain, seed), passes, level)
+
+
+def _check_level_against_brute_force(chain: Chain, tw: list[torch.Tensor], passes: int, level: int) -> None:
+    t = 2
+    q = descend(chain, tw, _rounded_left_to_right(chain, tw, t), t, passes)
+    exact = chain.to_dense(tw)
+    dense = [p.to_dense(x) for p, x in zip(chain.patterns, q)]  # (8, 8) each
+    eye = torch.eye(8, dtype=F64)
+    prefix = dense[0] if level == 1 else eye
+    left, right = dense[level], dense[level + 1]
+    suffix = dense[2] if level == 0 else eye
+    residual = exact - prefix @ left @ right @ suffix
+    small = torch.cat((torch.zeros(1, dtype=F64), _grid(t, range(-6, 1), (1.0, -1.0))))  # |x̂| < 2
+    wide = torch.cat((torch.zeros(1, dtype=F64), _grid(t, range(-12, 12), (1.0, -1.0))))
+    xs, ys = torch.cartesian_prod(small, small), torch.cartesian_prod(wide, wide)  # (C, 2), (D, 2)
+    for j in range(8):
+        col = chain.patterns[level].support()[:, j]  # the 2 rows of column j
+        row = chain.patterns[level + 1].support()[j, :]  # the 2 columns of row j
+        term = torch.outer(prefix @ left[:, j], right[j] @ suffix)
+        target = residual + term  # W minus every other index's term
+        u = torch.zeros(len(xs), 8, dtype=F64)
+        u[:, col] = xs
+        v = torch.zeros(len(ys), 8, dtype=F64)
+        v[:, row] = ys
+        u, v = u @ prefix.T, v @ suffix  # (C, 8), (D, 8)
+        # ‖target - u vᵀ‖² for every pair, without a (C, D, 8, 8) tensor
+        brute = (target * target).sum() - 2 * (u @ target) @ v.T + (u * u).sum(-1)[:, None] * (v * v).sum(-1)
+        mine = ((target - term) ** 2).sum()
+        assert mine <= brute.min() + 1e-12 * (target * target).sum(), j
 
 
 @pytest.mark.parametrize("fmt", ["float:t4", "int8", "fp8-e4m3"])

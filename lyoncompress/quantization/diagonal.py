@@ -2,7 +2,8 @@
 
 Between ``X_ℓ`` (pattern ``(a,b,c,d)``) and ``X_{ℓ+1}`` the shared index ``j`` is
 column ``(i, l, k) ∈ a×c×d`` of ``X_ℓ`` and row ``(i', j', k') ∈ a'×b'×d'`` of
-``X_{ℓ+1}``, both flattened row-major (``a·c·d = a'·b'·d'``).
+``X_{ℓ+1}``, both flattened row-major (``a·c·d = a'·b'·d'``). Weights say what an entry's rounding
+error costs once the factors before it multiply it.
 """
 
 from __future__ import annotations
@@ -67,3 +68,25 @@ def rescale_pair(
     pats = job.chain.patterns
     twiddles[left] = scale_cols(pats[left], twiddles[left], lam)
     twiddles[left + 1] = scale_rows(pats[left + 1], twiddles[left + 1], mu)
+
+
+def entry_weights(pattern: KSPattern, row_weight: torch.Tensor) -> torch.Tensor:
+    """Weight of every entry of every column, ``(a·c·d, b)``, from one weight per row ``(a·b·d,)``."""
+    a, b, c, d = pattern.as_tuple()
+    per_row = row_weight.reshape(a, b, d).permute(0, 2, 1).unsqueeze(-1)  # (a, d, b, 1)
+    return cols(pattern, per_row.expand(a, d, b, c))
+
+
+def prefix_weights(pattern: KSPattern, quantized: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """Squared column norms ``(a·c·d,)`` of ``P X̂`` from those of ``P`` (``row_weight``
+    ``(a·b·d,)``, one per row of ``X̂``).
+
+    Exact when the columns of ``P`` over each column's support are orthogonal, which
+    holds for chains where each entry of the product is one path of twiddle entries
+    (square butterflies, Monarch); elsewhere the cross terms are left out. Normalised
+    to mean 1: the search only compares costs of one column, so a common factor is free.
+    """
+    a, b, c, d = pattern.as_tuple()
+    per_row = row_weight.reshape(a, b, d).permute(0, 2, 1)  # (a, d, b)
+    out = torch.einsum("adbc,adb->acd", quantized * quantized, per_row).reshape(-1)  # (a·c·d,)
+    return out / out.mean().clamp_min(torch.finfo(out.dtype).tiny)

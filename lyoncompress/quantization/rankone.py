@@ -14,6 +14,12 @@ and there ``fl(λ x)`` is piecewise constant: entry ``i`` changes value where
 ``[1, 2)`` splits into at most ``m·2^{t-1} + 1`` intervals. Evaluating one point per
 interval is an exact search. Everything here is batched: no loop over the batch
 or over breakpoints (only over memory-sized chunks of the batch).
+
+The same holds with positive diagonal weights on both sides, i.e. for
+``‖diag(w)^½ (x yᵀ - x̂ ŷᵀ) diag(v)^½‖²`` with every inner product and norm above
+weighted (``⟨x, x̂⟩_w = Σ w_i x_i x̂_i``): for a fixed ``ŷ`` the best ``x̂`` is still an
+entry-wise rounding ``fl(ν x)`` (each entry is its own weighted problem) and vice
+versa. In a chain, ``w`` is what the factors before ``x`` make of its entries.
 """
 
 from __future__ import annotations
@@ -60,7 +66,14 @@ def breakpoints(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, to
     return beta.flatten(-2), d_dot.flatten(-2), d_norm2.flatten(-2)
 
 
-def solve_rank_one(x: torch.Tensor, y: torch.Tensor, t: int, partner: float = 1.0) -> RankOneSolution:
+def solve_rank_one(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: int,
+    partner: float = 1.0,
+    x_weight: torch.Tensor | None = None,
+    y_weight: torch.Tensor | None = None,
+) -> RankOneSolution:
     """Best ``(λ, μ)`` for each rank-one ``x_k y_kᵀ``.
 
     Args:
@@ -71,24 +84,34 @@ def solve_rank_one(x: torch.Tensor, y: torch.Tensor, t: int, partner: float = 1.
             true error; smaller when the partner is quantized later with scalings of
             its own (left-to-right sweeps), where mostly the direction of ``x̂``
             counts (weighted by ``‖y‖²``) and the partner term only breaks ties.
+        x_weight: ``(B, m)`` positive weights of the entries of ``x`` (None: ones).
+        y_weight: ``(B, n)`` positive weights of the entries of ``y`` (None: ones).
 
     Returns:
         ``RankOneSolution``; with ``partner=1`` its ``cost`` is the exact
-        ``‖x yᵀ - fl(λx) fl(μy)ᵀ‖²``, never above that of plain rounding.
+        ``‖diag(w)^½ (x yᵀ - fl(λx) fl(μy)ᵀ) diag(v)^½‖²``, never above that of
+        plain rounding.
     """
     x, y = x.double(), y.double()
+    wx = torch.ones_like(x) if x_weight is None else x_weight.double().expand_as(x)
+    wy = torch.ones_like(y) if y_weight is None else y_weight.double().expand_as(y)
     batch, m = x.shape
     width = m * 2 ** (t - 1) + 1
     step = max(1, _CHUNK_ELEMENTS // (width * (max(m, y.shape[1]) if partner > 0 else m)))
-    parts = [_solve_chunk(x[i : i + step], y[i : i + step], t, partner) for i in range(0, batch, step)]
+    parts = [
+        _solve_chunk(x[i : i + step], y[i : i + step], wx[i : i + step], wy[i : i + step], t, partner)
+        for i in range(0, batch, step)
+    ]
     lam, mu, cost = (torch.cat(p, dim=0) for p in zip(*parts))
     return RankOneSolution(lam=lam, mu=mu, cost=cost)
 
 
 def _solve_chunk(
-    x: torch.Tensor, y: torch.Tensor, t: int, partner: float
+    x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor, wy: torch.Tensor, t: int, partner: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    beta, d_dot, d_norm2 = breakpoints(x, t)  # (B, S) each
+    beta, d_dot, d_norm2 = breakpoints(x, t)  # (B, S) each, S = m·K
+    wk = wx.repeat_interleave(2 ** (t - 1), dim=-1)  # (B, S): the weight of the entry that jumps
+    d_dot, d_norm2 = d_dot * wk, d_norm2 * wk
     beta, order = beta.clamp_max(2.0).sort(dim=-1)
     one = torch.ones_like(beta[..., :1])
     bounds = torch.cat((one, beta, 2 * one), dim=-1)  # (B, S + 2): intervals [lo, hi) of [1, 2)
@@ -96,15 +119,16 @@ def _solve_chunk(
     # x̂ on the first interval (that of λ = 1), then one ulp step per breakpoint crossed:
     # ⟨x, x̂⟩ and ‖x̂‖² follow by cumulative sums, with no (B, S, m) tensor
     x_hat = round_significand((1 + beta[..., :1]) / 2 * x, t)  # (B, m)
-    dot = torch.cat(((x_hat * x).sum(-1, keepdim=True), d_dot.gather(-1, order)), dim=-1).cumsum(-1)
-    norm2 = torch.cat(((x_hat * x_hat).sum(-1, keepdim=True), d_norm2.gather(-1, order)), -1).cumsum(-1)
+    dot = torch.cat(((wx * x_hat * x).sum(-1, keepdim=True), d_dot.gather(-1, order)), dim=-1).cumsum(-1)
+    norm2 = torch.cat(((wx * x_hat * x_hat).sum(-1, keepdim=True), d_norm2.gather(-1, order)), -1).cumsum(-1)
     mu = dot / norm2.clamp_min(torch.finfo(x.dtype).tiny)  # (B, S + 1); 0 when x̂ = 0 (then dot = 0)
-    y_norm2 = (y * y).sum(-1, keepdim=True)  # (B, 1)
-    x_norm2 = (x * x).sum(-1, keepdim=True)  # (B, 1)
+    y_norm2 = (wy * y * y).sum(-1, keepdim=True)  # (B, 1)
+    x_norm2 = (wx * x * x).sum(-1, keepdim=True)  # (B, 1)
     cost = y_norm2 * (x_norm2 - mu * dot).clamp_min(0)  # (B, S + 1)
     if partner > 0:
         target = mu.unsqueeze(-1) * y.unsqueeze(-2)  # (B, S + 1, n)
-        cost = cost + partner * norm2 * ((round_significand(target, t) - target) ** 2).sum(-1)
+        miss = ((round_significand(target, t) - target) ** 2 * wy.unsqueeze(-2)).sum(-1)
+        cost = cost + partner * norm2 * miss
     # an empty interval (two entries jumping at the same λ) is no reachable x̂
     cost = cost.masked_fill(hi <= lo, torch.inf)
     best = cost.argmin(dim=-1, keepdim=True)  # first minimum: ties keep the smallest λ
