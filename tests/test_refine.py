@@ -10,6 +10,7 @@ from lyoncompress.errors import InputError
 from lyoncompress.factorization import project
 from lyoncompress.refine import (
     CANDIDATES,
+    Whitening,
     activation_aware_lowrank,
     activation_aware_projection,
     apply_permutation,
@@ -17,6 +18,8 @@ from lyoncompress.refine import (
     choose_structure,
     gram,
     hybrid_start,
+    least_squares_error,
+    output_energy,
     output_error,
     refine_layer,
     search_permutation,
@@ -112,6 +115,31 @@ def test_refine_layer_improves_planted_and_is_never_worse():
     assert result.lowrank_twiddles == []
 
 
+def test_shared_whitening_and_energy_change_no_number():
+    w, g_train, g_val = _planted()
+    chain = monarch(32, 16, 4, 1)
+    start = project(w, chain).twiddles
+    own = refine_layer(w, chain, start, g_train, g_val, steps=20, damping=1e-3)
+    shared = refine_layer(w, chain, start, g_train, g_val, steps=20, whitening=Whitening.of(g_train, 1e-3))
+    assert shared.err_after == own.err_after
+    for mine, theirs in zip(shared.twiddles, own.twiddles):
+        assert torch.equal(mine, theirs)
+    approx = chain.to_dense(start)
+    energy = output_energy(w, g_val)
+    assert output_error(w, approx, g_val, energy) == pytest.approx(output_error(w, approx, g_val), rel=1e-12)
+
+
+def test_least_squares_error_solves_the_output_side_factor_exactly():
+    # an exact Monarch with a wrong first factor: one solve for X_1 given X_2 recovers it
+    chain = monarch(24, 12, 3, 2)
+    exact = _random_twiddles(chain, 31)
+    w = chain.to_dense(exact)
+    g_train, g_val = gram(_inputs(200, 12, 32)), gram(_inputs(200, 12, 32, draw=1))
+    wrong = [torch.randn_like(exact[0]), exact[1]]
+    assert output_error(w, chain.to_dense(wrong), g_val) > 0.5
+    assert least_squares_error(w, chain, wrong, g_train, g_val, whitening=Whitening.of(g_train, 0.0)) < 1e-6
+
+
 def test_refine_layer_with_sampled_columns():
     w, g_train, g_val = _planted()
     chain = monarch(32, 16, 4, 1)
@@ -190,7 +218,7 @@ def test_solve_last_factors_is_exact_least_squares(monkeypatch):
         torch.randn(1, 1, 2, 12, dtype=F64, generator=gen),
     ]
     g = gram(_inputs(100, 12, 23))
-    problem = layerwise._Problem(w, chain, 2, g, g, damping=0.0)
+    problem = layerwise._Problem(w, chain, 2, Whitening.of(g, damping=0.0), g)
     solved = problem.solve_last_factors(twiddles + low)
     expected = _brute_force_last_factors(w, chain, twiddles, low, problem.gram)
     torch.testing.assert_close(problem.dense(solved), expected, rtol=1e-8, atol=1e-8)

@@ -3,8 +3,8 @@ refinement, structure choice and hidden-unit permutation search."""
 
 from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
 from lyoncompress.refine.calibration import LayerCalibration, capture_inputs
-from lyoncompress.refine.gram import gram, output_error, sqrt_factor
-from lyoncompress.refine.layerwise import RefineResult, refine_layer
+from lyoncompress.refine.gram import Whitening, gram, output_energy, output_error, sqrt_factor
+from lyoncompress.refine.layerwise import RefineResult, least_squares_error, refine_layer
 from lyoncompress.refine.permutation import apply_permutation, search_permutation
 from lyoncompress.refine.structure import (
     CANDIDATES,
@@ -20,6 +20,7 @@ __all__ = [
     "RefineResult",
     "Structure",
     "StructureChoice",
+    "Whitening",
     "activation_aware_lowrank",
     "activation_aware_projection",
     "apply_permutation",
@@ -27,6 +28,8 @@ __all__ = [
     "choose_structure",
     "gram",
     "hybrid_start",
+    "least_squares_error",
+    "output_energy",
     "output_error",
     "refine_layer",
     "search_permutation",

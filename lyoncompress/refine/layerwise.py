@@ -41,7 +41,7 @@ from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError
 from lyoncompress.factorization import check_matrix
 from lyoncompress.refine.aware import activation_aware_lowrank
-from lyoncompress.refine.gram import check_gram, output_error, sqrt_factor
+from lyoncompress.refine.gram import Whitening, check_gram, output_energy, output_error
 
 # Adam is declared diverged when the training loss exceeds the start by this factor.
 _BLOWUP = 1e4
@@ -80,6 +80,7 @@ def refine_layer(
     damping: float = 1e-4,
     eval_every: int = 25,
     columns: int = 512,
+    whitening: Whitening | None = None,
 ) -> RefineResult:
     """Refine ``chain`` twiddles (and a rank-``lowrank_rank`` term) on calibration inputs.
 
@@ -100,6 +101,9 @@ def refine_layer(
         eval_every: Adam steps between held-out checks.
         columns: columns of ``L`` per Adam step (sampled ∝ their norm², an unbiased
             loss), so a step costs ``columns`` chain products instead of ``n``.
+        whitening: ``Whitening.of(gram_train, damping)`` when the caller already has it
+            (``damping`` is then not used): refining several starts of one layer
+            factorises ``gram_train`` once.
 
     Returns:
         ``RefineResult``; ``err_after <= err_before`` always holds.
@@ -108,23 +112,9 @@ def refine_layer(
         >>> start = project(w, monarch(64, 32, 4, 2))
         >>> result = refine_layer(w, start.chain, start.twiddles, gram(x_tr), gram(x_va))
     """
-    check_matrix(weight, "weight")
-    m, n = weight.shape
-    if chain.shape != (m, n):
-        raise InputError(f"chain {chain} has shape {chain.shape} but the weight is {m}x{n}")
-    chain.check_twiddles(twiddles)
-    check_gram(gram_train, n, "gram_train")
-    check_gram(gram_val, n, "gram_val")
-    dtype = weight.dtype
-    start = [t.detach().to(dtype) for t in twiddles]
-    if lowrank_rank:
-        if lowrank_init is None:
-            lowrank_init = activation_aware_lowrank(weight - chain.to_dense(start), gram_train, lowrank_rank)
-        lowrank(m, n, lowrank_rank).check_twiddles(lowrank_init)
-        start += [t.detach().to(dtype) for t in lowrank_init]
-    elif lowrank_init:
-        raise InputError("lowrank_init was given with lowrank_rank=0; pass the rank of the low-rank term")
-    problem = _Problem(weight, chain, lowrank_rank, gram_train, gram_val, damping)
+    problem, start = _setup(
+        weight, chain, twiddles, gram_train, gram_val, lowrank_rank, lowrank_init, damping, whitening
+    )
     err_before = problem.val_error(start)
     best, best_err = start, err_before
 
@@ -148,6 +138,62 @@ def refine_layer(
     return _result(best, lowrank_rank, err_before, best_err, False)
 
 
+def least_squares_error(
+    weight: torch.Tensor,
+    chain: Chain,
+    twiddles: Sequence[torch.Tensor],
+    gram_train: torch.Tensor,
+    gram_val: torch.Tensor,
+    lowrank_init: Sequence[torch.Tensor] | None = None,
+    whitening: Whitening | None = None,
+) -> float:
+    """Held-out relative output error of this start, or after one exact least-squares
+    solve of its output-side factor (and ``U``) when that is lower: a few percent of a
+    refinement's cost, and what ``choose_structure`` ranks candidate starts by.
+
+    Arguments as in ``refine_layer``; ``lowrank_init`` ``[U, V]`` sets the low-rank term.
+    """
+    rank = lowrank_init[0].shape[-1] if lowrank_init else 0
+    problem, start = _setup(
+        weight, chain, twiddles, gram_train, gram_val, rank, lowrank_init, 1e-4, whitening
+    )
+    return min(problem.val_error(start), problem.val_error(problem.solve_first_factors(start)))
+
+
+def _setup(
+    weight: torch.Tensor,
+    chain: Chain,
+    twiddles: Sequence[torch.Tensor],
+    gram_train: torch.Tensor,
+    gram_val: torch.Tensor,
+    lowrank_rank: int,
+    lowrank_init: Sequence[torch.Tensor] | None,
+    damping: float,
+    whitening: Whitening | None,
+) -> tuple[_Problem, list[torch.Tensor]]:
+    """Checked inputs as a ``_Problem`` and its start state (twiddles, then ``U, V``)."""
+    check_matrix(weight, "weight")
+    m, n = weight.shape
+    if chain.shape != (m, n):
+        raise InputError(f"chain {chain} has shape {chain.shape} but the weight is {m}x{n}")
+    chain.check_twiddles(twiddles)
+    check_gram(gram_train, n, "gram_train")
+    check_gram(gram_val, n, "gram_val")
+    if whitening is None:
+        whitening = Whitening.of(gram_train, damping)
+    check_gram(whitening.chol, n, "whitening.chol")
+    dtype = weight.dtype
+    start = [t.detach().to(dtype) for t in twiddles]
+    if lowrank_rank:
+        if lowrank_init is None:
+            lowrank_init = activation_aware_lowrank(weight - chain.to_dense(start), gram_train, lowrank_rank)
+        lowrank(m, n, lowrank_rank).check_twiddles(lowrank_init)
+        start += [t.detach().to(dtype) for t in lowrank_init]
+    elif lowrank_init:
+        raise InputError("lowrank_init was given with lowrank_rank=0; pass the rank of the low-rank term")
+    return _Problem(weight, chain, lowrank_rank, whitening, gram_val), start
+
+
 def _result(
     state: list[torch.Tensor], rank: int, before: float, after: float, diverged: bool
 ) -> RefineResult:
@@ -164,17 +210,17 @@ class _Problem:
         weight: torch.Tensor,
         chain: Chain,
         rank: int,
-        gram_train: torch.Tensor,
+        whitening: Whitening,
         gram_val: torch.Tensor,
-        damping: float,
     ) -> None:
         self.weight = weight.detach()
         self.chain = chain
         self.lowrank_chain = lowrank(*weight.shape, rank) if rank else None
-        chol = sqrt_factor(gram_train, damping)  # (n, n) float64
-        self.gram = chol @ chol.T  # the damped second moment the loss uses
+        chol = whitening.chol  # (n, n) float64
+        self.gram = whitening.gram  # the damped second moment the loss uses
         self.chol = chol
         self.gram_val = gram_val
+        self.val_energy = output_energy(weight, gram_val)
         self.chol_t = chol.T.to(weight.dtype)  # (n, n): apply(·, L^T) = (B L)^T
         self.target_t = self.chol_t @ self.weight.T  # (n, m) = (W L)^T
         self.scale = float(self.target_t.square().sum())
@@ -212,7 +258,7 @@ class _Problem:
 
     def val_error(self, state: Sequence[torch.Tensor]) -> float:
         with torch.no_grad():
-            return output_error(self.weight, self.dense(state), self.gram_val)
+            return output_error(self.weight, self.dense(state), self.gram_val, self.val_energy)
 
     def fit_lowrank(self, state: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Best ``U V`` for the current chain: activation-aware SVD of the residual."""

@@ -20,8 +20,8 @@ from lyoncompress.butterfly import Chain, lowrank, monarch
 from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorization import check_matrix, project
 from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
-from lyoncompress.refine.gram import check_gram, output_error
-from lyoncompress.refine.layerwise import refine_layer
+from lyoncompress.refine.gram import Whitening, check_gram, output_energy, output_error
+from lyoncompress.refine.layerwise import least_squares_error, refine_layer
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class _Context:
     sweeps: int
     blocks: tuple[int, ...]
     lowrank_share: float
+    whitening: Whitening  # of gram_train, shared by every refinement of the layer
+    val_energy: float  # output_energy(weight, gram_val), shared by every judgement
 
 
 def hybrid_start(
@@ -132,7 +134,16 @@ def choose_structure(
     if unknown:
         raise InputError(f"unknown candidate(s) {unknown}; registered: {', '.join(CANDIDATES)}")
     context = _Context(
-        weight, gram_train, gram_val, int(budget * m * n), steps, sweeps, tuple(blocks), lowrank_share
+        weight,
+        gram_train,
+        gram_val,
+        int(budget * m * n),
+        steps,
+        sweeps,
+        tuple(blocks),
+        lowrank_share,
+        Whitening.of(gram_train),
+        output_energy(weight, gram_val),
     )
     built = [s for s in (CANDIDATES[name](context) for name in candidates) if s is not None]
     if not built:
@@ -161,9 +172,8 @@ def _structure(
     if low:
         dense = dense + lowrank(*chain.shape, low[0].shape[-1]).to_dense(low)
     params = chain.params + sum(t.numel() for t in low)  # U (m, r) and V (r, n)
-    return Structure(
-        name, chain, twiddles, low, params, output_error(context.weight, dense, context.gram_val)
-    )
+    error = output_error(context.weight, dense, context.gram_val, context.val_energy)
+    return Structure(name, chain, twiddles, low, params, error)
 
 
 def _fitting_blocks(context: _Context, share: float) -> list[Chain]:
@@ -209,19 +219,10 @@ def _rank(low: list[torch.Tensor]) -> int:
 def _start_error(
     context: _Context, chain: Chain, twiddles: list[torch.Tensor], low: list[torch.Tensor]
 ) -> float:
-    """Held-out error after the exact least-squares steps alone: cheap enough to rank starts."""
-    result = refine_layer(
-        context.weight,
-        chain,
-        twiddles,
-        context.gram_train,
-        context.gram_val,
-        steps=0,
-        sweeps=0,
-        lowrank_rank=_rank(low),
-        lowrank_init=low or None,
+    """Held-out error after one exact least-squares step: cheap enough to rank starts."""
+    return least_squares_error(
+        context.weight, chain, twiddles, context.gram_train, context.gram_val, low or None, context.whitening
     )
-    return result.err_after
 
 
 def _refined(
@@ -242,6 +243,7 @@ def _refined(
         sweeps=context.sweeps,
         lowrank_rank=_rank(low),
         lowrank_init=low or None,
+        whitening=context.whitening,
     )
     return _structure(context, name, chain, result.twiddles, result.lowrank_twiddles)
 
