@@ -10,8 +10,12 @@ Baselines in the same run: plain SVD (weight space) and activation-aware SVD
 (``--method lowrank --calib builtin``). Issue 6's target: cosine >= 0.97, above
 activation-aware SVD, MLP run with refinement under 60 s on 2 cores.
 
+``--corpus modules`` calibrates every ``--calib builtin`` row on the built-in text as
+it was before the calib split grew (the modules' 928-sentence half alone, passed as a
+text file: the same batches), to compare against the default ``extended`` split.
+
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery_e2e.py [--rows aware,alloc]
-        [--distill-steps 300] [--distill-lr 1e-4]
+        [--distill-steps 300] [--distill-lr 1e-4] [--corpus modules]
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import os
 import pathlib
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
 import torch
 
-from lyoncompress.evaluation import evaluate
+from lyoncompress.evaluation import builtin_corpus, evaluate
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.recipe import Recipe
 
@@ -70,6 +75,12 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--distill-lr", type=float, default=None, help="default: the objective's")
     parser.add_argument("--samples", type=int, default=256, help="held-out sentences for eval")
+    parser.add_argument(
+        "--corpus",
+        choices=("extended", "modules"),
+        default="extended",
+        help="built-in calibration text: the whole calib split, or its first 928 sentences alone",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     table = rows(args.distill_steps, args.distill_lr)
@@ -82,12 +93,18 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     threads = torch.get_num_threads()
     print(f"# {machine}, {os.cpu_count()} cores, torch {torch.__version__}, threads {threads}")
+    print(f"# calibration text: {args.corpus}, load {os.getloadavg()[0]:.1f}")
     print("| row | options | mean cosine | similarity Spearman | params ratio | factorize s |")
     print("|---|---|---|---|---|---|")
     work = pathlib.Path(tempfile.mkdtemp(prefix="recovery-e2e-"))
     try:
+        if args.corpus == "modules":
+            text = work / "calib-modules.txt"
+            text.write_text("\n".join(builtin_corpus(None, split="calib", extended=False)) + "\n")
         for name in chosen:
             options, changes = table[name]
+            if args.corpus == "modules" and changes.get("calib") == "builtin":
+                changes = {**changes, "calib": str(text)}
             out = work / name
             started = time.perf_counter()
             report = factorize(ckpt, out, base.replace(**changes))
@@ -97,6 +114,9 @@ def main() -> None:
                 f"| {name} | {options} | {metrics['mean_cosine']:.4f} | {metrics['similarity_spearman']:.4f} "
                 f"| {report['totals']['ratio']:.4f} | {seconds:.1f} |",
                 flush=True,
+            )
+            print(
+                f"# {name}: load {os.getloadavg()[0]:.1f}, distill {report.get('distill')}", file=sys.stderr
             )
             shutil.rmtree(out)
     finally:

@@ -99,3 +99,25 @@ def test_hybrid_method_with_calibration(tmp_path):
     for row, reported in zip(weights, rows):
         assert row["rel_error"] == pytest.approx(reported["rel_error"], rel=1e-4)
     assert _invoke("factorize", ckpt, "-o", tmp_path / "x", "--method", "hybrid").exit_code == 2
+
+
+def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch):
+    from torch import nn
+
+    from lyoncompress.factorization import calibrated
+    from lyoncompress.refine.distill import DistillResult
+
+    seen = {}
+
+    def fake_distill(reference, compressed, train, val, steps, lr):
+        seen.update(train=train, val=val)
+        return DistillResult(1.0, 1.0, steps)
+
+    monkeypatch.setattr(calibrated, "calibration_batches", lambda *args: iter(range(100)))
+    monkeypatch.setattr(calibrated, "load_compressed", lambda artifact: nn.Linear(2, 2))
+    monkeypatch.setattr(calibrated, "load_reference", lambda checkpoint: nn.Linear(2, 2))
+    monkeypatch.setattr(calibrated, "distill", fake_distill)
+    calibrated.distill_artifact(tmp_path, tmp_path, None, "builtin", 64, steps=1, lr=None)
+    # every 4th batch, the first DISTILL_VAL_BATCHES of them; all the others train
+    assert seen["val"] == list(range(3, 4 * calibrated.DISTILL_VAL_BATCHES, 4))
+    assert seen["train"] == [i for i in range(100) if i not in seen["val"]]

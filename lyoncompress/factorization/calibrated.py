@@ -42,6 +42,9 @@ from lyoncompress.refine.gram import corrected_target, output_error, paired_outp
 BUILTIN = "builtin"
 VAL_EVERY = 4  # every 4th calibration batch is held out
 ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
+# held-out batches that judge distillation (each is run through both models at every
+# check); the later ones train too: the built-in text has ~760 batches, not 58
+DISTILL_VAL_BATCHES = 16
 TEXT_BATCH = 16
 TENSOR_BATCH = 64
 # which refine candidates each factorize method may choose from
@@ -64,7 +67,8 @@ def calibration_batches(
 
             data = Samples(inputs=digits_split().x_train)
         else:
-            # every calib sentence: ~20 tokens each, capture stops once `samples` rows are in
+            # every calib sentence (~12k, ~20 tokens each): capture stops once `samples`
+            # rows are in (within the first ~900), distillation cycles through all of them
             data = Samples(texts=builtin_corpus(None, split="calib"))
     else:
         data = load_samples(calib)
@@ -261,11 +265,13 @@ def distill_artifact(
     """Distil the factors of a staged ``artifact`` against the reference model.
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
-    Every 4th calibration batch is held out, as in layer-wise calibration.
+    Every 4th calibration batch is held out, as in layer-wise calibration, up to
+    ``DISTILL_VAL_BATCHES`` of them; every other batch trains.
     """
     batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
-    train = [b for i, b in enumerate(batches) if i % 4 != 3]
-    val = [b for i, b in enumerate(batches) if i % 4 == 3]
+    held_out = range(VAL_EVERY - 1, len(batches), VAL_EVERY)[:DISTILL_VAL_BATCHES]
+    val = [batches[i] for i in held_out]
+    train = [b for i, b in enumerate(batches) if i not in held_out]
     if not train or not val:
         raise InputError("--distill-steps needs at least 4 calibration batches; give more --calib data")
     compressed = load_compressed(artifact)
