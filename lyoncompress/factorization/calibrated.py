@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,6 @@ import torch
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation.data import (
-    Samples,
     builtin_corpus,
     load_samples,
     load_tokenizer,
@@ -59,26 +59,51 @@ CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
 def calibration_batches(
     checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int
 ) -> Iterator[Any]:
-    """The calibration data as model inputs: tensors, or tokenizer outputs for text."""
-    is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
-    if calib == BUILTIN:
-        if is_mlp:
-            from lyoncompress.demo import digits_split
+    """The calibration data as model inputs: tensors, or tokenizer outputs for text.
 
-            data = Samples(inputs=digits_split().x_train)
-        else:
-            # every calib sentence (~12k, ~20 tokens each): capture stops once `samples`
-            # rows are in (within the first ~900), distillation cycles through all of them
-            data = Samples(texts=builtin_corpus(None, split="calib"))
+    A generator: the built-in text yields the 928-sentence first part of the ``calib``
+    split (58 batches) before it builds the rest (~11k sentences, 5-11 s once per
+    process), so consumers that stop early, such as a capture bounded by ``samples``
+    rows, never pay for the rest.
+    """
+    is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
+    if calib == BUILTIN and is_mlp:
+        from lyoncompress.demo import digits_split
+
+        yield from digits_split().x_train.float().split(TENSOR_BATCH)
+        return
+    if calib == BUILTIN:
+        texts: Iterator[list[str]] = _builtin_text()
     else:
         data = load_samples(calib)
-    if data.texts is not None:
-        folder = Path(checkpoint)
-        yield from tokenized_batches(
-            load_tokenizer(folder if folder.is_dir() else folder.parent), data.texts, TEXT_BATCH
-        )
-    else:
-        yield from data.inputs.float().split(TENSOR_BATCH)
+        if data.texts is None:
+            yield from data.inputs.float().split(TENSOR_BATCH)
+            return
+        texts = iter([data.texts])
+    folder = Path(checkpoint)
+    tokenizer = load_tokenizer(folder if folder.is_dir() else folder.parent)
+    for part in texts:
+        yield from tokenized_batches(tokenizer, part, TEXT_BATCH)
+
+
+def _builtin_text() -> Iterator[list[str]]:
+    """The built-in ``calib`` split in two parts, the second only built when asked for.
+    The first part's 928 sentences fill whole batches of 16, so the batches are the
+    same as those of the split in one piece."""
+    first = builtin_corpus(None, split="calib", extended=False)
+    yield first
+    yield builtin_corpus(None, split="calib")[len(first) :]
+
+
+def _capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> list[Any]:
+    """What layer-wise capture runs on: for the built-in text only its first part,
+    whose 58 batches fill the default 4096 rows of both moments; the rest of it is for
+    distillation, which reads every batch."""
+    batches = calibration_batches(checkpoint, config, calib, samples)
+    if calib == BUILTIN and config.get("model_type") != DEMO_MODEL_TYPE:
+        first = builtin_corpus(None, split="calib", extended=False)
+        return list(itertools.islice(batches, math.ceil(len(first) / TEXT_BATCH)))
+    return list(batches)
 
 
 def calibrated_layer(
@@ -145,7 +170,7 @@ def calibrated_factors(
     of the model whose earlier layers are already compressed.
     """
     model = load_reference(source)  # through ``source``: permuted MLPs stay permuted
-    batches = list(calibration_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples))
+    batches = _capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     names = [layer.name for layer in layers]
     calibration: dict[str, LayerCalibration] = {}
     if not recipe.sequential or recipe.allocate == "sensitivity":
