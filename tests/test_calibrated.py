@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lyoncompress.artifact import load_artifact
@@ -109,7 +110,7 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
 
     seen = {}
 
-    def fake_distill(reference, compressed, train, val, steps, lr):
+    def fake_distill(reference, compressed, train, val, steps, lr, progress=None):
         seen.update(train=train, val=val)
         return DistillResult(1.0, 1.0, steps)
 
@@ -121,6 +122,40 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
     # every 4th batch, the first DISTILL_VAL_BATCHES of them; all the others train
     assert seen["val"] == list(range(3, 4 * calibrated.DISTILL_VAL_BATCHES, 4))
     assert seen["train"] == [i for i in range(100) if i not in seen["val"]]
+
+
+def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
+    # padding is wasted compute: training batches are regrouped so each holds similar
+    # lengths; the held-out batches stay as they were
+    from torch import nn
+
+    from lyoncompress.factorization import calibrated
+    from lyoncompress.refine.distill import DistillResult
+
+    def text_batch(index):
+        lengths = [1 + (index * 7 + row * 5) % 30 for row in range(calibrated.TEXT_BATCH)]
+        mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+        return {"input_ids": mask * (index + 1), "attention_mask": mask}
+
+    batches = [text_batch(i) for i in range(12)]
+    seen = {}
+
+    def fake_distill(reference, compressed, train, val, steps, lr, progress=None):
+        seen.update(train=train, val=val)
+        return DistillResult(1.0, 1.0, steps)
+
+    monkeypatch.setattr(calibrated, "calibration_batches", lambda *args: iter(batches))
+    monkeypatch.setattr(calibrated, "load_compressed", lambda artifact: nn.Linear(2, 2))
+    monkeypatch.setattr(calibrated, "load_reference", lambda checkpoint: nn.Linear(2, 2))
+    monkeypatch.setattr(calibrated, "distill", fake_distill)
+    calibrated.distill_artifact(tmp_path, tmp_path, None, "builtin", 64, steps=1, lr=None)
+    assert seen["val"] == [batches[3], batches[7], batches[11]]
+    train = seen["train"]
+    real = sum(int(b["attention_mask"].sum()) for b in train)
+    assert real == sum(int(batches[i]["attention_mask"].sum()) for i in range(12) if i % 4 != 3)
+    padded_before = sum(batches[i]["attention_mask"].numel() for i in range(12) if i % 4 != 3)
+    padded_after = sum(b["attention_mask"].numel() for b in train)
+    assert padded_after < 0.7 * padded_before
 
 
 def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):

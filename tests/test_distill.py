@@ -74,7 +74,14 @@ def test_layers_mse_is_the_relative_error_of_every_real_hidden_state(tiny_bert):
 def test_layers_mse_distillation_lowers_the_held_out_error(tiny_bert):
     compressed = _compressed(tiny_bert, 4)
     # a random tiny model needs a larger step than the default tuned on MiniLM
-    result = distill(tiny_bert, compressed, _batches(8, 2), _batches(2, 3), steps=60, lr=3e-3)
+    calls = []
+    result = distill(
+        tiny_bert, compressed, _batches(8, 2), _batches(2, 3), steps=60, lr=3e-3, progress=lambda *c: calls.append(c)
+    )
+    # progress after every step: the best held-out value so far, never rising, ending at the result
+    assert [c[:2] for c in calls] == [(i, 60) for i in range(1, 61)]
+    bests = [c[2] for c in calls]
+    assert bests == sorted(bests, reverse=True) and bests[-1] == result.val_after
     assert result.objective == "layers-mse" and result.lr == 3e-3
     assert result.val_after < 0.7 * result.val_before
     # the model is left in its best held-out state, the one reported

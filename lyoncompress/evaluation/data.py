@@ -87,6 +87,57 @@ def tokenized_batches(
         )
 
 
+def regrouped_by_length(
+    batches: list[Mapping[str, torch.Tensor]], batch_size: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """The same samples, re-batched so that each batch holds samples of similar length,
+    the batches in a seeded random order.
+
+    Sentences in file order pad every batch to its longest one: on the built-in text 56%
+    of the token positions a distillation step computes are padding. Grouped by length,
+    a step costs about half as much for the same real tokens. Each sample keeps its
+    real tokens and its padding side; every key of the batches (input ids, attention
+    mask, token type ids) is cut and padded the same way.
+    """
+    samples: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        mask = batch["attention_mask"].to(torch.bool)
+        for row in range(mask.shape[0]):
+            keep = mask[row]
+            samples.append({key: value[row][keep] for key, value in batch.items()})
+    left = any(bool((~b["attention_mask"][:, 0].to(torch.bool)).any()) for b in batches)
+    pad = _pad_values(batches)
+    samples.sort(key=lambda s: len(s["attention_mask"]))
+    groups = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [_padded(groups[i], pad, left) for i in order]
+
+
+def _pad_values(batches: list[Mapping[str, torch.Tensor]]) -> dict[str, int]:
+    """What each key holds at padded positions (0 where no batch has padding)."""
+    values = {key: 0 for key in batches[0]}
+    for batch in batches:
+        padded = ~batch["attention_mask"].to(torch.bool)
+        if padded.any():
+            return {key: int(value[padded][0]) for key, value in batch.items()}
+    return values
+
+
+def _padded(samples: list[dict[str, torch.Tensor]], pad: dict[str, int], left: bool) -> dict[str, torch.Tensor]:
+    width = max(len(s["attention_mask"]) for s in samples)
+    batch = {}
+    for key in samples[0]:
+        rows = torch.full((len(samples), width), pad[key], dtype=samples[0][key].dtype)
+        for i, sample in enumerate(samples):
+            n = len(sample[key])
+            if left:
+                rows[i, width - n :] = sample[key]
+            else:
+                rows[i, :n] = sample[key]
+        batch[key] = rows
+    return batch
+
+
 @dataclass(frozen=True)
 class Samples:
     """What a task runs on: texts, or input tensors with optional labels."""

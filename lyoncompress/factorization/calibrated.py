@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from lyoncompress.evaluation.data import (
     builtin_corpus,
     load_samples,
     load_tokenizer,
+    regrouped_by_length,
     tokenized_batches,
 )
 from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
@@ -286,12 +287,15 @@ def distill_artifact(
     samples: int,
     steps: int,
     lr: float | None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
-    """Distil the factors of a staged ``artifact`` against the reference model.
+    """Distil the factors of a staged ``artifact`` against the reference model;
+    ``progress`` gets (description, steps done, steps) after each step.
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
     Every 4th calibration batch is held out, as in layer-wise calibration, up to
-    ``DISTILL_VAL_BATCHES`` of them; every other batch trains.
+    ``DISTILL_VAL_BATCHES`` of them; every other batch trains, text regrouped by
+    length (``regrouped_by_length``) so that steps do not compute on padding.
     """
     batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
     held_out = range(VAL_EVERY - 1, len(batches), VAL_EVERY)[:DISTILL_VAL_BATCHES]
@@ -299,7 +303,15 @@ def distill_artifact(
     train = [b for i, b in enumerate(batches) if i not in held_out]
     if not train or not val:
         raise InputError("--distill-steps needs at least 4 calibration batches; give more --calib data")
+    if isinstance(train[0], Mapping):
+        train = regrouped_by_length(train, TEXT_BATCH)
     compressed = load_compressed(artifact)
-    result = distill(load_reference(checkpoint), compressed, train, val, steps, lr)
+    report_step = None
+    if progress is not None:
+
+        def report_step(done: int, total: int, best: float) -> None:
+            progress(f"distilling, best held-out error {best:.4f}", done, total)
+
+    result = distill(load_reference(checkpoint), compressed, train, val, steps, lr, progress=report_step)
     twiddles = {name: t.detach() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")}
     return twiddles, result

@@ -117,6 +117,7 @@ def factorize(
             recipe.calib_samples,
             recipe.distill_steps,
             recipe.distill_lr,
+            progress,
         )
         report["distill"] = {
             "objective": result.objective,

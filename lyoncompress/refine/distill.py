@@ -171,6 +171,7 @@ def distill(
     lr: float | None = None,
     eval_every: int | None = None,
     objective: str | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> DistillResult:
     """Adam on the twiddles of ``compressed`` (everything else frozen), in place.
 
@@ -183,6 +184,8 @@ def distill(
         eval_every: held-out check interval (default: ``max(10, steps // 10)``); the best
             state seen is restored at the end.
         objective: a name from ``OBJECTIVES``; default ``default_objective(reference)``.
+        progress: called after each step with (steps done, steps, best held-out
+            value so far).
 
     Returns:
         ``DistillResult`` with the held-out objective before and after.
@@ -227,6 +230,8 @@ def distill(
             value = _held_out(chosen, reference, compressed, val)
             if math.isfinite(value) and value < best:
                 best, best_state = value, copy.deepcopy(compressed.state_dict())
+        if progress is not None:
+            progress(step + 1, steps, best)
     compressed.load_state_dict(best_state)
     for p in frozen:
         p.requires_grad_(True)
