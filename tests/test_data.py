@@ -116,7 +116,12 @@ def _samples(batches) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     for batch in batches:
         for row in range(len(batch["input_ids"])):
             keep = batch["attention_mask"][row].bool()
-            out.append((tuple(batch["input_ids"][row][keep].tolist()), tuple(batch["token_type_ids"][row][keep].tolist())))
+            out.append(
+                (
+                    tuple(batch["input_ids"][row][keep].tolist()),
+                    tuple(batch["token_type_ids"][row][keep].tolist()),
+                )
+            )
     return sorted(out)
 
 
@@ -132,7 +137,10 @@ def test_regrouped_by_length_keeps_every_sample_and_its_padding(lengths, left, b
     regrouped = regrouped_by_length(batches, batch_size, seed)
     assert _samples(regrouped) == _samples(batches)
     count = sum(len(b) for b in lengths)
-    assert [len(b["input_ids"]) for b in regrouped if len(b["input_ids"]) != batch_size] in ([], [count % batch_size])
+    assert [len(b["input_ids"]) for b in regrouped if len(b["input_ids"]) != batch_size] in (
+        [],
+        [count % batch_size],
+    )
     spans = []
     for batch in regrouped:
         mask = batch["attention_mask"].bool()
@@ -141,7 +149,9 @@ def test_regrouped_by_length_keeps_every_sample_and_its_padding(lengths, left, b
         assert mask.shape[1] == int(real.max())  # no all-padding column
         spans.append((int(real.min()), int(real.max())))
         for row, n in enumerate(real.tolist()):
-            expected = torch.arange(mask.shape[1]) >= mask.shape[1] - n if left else torch.arange(mask.shape[1]) < n
+            expected = (
+                torch.arange(mask.shape[1]) >= mask.shape[1] - n if left else torch.arange(mask.shape[1]) < n
+            )
             assert torch.equal(mask[row], expected)  # the padding side is kept
             assert (batch["input_ids"][row][~mask[row]] == 7).all()  # and the pad id
     # sorted groups: no two batches' length ranges overlap beyond a shared end
@@ -171,7 +181,10 @@ def test_regrouped_batches_give_each_sample_the_same_model_outputs():
                 hidden = model(**batch).last_hidden_state
                 for row in range(len(hidden)):
                     keep = batch["attention_mask"][row].bool()
-                    key = tuple(batch["input_ids"][row][keep].tolist()), tuple(batch["token_type_ids"][row][keep].tolist())
+                    key = (
+                        tuple(batch["input_ids"][row][keep].tolist()),
+                        tuple(batch["token_type_ids"][row][keep].tolist()),
+                    )
                     rows[key] = hidden[row][keep]
         return rows
 

@@ -76,7 +76,13 @@ def test_layers_mse_distillation_lowers_the_held_out_error(tiny_bert):
     # a random tiny model needs a larger step than the default tuned on MiniLM
     calls = []
     result = distill(
-        tiny_bert, compressed, _batches(8, 2), _batches(2, 3), steps=60, lr=3e-3, progress=lambda *c: calls.append(c)
+        tiny_bert,
+        compressed,
+        _batches(8, 2),
+        _batches(2, 3),
+        steps=60,
+        lr=3e-3,
+        progress=lambda *c: calls.append(c),
     )
     # progress after every step: the best held-out value so far, never rising, ending at the result
     assert [c[:2] for c in calls] == [(i, 60) for i in range(1, 61)]

@@ -123,7 +123,9 @@ def _pad_values(batches: list[Mapping[str, torch.Tensor]]) -> dict[str, int]:
     return values
 
 
-def _padded(samples: list[dict[str, torch.Tensor]], pad: dict[str, int], left: bool) -> dict[str, torch.Tensor]:
+def _padded(
+    samples: list[dict[str, torch.Tensor]], pad: dict[str, int], left: bool
+) -> dict[str, torch.Tensor]:
     width = max(len(s["attention_mask"]) for s in samples)
     batch = {}
     for key in samples[0]:
