@@ -96,8 +96,9 @@ def regrouped_by_length(
     Sentences in file order pad every batch to its longest one: on the built-in text 56%
     of the token positions a distillation step computes are padding. Grouped by length,
     a step costs about half as much for the same real tokens. Each sample keeps its
-    real tokens and its padding side; every key of the batches (input ids, attention
-    mask, token type ids) is cut and padded the same way.
+    real tokens; every key of the batches (input ids, attention mask, token type ids)
+    is cut and padded the same way, on the side and with the values the given batches
+    pad with (right and 0 when none of them has padding to tell).
     """
     samples: list[dict[str, torch.Tensor]] = []
     for batch in batches:
