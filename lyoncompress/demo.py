@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from lyoncompress.evaluation.data import digits_split
 from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
 from lyoncompress.recipe import Recipe
 
@@ -38,34 +37,6 @@ def cache_dir() -> Path:
     """``$LYONCOMPRESS_CACHE``, else ``~/.cache/lyoncompress``."""
     root = os.environ.get("LYONCOMPRESS_CACHE") or Path.home() / ".cache" / "lyoncompress"
     return Path(root)
-
-
-@dataclass(frozen=True)
-class DigitsSplit:
-    """Inputs scaled to [0, 1] and integer labels."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-
-def digits_split() -> DigitsSplit:
-    """The seeded 70/30 split of sklearn's 1797 bundled 8×8 digits (no download)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, data.target, test_size=0.3, random_state=SEED, stratify=data.target
-    )
-    return DigitsSplit(
-        torch.from_numpy(x_tr),
-        torch.from_numpy(y_tr).long(),
-        torch.from_numpy(x_te),
-        torch.from_numpy(y_te).long(),
-    )
 
 
 def train_demo_model() -> DemoMLP:

@@ -20,7 +20,7 @@ from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorization import project
 from lyoncompress.kernels import ks_chain_apply, use_cuda_kernels
-from lyoncompress.quantization.pipeline import dequantize_state
+from lyoncompress.quantization.payloads import dequantize_state
 
 
 class _Factor(nn.Module):

@@ -22,12 +22,13 @@ from lyoncompress.evaluation.data import (
     TEXT_MAX_LENGTH,
     Samples,
     builtin_corpus,
+    digits_split,
     load_tokenizer,
     tokenized_batches,
 )
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
-from lyoncompress.quantization.pipeline import dequantize_state
+from lyoncompress.quantization.payloads import dequantize_state
 
 BATCH = 32
 
@@ -85,8 +86,6 @@ class EvalContext:
             return self.samples.inputs.float(), self.samples.labels
         if self.kind != "mlp":
             raise InputError("no built-in tensor data for this model; pass --data")
-        from lyoncompress.demo import digits_split
-
         split = digits_split()
         return split.x_test, split.y_test
 

@@ -24,6 +24,7 @@ from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation.data import (
     builtin_corpus,
+    digits_split,
     load_samples,
     load_tokenizer,
     regrouped_by_length,
@@ -69,8 +70,6 @@ def calibration_batches(
     """
     is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
     if calib == BUILTIN and is_mlp:
-        from lyoncompress.demo import digits_split
-
         yield from digits_split().x_train.float().split(TENSOR_BATCH)
         return
     if calib == BUILTIN:

@@ -16,7 +16,11 @@ from typing import Any
 
 import torch
 
+from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError
+from lyoncompress.factorization.calibrated import calibration_batches
+from lyoncompress.layers import ButterflyLinear
+from lyoncompress.models import load_compressed
 from lyoncompress.refine.calibration import input_rows
 
 
@@ -46,8 +50,6 @@ def capture(
 ) -> dict[str, QuantCalibration]:
     """Run ``model`` on ``batches``; per ``ButterflyLinear`` in ``names``, up to ``max_rows``
     fitting rows and the Gram of up to ``max_rows`` held-out rows."""
-    from lyoncompress.layers import ButterflyLinear  # layers imports this package to dequantize
-
     modules = dict(model.named_modules())
     for name in names:
         if not isinstance(modules.get(name), ButterflyLinear):
@@ -105,10 +107,6 @@ def calibrate(
     """Inputs of the layers ``names`` of the factorized ``artifact`` on ``calib`` (a data
     file as ``eval --data`` takes, or ``builtin``); text is tokenized with the tokenizer
     in ``tokenizer`` (default: the artifact folder)."""
-    from lyoncompress.artifact import load_artifact
-    from lyoncompress.factorization.calibrated import calibration_batches
-    from lyoncompress.models import load_compressed
-
     config = load_artifact(artifact).config
     model = load_compressed(artifact)
     batches = calibration_batches(tokenizer or artifact, config, calib, samples)

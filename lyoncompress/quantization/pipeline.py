@@ -1,4 +1,4 @@
-"""The ``quantize`` verb: factorized artifact -> quantized artifact, and reading it back.
+"""The ``quantize`` verb: factorized artifact -> quantized artifact.
 
 Each compressed layer's chain (and low-rank term) goes through ``quantize_chain``;
 the payload tensors are stored as ``P.factors.{ℓ}.{field}`` (``qdata``, ``scale``,
@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from lyoncompress.artifact import Artifact, companion_files, load_artifact, write_artifact
-from lyoncompress.butterfly import Chain, lowrank
+from lyoncompress.butterfly import Chain
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.plan import make_plan
 from lyoncompress.quantization.calibration import QuantCalibration, calibrate, output_error
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.payloads import layer_chains
 from lyoncompress.quantization.rescale import resolve
 from lyoncompress.recipe import Recipe, parse_size
 
@@ -93,13 +94,6 @@ def _twiddles(checkpoint: Checkpoint, name: str, entry: dict[str, Any]) -> dict[
     if entry["lowrank_rank"]:
         groups["lowrank"] = [checkpoint.load(f"{name}.lowrank.{i}.twiddle") for i in range(2)]
     return groups
-
-
-def _chains(entry: dict[str, Any]) -> dict[str, Chain]:
-    chains = {"factors": Chain.of(*entry["chain"])}
-    if entry["lowrank_rank"]:
-        chains["lowrank"] = lowrank(entry["out_features"], entry["in_features"], entry["lowrank_rank"])
-    return chains
 
 
 def _dense(chains: dict[str, Chain], twiddles: dict[str, list[torch.Tensor]]) -> torch.Tensor:
@@ -232,7 +226,7 @@ def _quantize_layer(
     calibration: QuantCalibration | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     begin = time.perf_counter()
-    chains, twiddles = _chains(entry), _twiddles(source, name, entry)
+    chains, twiddles = layer_chains(entry), _twiddles(source, name, entry)
     reference = _dense(chains, twiddles)
     quantized: dict[str, QuantizedChain] = {}
     baseline: dict[str, list[torch.Tensor]] = {}
@@ -274,24 +268,3 @@ def _quantize_layer(
         for index, payload in enumerate(q.payloads):
             for field, tensor in payload.items():
                 yield f"{name}.{group}.{index}.{field}", tensor
-
-
-def dequantize_state(
-    state: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]
-) -> dict[str, torch.Tensor]:
-    """Replace each quantized layer's payload tensors by float twiddles (``…twiddle``)."""
-    state = dict(state)
-    for name, entry in layers.items():
-        record = entry.get("quantization")
-        if not record:
-            continue
-        fmt = get_format(record["format"])
-        dtype = getattr(torch, entry["dtype"])
-        for group, chain in _chains(entry).items():
-            for index, pattern in enumerate(chain.patterns):
-                prefix = f"{name}.{group}.{index}."
-                payload = {k.removeprefix(prefix): state.pop(k) for k in list(state) if k.startswith(prefix)}
-                if not payload:
-                    raise InputError(f"quantized layer {name}: no payload tensors {prefix}*")
-                state[f"{prefix}twiddle"] = fmt.dequantize(payload, pattern.twiddle_shape, dtype)
-    return state
