@@ -27,9 +27,9 @@ from safetensors import safe_open
 
 from lyoncompress.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
+from lyoncompress.output import QUANT_METHOD, check_replaceable, file_system_error
 
 FORMAT_VERSION = 1
-QUANT_METHOD = "lyoncompress"
 METADATA_KEY = "lyoncompress"
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -66,16 +66,6 @@ COMPANION_FILES = (
 )
 
 
-def prepare_output(out: Path, force: bool) -> None:
-    """Refuse an existing output unless ``force``; checked before any work starts."""
-    if out.exists() and not force:
-        raise InputError(f"{out} already exists; choose another -o or pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder; remove it first")
-    if not out.parent.exists():
-        raise InputError(f"{out.parent}: output's parent folder does not exist")
-
-
 def companion_files(folder: Path) -> list[Path]:
     """The tokenizer and generation files of a model folder (none for a single file)."""
     if not folder.is_dir():
@@ -99,17 +89,24 @@ def write_artifact(
     and ``report()`` is called after the last tensor, so both can describe work
     done during the stream. ``companions`` (e.g. ``companion_files(source)``) are
     copied beside the weights. On any error or Ctrl-C the temporary folder is
-    removed and ``out`` is left as it was.
+    removed and ``out`` is left as it was; a full disk, a read-only folder or missing
+    permissions are an ``InputError``. ``out`` is claimed by the caller (``claim_output``).
     """
-    prepare_output(out, force)
+    check_replaceable(out, force)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        staging.mkdir()
         _write_into(staging, tensors, layers, config, report, max_shard_size)
         for path in companions:
             shutil.copyfile(path, staging / path.name)
-        _replace(staging, out)
+        # what is about to become OUT must read back as an artifact: a short write that
+        # the file system did not report cannot turn into an exit 0
+        load_artifact(staging)
+        _replace(staging, out, force)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise file_system_error(err, out) from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -205,9 +202,10 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def _replace(staging: Path, out: Path) -> None:
+def _replace(staging: Path, out: Path, force: bool) -> None:
     """Move the finished folder into place; an old ``out`` (``--force``) goes only after."""
     _fsync_dir(staging)
+    check_replaceable(out, force)  # again: hours may have passed since the run claimed OUT
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(trash)

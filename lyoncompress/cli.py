@@ -114,6 +114,11 @@ class _LayerProgress:
         self.progress.update(self.task, completed=done, total=total, description=name)
 
 
+def _print_warnings(report: dict[str, Any]) -> None:
+    for warning in report["warnings"]:
+        err_console.print(Text.assemble(("warning: ", "yellow"), warning))
+
+
 def _print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
@@ -316,8 +321,7 @@ def factorize(
         return
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
         report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress)
-    for warning in report["warnings"]:
-        err_console.print(Text.assemble(("warning: ", "yellow"), warning))
+    _print_warnings(report)
     if as_json:
         _print_json(report)
     else:
@@ -367,8 +371,7 @@ def _factorize_searching(
             )
 
     report = search_budget(checkpoint, out, search, options, force=force, progress=step_line)
-    for warning in report["warnings"]:
-        err_console.print(Text.assemble(("warning: ", "yellow"), warning))
+    _print_warnings(report)
     found = report["budget_search"]
     if as_json:
         _print_json(report)
@@ -497,6 +500,7 @@ def quantize(
             calib_samples=calib_samples,
             reference=reference,
         )
+    _print_warnings(report)
     if as_json:
         _print_json(report)
     else:

@@ -25,6 +25,7 @@ LAYERS = {
     "lyoncompress.kernels": 0,
     "lyoncompress.artifact": 1,
     "lyoncompress.checkpoint": 1,
+    "lyoncompress.output": 1,
     "lyoncompress.factorization": 1,
     "lyoncompress.factorization.methods": 1,
     "lyoncompress.factorization.projection": 1,

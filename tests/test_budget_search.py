@@ -94,8 +94,8 @@ def test_chosen_budget_vs_brute_force(tmp_path, ckpt, data):
 
 def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert _invoke("factorize", ckpt, "-o", out, "--method", "lowrank").exit_code == 0
+    (out / "old.txt").write_text("old")  # --force replaces only an artifact, and all of it
     args = ["factorize", ckpt, "-o", out, "--method", "lowrank", "--min-recovery", "0.98"]
     args += [
         "--eval-task",

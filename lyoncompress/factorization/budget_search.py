@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lyoncompress.artifact import prepare_output
 from lyoncompress.checkpoint import open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation import DEFAULT_SAMPLES, evaluate, load_samples
 from lyoncompress.evaluation.tasks import FITTING, model_kind
 from lyoncompress.factorization.pipeline import factorize
+from lyoncompress.output import Output, check_replaceable, claim_output, data_paths
 from lyoncompress.recipe import Recipe
 
 # Tasks the search can gate on -> the metric it compares with the target. All are
@@ -139,8 +138,21 @@ def search_budget(
         0.158048
     """
     recipe = recipe or Recipe()
-    out = Path(out)
-    prepare_output(out, force)
+    inputs = [checkpoint, *data_paths(recipe.calib, search.data)]
+    with claim_output(out, force, inputs) as output:
+        report = _search(checkpoint, output, search, recipe, progress)
+        report["warnings"] = [*output.notes, *report.get("warnings", [])]
+        return report
+
+
+def _search(
+    checkpoint: str | Path,
+    output: Output,
+    search: BudgetSearch,
+    recipe: Recipe,
+    progress: StepProgress | None,
+) -> dict[str, Any]:
+    out = output.path
     task, metric = gated_metric(checkpoint, search)
     if search.data is not None:
         load_samples(search.data, search.samples, 0)  # a bad data file fails before any work
@@ -149,7 +161,7 @@ def search_budget(
     # (budget, artifact folder, factorize report, eval report) of the smallest pass so far
     best: tuple[float, Path, dict[str, Any], dict[str, Any]] | None = None
     high_report: dict[str, Any] = {}  # the first step's: what is reported when nothing passes
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.search-"))
+    stage = output.scratch("search")
     try:
 
         def trial(budget: float) -> bool:
@@ -196,7 +208,7 @@ def search_budget(
         # the report must name OUT, not the scratch folder it was evaluated in
         evaluation["artifact"] = str(out)
         (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        _move_into_place(folder, out, stage)
+        _move_into_place(folder, out, stage, output.force)
         return report
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -241,9 +253,10 @@ def _bisect(trial: Callable[[float], bool], search: BudgetSearch) -> float | Non
     return failing
 
 
-def _move_into_place(folder: Path, out: Path, stage: Path) -> None:
+def _move_into_place(folder: Path, out: Path, stage: Path, force: bool) -> None:
     """Rename the chosen artifact to ``out``; an old ``out`` (force) goes into the stage
     only once the new one is there, and is deleted with it."""
+    check_replaceable(out, force)  # again: the search may have run for hours
     if out.exists():
         out.rename(stage / "replaced")
     folder.rename(out)

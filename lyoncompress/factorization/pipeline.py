@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lyoncompress.artifact import companion_files, prepare_output, write_artifact
+from lyoncompress.artifact import companion_files, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.calibrated import (
@@ -24,6 +23,7 @@ from lyoncompress.factorization.calibrated import (
 from lyoncompress.factorization.methods import LayerFactors, get_method, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
+from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
 
@@ -59,7 +59,16 @@ def factorize(
     _check_methods(recipe)
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
-    prepare_output(out, force)
+    with claim_output(out, force, [checkpoint, *data_paths(recipe.calib)]) as output:
+        report = _factorize(checkpoint, output, recipe, progress)
+        report["warnings"] = [*output.notes, *report["warnings"]]
+        return report
+
+
+def _factorize(
+    checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None
+) -> dict[str, Any]:
+    out = output.path
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     started = time.perf_counter()
@@ -100,12 +109,19 @@ def factorize(
     shard_size = parse_size(recipe.max_shard_size)
     if not recipe.distill_steps:
         write_artifact(
-            out, stream, layers, dict(source.config or {}), finish_report, shard_size, force, companions
+            out,
+            stream,
+            layers,
+            dict(source.config or {}),
+            finish_report,
+            shard_size,
+            output.force,
+            companions,
         )
         return report
     # Distillation needs every layer factorized first: stage the layer-wise artifact
     # beside OUT, distil it, then write OUT from it; the stage never outlives the call.
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.stage-"))
+    stage = output.scratch("stage")
     try:
         staged_path = stage / "layerwise"
         write_artifact(staged_path, stream, layers, dict(source.config or {}), finish_report, shard_size)
@@ -133,7 +149,14 @@ def factorize(
             for name, info in staged.infos.items()
         )
         write_artifact(
-            out, tensors, layers, dict(source.config or {}), lambda: report, shard_size, force, companions
+            out,
+            tensors,
+            layers,
+            dict(source.config or {}),
+            lambda: report,
+            shard_size,
+            output.force,
+            companions,
         )
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -20,6 +20,7 @@ from lyoncompress.artifact import Artifact, companion_files, load_artifact, writ
 from lyoncompress.butterfly import Chain
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
+from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import make_plan
 from lyoncompress.quantization.calibration import QuantCalibration, calibrate, output_error
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
@@ -147,6 +148,38 @@ def quantize(
         raise InputError(f"--group-size must be >= 1, got {group_size}")
     if calib_samples < 1:
         raise InputError(f"--calib-samples must be >= 1, got {calib_samples}")
+    inputs = [artifact, *data_paths(reference, calib)]
+    with claim_output(out, force, inputs) as output:
+        report = _quantize(
+            Path(artifact),
+            output,
+            fmt,
+            rescale,
+            group_size,
+            dense,
+            max_shard_size,
+            progress,
+            calib,
+            calib_samples,
+            reference,
+        )
+        report["warnings"] = output.notes
+        return report
+
+
+def _quantize(
+    artifact: Path,
+    output: Output,
+    fmt: str,
+    rescale: str,
+    group_size: int | None,
+    dense: bool,
+    max_shard_size: str,
+    progress: Progress | None,
+    calib: str | None,
+    calib_samples: int,
+    reference: str | Path | None,
+) -> dict[str, Any]:
     source, layers, config = _sources(Path(artifact), dense)
     calibration = None
     if calib is not None:
@@ -174,13 +207,13 @@ def quantize(
 
     stream = _stream(source, layers, fmt, rescale, group_size, rows, progress, calibration)
     write_artifact(
-        Path(out),
+        output.path,
         stream,
         layers,
         config,
         finish_report,
         parse_size(max_shard_size),
-        force,
+        output.force,
         companion_files(Path(artifact)),
     )
     return report
