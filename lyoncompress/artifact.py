@@ -63,14 +63,37 @@ COMPANION_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
     "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    # sentence-transformers: the module list and settings; the modules' own folders
+    # (pooling, normalisation) are named in modules.json and copied with them
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
 
 
 def companion_files(folder: Path) -> list[Path]:
-    """The tokenizer and generation files of a model folder (none for a single file)."""
+    """The tokenizer, generation and sentence-transformers files of a model folder, and the
+    module folders its ``modules.json`` names (none for a single file)."""
     if not folder.is_dir():
         return []
-    return [folder / name for name in COMPANION_FILES if (folder / name).is_file()]
+    files = [folder / name for name in COMPANION_FILES if (folder / name).is_file()]
+    return files + _sentence_transformers_folders(folder)
+
+
+def _sentence_transformers_folders(folder: Path) -> list[Path]:
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    # only plain sub-folder names: a path like "../x" must not copy files from elsewhere
+    return [
+        folder / path
+        for path in paths
+        if isinstance(path, str) and path and Path(path).name == path and (folder / path).is_dir()
+    ]
 
 
 def write_artifact(
@@ -99,7 +122,10 @@ def write_artifact(
         staging.mkdir()
         _write_into(staging, tensors, layers, config, report, max_shard_size)
         for path in companions:
-            shutil.copyfile(path, staging / path.name)
+            if path.is_dir():
+                shutil.copytree(path, staging / path.name)
+            else:
+                shutil.copyfile(path, staging / path.name)
         # what is about to become OUT must read back as an artifact: a short write that
         # the file system did not report cannot turn into an exit 0
         load_artifact(staging)
