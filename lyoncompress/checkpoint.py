@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Checkpoint:
     infos: dict[str, TensorInfo]
     config: dict | None
     _loader: Callable[[str], torch.Tensor] = field(repr=False)
+    owners: dict[str, Path] = field(default_factory=dict, repr=False)  # safetensors: file of each tensor
 
     def names(self) -> list[str]:
         return list(self.infos)
@@ -115,8 +117,12 @@ def _open_folder(folder: Path) -> Checkpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(f"{index}: not a safetensors index (needs a 'weight_map'): {err}") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index}: 'weight_map' must map tensor names to shard file names")
         shards = sorted({folder / shard for shard in weight_map.values()})
-        return _open_safetensors_files(folder, shards, config)
+        checkpoint = _open_safetensors_files(folder, shards, config)
+        _check_index(index, weight_map, checkpoint)
+        return checkpoint
     single = folder / "model.safetensors"
     if single.exists():
         return _open_safetensors_files(folder, [single], config)
@@ -126,6 +132,21 @@ def _open_folder(folder: Path) -> Checkpoint:
     raise InputError(
         f"{folder}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin in this folder"
     )
+
+
+def _check_index(index: Path, weight_map: dict[str, str], checkpoint: Checkpoint) -> None:
+    """The index must say where each tensor really is: a wrong map would load a tensor from
+    a shard that does not hold it, or leave one out."""
+    for name, shard in weight_map.items():
+        owner = checkpoint.owners.get(name)
+        if owner is None or owner.name != shard:
+            where = f"is in {owner.name}" if owner else "is in no shard"
+            raise InputError(f"{index}: maps {name!r} to {shard}, but it {where}; rebuild the index")
+    unlisted = sorted(set(checkpoint.infos) - set(weight_map))
+    if unlisted:
+        raise InputError(
+            f"{index}: shards hold {unlisted[:3]} that the index does not list; rebuild the index"
+        )
 
 
 def _check_safetensors_header(file: Path) -> None:
@@ -142,7 +163,22 @@ def _check_safetensors_header(file: Path) -> None:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{file}: corrupted safetensors header ({err})") from err
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    if not isinstance(header, dict):
+        raise InputError(
+            f"{file}: corrupted safetensors header (a JSON {type(header).__name__}, not an object)"
+        )
+    entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    for key, entry in entries.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        ):
+            raise InputError(
+                f"{file}: corrupted safetensors header (tensor {key!r} has no valid data_offsets)"
+            )
+    ends = [entry["data_offsets"][1] for entry in entries.values()]
     if ends and 8 + header_len + max(ends) > size:
         raise InputError(
             f"{file}: truncated safetensors file: header promises {8 + header_len + max(ends)} bytes, "
@@ -160,6 +196,8 @@ def _open_safetensors_files(shown_as: Path, files: list[Path], config: dict | No
         try:
             with safe_open(file, framework="pt") as handle:
                 for name in handle.keys():
+                    if name in owner:
+                        raise InputError(f"{file}: tensor {name!r} is also in {owner[name].name}")
                     sliced = handle.get_slice(name)
                     infos[name] = TensorInfo(tuple(sliced.get_shape()), _dtype(sliced.get_dtype(), file))
                     owner[name] = file
@@ -172,7 +210,7 @@ def _open_safetensors_files(shown_as: Path, files: list[Path], config: dict | No
         with safe_open(owner[name], framework="pt") as handle:
             return handle.get_tensor(name)
 
-    return Checkpoint(path=shown_as, infos=infos, config=config, _loader=load)
+    return Checkpoint(path=shown_as, infos=infos, config=config, _loader=load, owners=owner)
 
 
 SAFETENSORS_DTYPES = {
@@ -197,15 +235,28 @@ def _dtype(name: str, file: Path) -> torch.dtype:
     return SAFETENSORS_DTYPES[name]
 
 
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The one line of torch's long refusal that names what was refused (e.g. ``GLOBAL print``)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    reason = next(
+        (line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else ""
+    )
+    return reason.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
+
+
 def _open_torch_file(file: Path, config: dict | None, shown_as: Path | None = None) -> Checkpoint:
     try:
         # mmap keeps memory flat, but only zip-format files (torch >= 1.6) support it
         mmap = zipfile.is_zipfile(file)
-        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch warns about old pickle protocols before refusing them; the refusal
+            # below says what matters in one line, so its warning would only add lines
+            warnings.simplefilter("ignore")
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise InputError(
-            f"{file}: refused to unpickle: it holds more than plain tensors (weights_only=True "
-            f"rejected it: {str(err).splitlines()[0]}). Re-save it as a state dict or safetensors"
+            f"{file}: refused to unpickle: it holds more than plain tensors ({_unpickler_reason(err)}). "
+            "Re-save it as a state dict or safetensors"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise InputError(f"{file}: not a readable PyTorch file ({str(err).splitlines()[0]})") from err

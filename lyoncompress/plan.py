@@ -50,11 +50,15 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> Plan:
     Raises ``InputError`` when nothing is selected; patterns that match no layer are
     reported in ``Plan.warnings``.
     """
-    candidates = {
+    matrices = {
         name[: -len(".weight")]: info
         for name, info in checkpoint.infos.items()
         if name.endswith(".weight") and len(info.shape) == 2
     }
+    # integer or boolean weights (already quantized, or index tables) are no matrices
+    # to factorize or re-quantize: they pass through unchanged, and the plan says so
+    candidates = {name: info for name, info in matrices.items() if info.dtype.is_floating_point}
+    not_float = sorted(set(matrices) - set(candidates))
     targets = [(p, compile_pattern(p, "--target")) for p in recipe.targets]
     ignores = [(p, compile_pattern(p, "--ignore")) for p in recipe.ignore]
     overrides = [(o, compile_pattern(o.pattern, f"layers.{o.pattern}")) for o in recipe.layers]
@@ -91,9 +95,15 @@ def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> Plan:
         for p in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers))
         if p not in used
     ]
+    if not_float:
+        shown = ", ".join(not_float[:3]) + (" …" if len(not_float) > 3 else "")
+        warnings.append(f"{len(not_float)} non-float 2-D weight(s) left unchanged: {shown}")
     if not layers:
+        found = ", ".join(list(candidates)[:6]) or "none"
+        if not_float and not candidates:
+            found += f"; {len(not_float)} non-float ones, which are never compressed"
         raise InputError(
             f"{checkpoint.path}: no layer selected for compression "
-            f"(2-D weights found: {', '.join(list(candidates)[:6]) or 'none'}); check --target/--ignore"
+            f"(2-D float weights found: {found}); check --target/--ignore"
         )
     return Plan(layers=layers, warnings=warnings)

@@ -93,3 +93,63 @@ def test_missing_and_unsupported(tmp_path):
         open_checkpoint(tmp_path / "m.onnx")
     with pytest.raises(InputError, match="no model.safetensors"):
         open_checkpoint(tmp_path)
+
+
+def test_refused_pickle_is_one_short_line(tmp_path):
+    torch.save({"a.weight": _Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(InputError) as refused:
+        open_checkpoint(tmp_path / "evil.bin")
+    message = str(refused.value)
+    assert "\n" not in message and "\x1b" not in message and "GLOBAL print" in message
+
+
+@pytest.mark.parametrize("header", [[1, 2], {"w": {"dtype": "F32", "shape": [2]}}, {"w": [0, 8]}])
+def test_safetensors_header_that_is_not_a_tensor_table(tmp_path, header):
+    raw = json.dumps(header).encode()
+    (tmp_path / "h.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(InputError, match="h.safetensors: corrupted safetensors header"):
+        open_checkpoint(tmp_path / "h.safetensors")
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        (
+            {"a.weight": "s2.safetensors", "a.bias": "s1.safetensors", "b.weight": "s2.safetensors"},
+            "is in s1",
+        ),
+        ({"a.weight": "s1.safetensors", "b.weight": "s2.safetensors"}, "does not list"),
+        ({"a.weight": "s1.safetensors", "a.bias": "s1.safetensors", "b.weight": 3}, "shard file names"),
+    ],
+)
+def test_index_that_disagrees_with_its_shards(tmp_path, weight_map, message):
+    state = _state()
+    save_file({"a.weight": state["a.weight"], "a.bias": state["a.bias"]}, tmp_path / "s1.safetensors")
+    save_file({"b.weight": state["b.weight"]}, tmp_path / "s2.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(InputError, match=message):
+        open_checkpoint(tmp_path)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    save_file({"a.weight": torch.zeros(2, 2)}, tmp_path / "s1.safetensors")
+    save_file({"a.weight": torch.ones(2, 2)}, tmp_path / "s2.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "s1.safetensors", "b": "s2.safetensors"}})
+    )
+    with pytest.raises(InputError, match="also in s1.safetensors"):
+        open_checkpoint(tmp_path)
+
+
+def test_integer_weights_pass_through_and_are_said(tmp_path):
+    from lyoncompress.plan import make_plan
+    from lyoncompress.recipe import Recipe
+
+    state = {"a.weight": torch.randn(8, 8), "q.weight": torch.randint(-8, 8, (8, 8), dtype=torch.int8)}
+    save_file(state, tmp_path / "m.safetensors")
+    plan = make_plan(open_checkpoint(tmp_path / "m.safetensors"), Recipe())
+    assert [layer.name for layer in plan.layers] == ["a"]
+    assert plan.warnings == ["1 non-float 2-D weight(s) left unchanged: q"]
+    save_file({"q.weight": state["q.weight"]}, tmp_path / "int.safetensors")
+    with pytest.raises(InputError, match="1 non-float ones, which are never compressed"):
+        make_plan(open_checkpoint(tmp_path / "int.safetensors"), Recipe())
