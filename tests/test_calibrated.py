@@ -1,6 +1,7 @@
 """factorize --calib: structures chosen and refined by held-out output error."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,10 +116,10 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
         return DistillResult(1.0, 1.0, steps)
 
     monkeypatch.setattr(calibrated, "calibration_batches", lambda *args: iter(range(100)))
-    monkeypatch.setattr(calibrated, "load_compressed", lambda artifact: nn.Linear(2, 2))
     monkeypatch.setattr(calibrated, "load_reference", lambda checkpoint: nn.Linear(2, 2))
     monkeypatch.setattr(calibrated, "distill", fake_distill)
-    calibrated.distill_artifact(tmp_path, tmp_path, None, "builtin", 64, steps=1, lr=None)
+    source = SimpleNamespace(config=None)  # no layer to swap in: only the batches matter here
+    calibrated.distill_factors(tmp_path, source, {}, "builtin", 64, steps=1, lr=None)
     # every 4th batch, the first DISTILL_VAL_BATCHES of them; all the others train
     assert seen["val"] == list(range(3, 4 * calibrated.DISTILL_VAL_BATCHES, 4))
     assert seen["train"] == [i for i in range(100) if i not in seen["val"]]
@@ -145,10 +146,10 @@ def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
         return DistillResult(1.0, 1.0, steps)
 
     monkeypatch.setattr(calibrated, "calibration_batches", lambda *args: iter(batches))
-    monkeypatch.setattr(calibrated, "load_compressed", lambda artifact: nn.Linear(2, 2))
     monkeypatch.setattr(calibrated, "load_reference", lambda checkpoint: nn.Linear(2, 2))
     monkeypatch.setattr(calibrated, "distill", fake_distill)
-    calibrated.distill_artifact(tmp_path, tmp_path, None, "builtin", 64, steps=1, lr=None)
+    source = SimpleNamespace(config=None)  # no layer to swap in: only the batches matter here
+    calibrated.distill_factors(tmp_path, source, {}, "builtin", 64, steps=1, lr=None)
     assert seen["val"] == [batches[3], batches[7], batches[11]]
     train = seen["train"]
     real = sum(int(b["attention_mask"].sum()) for b in train)
@@ -184,3 +185,20 @@ def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):
     expected = list(data.tokenized_batches(tokenizer, whole, calibrated.TEXT_BATCH))
     for got, want in zip([*head, after], expected):
         assert got["input_ids"].equal(want["input_ids"])
+
+
+def test_distillation_runs_in_memory_and_writes_the_artifact_once(tmp_path, monkeypatch):
+    from lyoncompress.factorization import pipeline
+
+    writes = []
+    real_write = pipeline.write_artifact
+    monkeypatch.setattr(
+        pipeline, "write_artifact", lambda out, *a, **k: (writes.append(out), real_write(out, *a, **k))
+    )
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    args = ["factorize", ckpt, "-o", tmp_path / "out", "--method", "lowrank", "--calib", "builtin"]
+    result = _invoke(*args, "--distill-steps", "3", "--calib-samples", "256", "--json")
+    assert result.exit_code == 0, result.output
+    assert writes == [(tmp_path / "out").resolve()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    assert json.loads(result.stdout)["distill"]["steps"] == 3

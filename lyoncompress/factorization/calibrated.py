@@ -32,7 +32,7 @@ from lyoncompress.evaluation.data import (
 )
 from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
 from lyoncompress.layers import ButterflyLinear
-from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
+from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
 from lyoncompress.plan import LayerPlan
 from lyoncompress.recipe import Recipe
 from lyoncompress.refine import LayerCalibration, activation_aware_lowrank, capture_inputs, choose_structure
@@ -278,24 +278,27 @@ def _allocate(
     return allocated, sensitivity
 
 
-def distill_artifact(
+def distill_factors(
     checkpoint: str | Path,
-    artifact: Path,
-    config: dict[str, Any] | None,
+    source: Checkpoint,
+    factors: dict[str, LayerFactors],
     calib: str,
     samples: int,
     steps: int,
     lr: float | None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
-    """Distil the factors of a staged ``artifact`` against the reference model;
-    ``progress`` gets (description, steps done, steps) after each step.
+    """Distil the layer-wise ``factors`` against the reference model, in memory: they are
+    swapped into the model of ``source`` (the checkpoint, permuted when ``--permute``
+    permuted it) and trained there; ``progress`` gets (description, steps done, steps)
+    after each step.
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
     Every 4th calibration batch is held out, as in layer-wise calibration, up to
     ``DISTILL_VAL_BATCHES`` of them; every other batch trains, text regrouped by
     length (``regrouped_by_length``) so that steps do not compute on padding.
     """
+    config = source.config
     batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
     held_out = range(VAL_EVERY - 1, len(batches), VAL_EVERY)[:DISTILL_VAL_BATCHES]
     val = [batches[i] for i in held_out]
@@ -304,7 +307,9 @@ def distill_artifact(
         raise InputError("--distill-steps needs at least 4 calibration batches; give more --calib data")
     if isinstance(train[0], Mapping):
         train = regrouped_by_length(train, TEXT_BATCH)
-    compressed = load_compressed(artifact)
+    compressed = load_reference(source)
+    for name, layer_factors in factors.items():
+        _swap_in_factors(compressed, name, layer_factors)
     report_step = None
     if progress is not None:
 
@@ -314,3 +319,17 @@ def distill_artifact(
     result = distill(load_reference(checkpoint), compressed, train, val, steps, lr, progress=report_step)
     twiddles = {name: t.detach() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")}
     return twiddles, result
+
+
+def _swap_in_factors(model: torch.nn.Module, name: str, factors: LayerFactors) -> None:
+    """Replace the ``nn.Linear`` at ``name`` by a ``ButterflyLinear`` holding ``factors``,
+    in the dense layer's dtype (the dtype the rest of the model computes in)."""
+    dense = model.get_submodule(name)
+    dtype = dense.weight.dtype
+    layer = ButterflyLinear.from_twiddles(
+        factors.chain,
+        [t.to(dtype) for t in factors.twiddles],
+        None if dense.bias is None else dense.bias.detach(),
+        [t.to(dtype) for t in factors.lowrank_twiddles] or None,
+    )
+    model.set_submodule(name, layer)

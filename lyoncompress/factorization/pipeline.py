@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from lyoncompress.factorization.calibrated import (
     CANDIDATES_FOR,
     CalibratedFactors,
     calibrated_factors,
-    distill_artifact,
+    distill_factors,
 )
 from lyoncompress.factorization.methods import LayerFactors, get_method, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
@@ -68,7 +67,6 @@ def factorize(
 def _factorize(
     checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None
 ) -> dict[str, Any]:
-    out = output.path
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     started = time.perf_counter()
@@ -96,6 +94,8 @@ def _factorize(
         )
         if recipe.permute:
             report["permutations"] = permutation_report(permutations)
+        if recipe.distill_steps:
+            report["distill"] = distill_section
         if calibrated is not None and calibrated.sensitivity is not None:
             report["allocation"] = {
                 "method": "sensitivity",
@@ -104,62 +104,37 @@ def _factorize(
             }
         return report
 
-    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress)
-    companions = companion_files(source.path)
-    shard_size = parse_size(recipe.max_shard_size)
-    if not recipe.distill_steps:
-        write_artifact(
-            out,
-            stream,
-            layers,
-            dict(source.config or {}),
-            finish_report,
-            shard_size,
-            output.force,
-            companions,
-        )
-        return report
-    # Distillation needs every layer factorized first: stage the layer-wise artifact
-    # beside OUT, distil it, then write OUT from it; the stage never outlives the call.
-    stage = output.scratch("stage")
-    try:
-        staged_path = stage / "layerwise"
-        write_artifact(staged_path, stream, layers, dict(source.config or {}), finish_report, shard_size)
-        twiddles, result = distill_artifact(
+    # distillation trains every layer's factors together, in memory, before the one write
+    distilled: dict[str, torch.Tensor] = {}
+    if recipe.distill_steps:
+        distilled, result = distill_factors(
             checkpoint,
-            staged_path,
-            source.config,
+            source,
+            calibrated.factors,
             recipe.calib,
             recipe.calib_samples,
             recipe.distill_steps,
             recipe.distill_lr,
             progress,
         )
-        report["distill"] = {
+        distill_section = {
             "objective": result.objective,
             "lr": result.lr,
             "steps": result.steps,
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
         }
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        staged = open_checkpoint(staged_path)
-        tensors = (
-            (name, twiddles[name].to(info.dtype) if name in twiddles else staged.load(name))
-            for name, info in staged.infos.items()
-        )
-        write_artifact(
-            out,
-            tensors,
-            layers,
-            dict(source.config or {}),
-            lambda: report,
-            shard_size,
-            output.force,
-            companions,
-        )
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled)
+    write_artifact(
+        output.path,
+        stream,
+        layers,
+        dict(source.config or {}),
+        finish_report,
+        parse_size(recipe.max_shard_size),
+        output.force,
+        companion_files(source.path),
+    )
     return report
 
 
@@ -184,9 +159,11 @@ def _stream(
     layers: dict[str, dict[str, Any]],
     rows: list[dict[str, Any]],
     progress: Progress | None,
+    distilled: dict[str, torch.Tensor],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Source tensors in order, each target weight replaced by its factors (computed
-    here, one layer at a time, or beforehand on calibration data)."""
+    here, one layer at a time, or beforehand on calibration data); ``distilled`` twiddles
+    (by tensor name) replace the layer-wise ones, which the report rows describe."""
     by_weight = {layer.weight_name: layer for layer in plan.layers}
     for name in source.names():
         tensor = source.load(name)
@@ -202,10 +179,10 @@ def _stream(
             seconds = time.perf_counter() - begin
         layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
         rows.append(report_row(layer, factors, seconds))
-        for index, twiddle in enumerate(factors.twiddles):
-            yield f"{layer.name}.factors.{index}.twiddle", twiddle.to(tensor.dtype)
-        for index, twiddle in enumerate(factors.lowrank_twiddles):
-            yield f"{layer.name}.lowrank.{index}.twiddle", twiddle.to(tensor.dtype)
+        for group, twiddles in (("factors", factors.twiddles), ("lowrank", factors.lowrank_twiddles)):
+            for index, twiddle in enumerate(twiddles):
+                name = f"{layer.name}.{group}.{index}.twiddle"
+                yield name, distilled.get(name, twiddle).to(tensor.dtype)
         if progress is not None and calibrated is None:
             progress(layer.name, len(rows), len(plan.layers))
 
