@@ -45,8 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lyoncompress import Recipe, factorize, load_compressed
-from lyoncompress.evaluation.data import builtin_corpus, tokenized_batches
-from lyoncompress.factorization.calibrated import TEXT_BATCH, calibration_batches
+from lyoncompress.data import (
+    TEXT_BATCH,
+    builtin_corpus,
+    calibration_batches,
+    split_batches,
+    tokenized_batches,
+)
 from lyoncompress.models import load_reference
 from lyoncompress.refine.distill import distill
 
@@ -163,8 +168,8 @@ def _distilled(
 ) -> Callable[[], nn.Module]:
     def run() -> nn.Module:
         batches = list(calibration_batches(model_dir, {"model_type": "llama"}, "builtin", 4096))
-        train = [b for i, b in enumerate(batches) if i % 4 != 3]  # same split as factorize
-        val = [b for i, b in enumerate(batches) if i % 4 == 3][:val_batches]
+        train, val = split_batches(batches)  # same split as factorize
+        val = val[:val_batches]
         compressed = load_compressed(artifact)
         distill(load_reference(model_dir), compressed, train, val, steps, lr, objective=objective)
         return compressed

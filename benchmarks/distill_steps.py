@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from lyoncompress.evaluation.data import regrouped_by_length
-from lyoncompress.factorization.calibrated import TEXT_BATCH, calibration_batches
+from lyoncompress.data import TEXT_BATCH, calibration_batches, regrouped_by_length
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.models import load_compressed, load_reference
 from lyoncompress.recipe import Recipe

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from lyoncompress.refine import apply_permutation, capture_inputs, choose_structure, search_permutation
+from lyoncompress.capture import capture_inputs
+from lyoncompress.refine import apply_permutation, choose_structure, search_permutation
 
 MODULES = (
     "argparse collections csv datetime decimal email functools http.client inspect itertools json "

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from lyoncompress.evaluation import builtin_corpus, evaluate
+from lyoncompress.data import builtin_corpus
+from lyoncompress.evaluation import evaluate
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.recipe import Recipe
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lyoncompress.evaluation.data import digits_split
+from lyoncompress.data import digits_split
 from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
 from lyoncompress.recipe import Recipe
 

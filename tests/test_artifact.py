@@ -187,7 +187,7 @@ def test_tokenizer_files_travel_with_the_artifact(tmp_path):
 
 
 def test_text_calibration_without_a_vocabulary_is_refused(tmp_path):
-    from lyoncompress.factorization.calibrated import calibration_batches
+    from lyoncompress.data import calibration_batches
 
     folder = tmp_path / "model"
     folder.mkdir()

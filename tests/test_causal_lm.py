@@ -95,7 +95,7 @@ def trained_llama(tmp_path_factory) -> pathlib.Path:
     """A tiny Llama trained a few dozen steps on the calib half: past uniform logits, so
     that compressing its MLPs visibly costs perplexity and distillation can win some back
     (here: activation-aware SVD 1.087x dense perplexity, distilled 1.030x)."""
-    from lyoncompress.evaluation.data import builtin_corpus, tokenized_batches
+    from lyoncompress.data import builtin_corpus, tokenized_batches
 
     folder = tmp_path_factory.mktemp("trained") / "model"
     texts = builtin_corpus(None, split="calib", extended=False)  # the modules' 928 sentences

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lyoncompress.data import CORPUS_MODULES, builtin_corpus, regrouped_by_length
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import CORPUS_MODULES, builtin_corpus, regrouped_by_length
 
 # the eval half every recorded number in benchmarks/RESULTS.md was measured on:
 # (count, sha256 of the sentences joined by newlines), per Python version (docstrings differ)

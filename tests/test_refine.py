@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lyoncompress.butterfly import lowrank, monarch
+from lyoncompress.capture import capture_inputs
 from lyoncompress.errors import InputError
 from lyoncompress.factorization import project
 from lyoncompress.refine import (
@@ -14,7 +15,6 @@ from lyoncompress.refine import (
     activation_aware_lowrank,
     activation_aware_projection,
     apply_permutation,
-    capture_inputs,
     choose_structure,
     gram,
     hybrid_start,

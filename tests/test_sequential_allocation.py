@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lyoncompress.capture import capture_paired, forward_order
 from lyoncompress.cli import app
 from lyoncompress.models import DemoMLP
 from lyoncompress.refine import activation_aware_lowrank, gram, output_error
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
-from lyoncompress.refine.calibration import capture_paired, forward_order
 from lyoncompress.refine.gram import corrected_target, paired_output_error
 from tests.helpers import SIZES, make_mlp_checkpoint, random_llama
 

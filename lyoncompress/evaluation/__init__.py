@@ -10,8 +10,8 @@ from typing import Any
 
 from lyoncompress.artifact import Artifact, load_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
+from lyoncompress.data import Samples, load_samples
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import Samples, builtin_corpus, load_samples
 from lyoncompress.evaluation.tasks import FITTING, TASKS, EvalContext, TaskResult
 
 DEFAULT_SAMPLES = 256
@@ -147,4 +147,4 @@ def evaluate(
     }
 
 
-__all__ = ["DEFAULT_SAMPLES", "Gates", "TASKS", "builtin_corpus", "evaluate", "load_samples"]
+__all__ = ["DEFAULT_SAMPLES", "Gates", "TASKS", "evaluate"]

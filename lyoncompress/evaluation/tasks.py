@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from lyoncompress.artifact import Artifact
+from lyoncompress.capture import recorded_inputs
 from lyoncompress.checkpoint import Checkpoint
-from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import (
+from lyoncompress.data import (
     TEXT_MAX_LENGTH,
     Samples,
     builtin_corpus,
@@ -26,6 +26,7 @@ from lyoncompress.evaluation.data import (
     load_tokenizer,
     tokenized_batches,
 )
+from lyoncompress.errors import InputError
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.quantization.payloads import dequantize_state
@@ -161,20 +162,8 @@ def _embed(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
 def outputs_task(ctx: EvalContext) -> TaskResult:
     """Per-layer ``‖(W - Ŵ) X‖ / ‖W X‖`` on the reference model's activations, and the
     relative error and cosine of the final outputs."""
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in ctx.artifact.layers}
-    hooks = [
-        ctx.reference_model.get_submodule(name).register_forward_hook(
-            lambda module, args, out, name=name: captured[name].append(
-                args[0].detach().reshape(-1, args[0].shape[-1])
-            )
-        )
-        for name in captured
-    ]
-    try:
+    with recorded_inputs(ctx.reference_model, ctx.artifact.layers) as captured:
         reference_out = _run(ctx.reference_model, ctx).double()
-    finally:
-        for hook in hooks:
-            hook.remove()
     compressed_out = _run(ctx.compressed_model, ctx).double()
     rows = []
     for name, chunks in captured.items():

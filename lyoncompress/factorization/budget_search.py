@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from lyoncompress.checkpoint import open_checkpoint
+from lyoncompress.data import load_samples
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation import DEFAULT_SAMPLES, evaluate, load_samples
+from lyoncompress.evaluation import DEFAULT_SAMPLES, evaluate
 from lyoncompress.evaluation.tasks import FITTING, model_kind
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.output import Output, check_replaceable, claim_output, data_paths

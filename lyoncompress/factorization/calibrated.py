@@ -13,42 +13,40 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lyoncompress.capture import LayerCalibration, capture_inputs, capture_paired, forward_order
 from lyoncompress.checkpoint import Checkpoint
-from lyoncompress.errors import InputError
-from lyoncompress.evaluation.data import (
+from lyoncompress.data import (
+    BUILTIN,
+    TEXT_BATCH,
+    VAL_EVERY,
     builtin_corpus,
-    digits_split,
-    load_samples,
-    load_tokenizer,
+    calibration_batches,
+    held_out,
     regrouped_by_length,
-    tokenized_batches,
+    split_batches,
 )
+from lyoncompress.errors import InputError
 from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
 from lyoncompress.plan import LayerPlan
 from lyoncompress.recipe import Recipe
-from lyoncompress.refine import LayerCalibration, activation_aware_lowrank, capture_inputs, choose_structure
+from lyoncompress.refine import activation_aware_lowrank, choose_structure
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
-from lyoncompress.refine.calibration import capture_paired, forward_order
 from lyoncompress.refine.distill import DistillResult, distill
 from lyoncompress.refine.gram import corrected_target, output_error, paired_output_error
 
-BUILTIN = "builtin"
-VAL_EVERY = 4  # every 4th calibration batch is held out
 ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
 # held-out batches that judge distillation (each is run through both models at every
 # check); the later ones train too: the built-in text has ~760 batches, not 58
 DISTILL_VAL_BATCHES = 16
-TEXT_BATCH = 16
-TENSOR_BATCH = 64
 # which refine candidates each factorize method may choose from
 CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
     "auto": ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
@@ -56,43 +54,6 @@ CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
     "monarch": ("monarch",),
     "hybrid": ("hybrid",),
 }
-
-
-def calibration_batches(
-    checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int
-) -> Iterator[Any]:
-    """The calibration data as model inputs: tensors, or tokenizer outputs for text.
-
-    A generator: the built-in text yields the 928-sentence first part of the ``calib``
-    split (58 batches) before it builds the rest (~11k sentences, 5-11 s once per
-    process), so consumers that stop early, such as a capture bounded by ``samples``
-    rows, never pay for the rest.
-    """
-    is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
-    if calib == BUILTIN and is_mlp:
-        yield from digits_split().x_train.float().split(TENSOR_BATCH)
-        return
-    if calib == BUILTIN:
-        texts: Iterator[list[str]] = _builtin_text()
-    else:
-        data = load_samples(calib)
-        if data.texts is None:
-            yield from data.inputs.float().split(TENSOR_BATCH)
-            return
-        texts = iter([data.texts])
-    folder = Path(checkpoint)
-    tokenizer = load_tokenizer(folder if folder.is_dir() else folder.parent)
-    for part in texts:
-        yield from tokenized_batches(tokenizer, part, TEXT_BATCH)
-
-
-def _builtin_text() -> Iterator[list[str]]:
-    """The built-in ``calib`` split in two parts, the second only built when asked for.
-    The first part's 928 sentences fill whole batches of 16, so the batches are the
-    same as those of the split in one piece."""
-    first = builtin_corpus(None, split="calib", extended=False)
-    yield first
-    yield builtin_corpus(None, split="calib")[len(first) :]
 
 
 def _capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> list[Any]:
@@ -179,9 +140,7 @@ def calibrated_factors(
             _check_reached(name, layer_calibration)
     sensitivity: dict[str, float] | None = None
     if recipe.allocate == "sensitivity":
-        layers, sensitivity = _allocate(
-            model, source, layers, calibration, batches[VAL_EVERY - 1 :: VAL_EVERY]
-        )
+        layers, sensitivity = _allocate(model, source, layers, calibration, split_batches(batches)[1])
     by_name = {layer.name: layer for layer in layers}
     order = forward_order(model, names, batches[0]) if recipe.sequential else names
     working = copy.deepcopy(model) if recipe.sequential else None
@@ -192,7 +151,7 @@ def calibrated_factors(
         layer = by_name[name]
         weight = _weight(source, layer)
         if working is not None:
-            layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples, VAL_EVERY)
+            layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
         else:
             layer_calibration = calibration[name]
         factors[name] = calibrated_layer(
@@ -246,7 +205,7 @@ def _allocate(
     source: Checkpoint,
     layers: list[LayerPlan],
     calibration: dict[str, LayerCalibration],
-    held_out: list[Any],
+    val_batches: list[Any],
 ) -> tuple[list[LayerPlan], dict[str, float]]:
     """Re-divide the layers' total parameter budget by measured sensitivity.
 
@@ -265,7 +224,7 @@ def _allocate(
         shapes[layer.name] = (m, n)
         replacements[layer.name] = (approx, output_error(weight, approx, calibration[layer.name].gram_val))
         floors[layer.name] = max(1, rank // 4)  # no layer is starved below a quarter of its share
-    sensitivity = measure_sensitivity(model, replacements, held_out[:ALLOCATION_BATCHES])
+    sensitivity = measure_sensitivity(model, replacements, val_batches[:ALLOCATION_BATCHES])
     total = sum(int(layer.budget * math.prod(shapes[layer.name])) for layer in layers)
     ranks = allocate_ranks(curves, sensitivity, shapes, total, floors)
     allocated = [
@@ -294,17 +253,19 @@ def distill_factors(
     after each step.
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
-    Every 4th calibration batch is held out, as in layer-wise calibration, up to
-    ``DISTILL_VAL_BATCHES`` of them; every other batch trains, text regrouped by
+    The held-out batches (``data.held_out``, as in layer-wise calibration), up to
+    ``DISTILL_VAL_BATCHES`` of them, judge; every other batch trains, text regrouped by
     length (``regrouped_by_length``) so that steps do not compute on padding.
     """
     config = source.config
     batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
-    held_out = range(VAL_EVERY - 1, len(batches), VAL_EVERY)[:DISTILL_VAL_BATCHES]
-    val = [batches[i] for i in held_out]
-    train = [b for i, b in enumerate(batches) if i not in held_out]
+    judged = [i for i in range(len(batches)) if held_out(i)][:DISTILL_VAL_BATCHES]
+    val = [batches[i] for i in judged]
+    train = [b for i, b in enumerate(batches) if i not in judged]
     if not train or not val:
-        raise InputError("--distill-steps needs at least 4 calibration batches; give more --calib data")
+        raise InputError(
+            f"--distill-steps needs at least {VAL_EVERY} calibration batches; give more --calib data"
+        )
     if isinstance(train[0], Mapping):
         train = regrouped_by_length(train, TEXT_BATCH)
     compressed = load_reference(source)

@@ -18,16 +18,18 @@ import torch
 
 from lyoncompress.artifact import Artifact, companion_files, load_artifact, write_artifact
 from lyoncompress.butterfly import Chain
+from lyoncompress.capture import CapturedRows as QuantCalibration
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import make_plan
-from lyoncompress.quantization.calibration import QuantCalibration, calibrate, output_error
+from lyoncompress.quantization.calibration import calibrate
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.payloads import layer_chains
 from lyoncompress.quantization.rescale import resolve
 from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.refine.gram import output_error
 
 Progress = Callable[[str, int, int], None]
 # Integer grids waste most of their range unless the factors' ranges are equalised first;

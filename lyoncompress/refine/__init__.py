@@ -1,8 +1,8 @@
-"""Accuracy recovery: calibration capture, activation-aware starts, layer-wise
-refinement, structure choice and hidden-unit permutation search."""
+"""Accuracy recovery: activation-aware starts, layer-wise refinement, structure choice
+and hidden-unit permutation search, all on second moments of layer inputs (captured
+by ``lyoncompress.capture``)."""
 
 from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
-from lyoncompress.refine.calibration import LayerCalibration, capture_inputs
 from lyoncompress.refine.gram import Whitening, gram, output_energy, output_error, sqrt_factor
 from lyoncompress.refine.layerwise import RefineResult, least_squares_error, refine_layer
 from lyoncompress.refine.permutation import apply_permutation, search_permutation
@@ -16,7 +16,6 @@ from lyoncompress.refine.structure import (
 
 __all__ = [
     "CANDIDATES",
-    "LayerCalibration",
     "RefineResult",
     "Structure",
     "StructureChoice",
@@ -24,7 +23,6 @@ __all__ = [
     "activation_aware_lowrank",
     "activation_aware_projection",
     "apply_permutation",
-    "capture_inputs",
     "choose_structure",
     "gram",
     "hybrid_start",

@@ -1,12 +1,16 @@
-"""Evaluation and calibration data: user files, and built-in defaults that work offline.
+"""The data the verbs run on: user files, built-in offline sets, tokenisation, the
+calibration batches, and the one rule that holds batches out.
 
-``--data`` takes a text file (one sample a line), ``.npy`` / ``.safetensors`` inputs
-(the first tensor, or the one named ``inputs``), or a labelled ``.npz`` with arrays
-``x`` and ``y``. Without it: the digits split for the demo MLP, and for text models
-sentences from the Python standard library's docstrings (no download): the evaluation
-half from ``CORPUS_MODULES``, the calibration text from those modules' other half and
-then the rest of the standard library's docstrings, so that long distillations see
-~10k distinct sentences instead of cycling over a few hundred.
+``--data`` / ``--calib`` take a text file (one sample a line), ``.npy`` /
+``.safetensors`` inputs (the first tensor, or the one named ``inputs``), or a labelled
+``.npz`` with arrays ``x`` and ``y``. Built in (no download): the digits split for the
+demo MLP, and for text models sentences from the Python standard library's docstrings:
+the evaluation half from ``CORPUS_MODULES``, the calibration text from those modules'
+other half and then the rest of the standard library's docstrings, so that long
+distillations see ~10k distinct sentences instead of cycling over a few hundred.
+
+Calibration holds out whole batches, every ``VAL_EVERY``-th one (``held_out``): rows
+of one sentence are correlated, so splitting inside a batch would leak.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import random
 import re
 import sysconfig
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from lyoncompress.errors import InputError
+from lyoncompress.models import DEMO_MODEL_TYPE
 
 # Modules whose docstrings make the built-in corpus: prose-heavy, stable across
 # Python versions, and importable everywhere.
@@ -43,6 +48,10 @@ CORPUS_MODULES = (
 
 
 TEXT_MAX_LENGTH = 128  # tokens per text sample, for evaluation and calibration alike
+BUILTIN = "builtin"  # the --calib value that picks the built-in data
+TEXT_BATCH = 16  # samples per calibration batch of text
+TENSOR_BATCH = 64  # samples per calibration batch of tensors
+VAL_EVERY = 4  # every 4th calibration batch is held out
 
 
 # a tokenizer needs its vocabulary: with only config.json, AutoTokenizer silently builds
@@ -313,3 +322,69 @@ def digits_split() -> DigitsSplit:
         torch.from_numpy(x_te),
         torch.from_numpy(y_te).long(),
     )
+
+
+def held_out(index: int, val_every: int = VAL_EVERY) -> bool:
+    """Whether calibration batch ``index`` (counted from 0) is held out: every
+    ``val_every``-th batch, so batches ``val_every - 1``, ``2 val_every - 1``, … judge
+    and the others fit. Whole batches, since rows of one sentence are correlated.
+
+    Example:
+        >>> [i for i in range(9) if held_out(i)]
+        [3, 7]
+    """
+    return index % val_every == val_every - 1
+
+
+def split_batches(batches: Sequence[Any], val_every: int = VAL_EVERY) -> tuple[list[Any], list[Any]]:
+    """``batches`` as (fitting, held-out) lists, by ``held_out``, each in order."""
+    fit: list[Any] = []
+    judge: list[Any] = []
+    for index, batch in enumerate(batches):
+        (judge if held_out(index, val_every) else fit).append(batch)
+    return fit, judge
+
+
+def calibration_batches(
+    checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int
+) -> Iterator[Any]:
+    """The calibration data as model inputs: tensors, or tokenizer outputs for text.
+
+    Args:
+        checkpoint: the folder (or a file in it) with the tokenizer for text data.
+        config: the model's ``config.json``; ``model_type`` picks the built-in set.
+        calib: ``builtin`` (the digits training split for the demo MLP, the corpus's
+            ``calib`` split for text models) or a data file as ``load_samples`` reads.
+        samples: the rows per layer the consumer will take; the generator yields all
+            batches, and consumers stop reading once they have enough.
+
+    A generator: the built-in text yields the 928-sentence first part of the ``calib``
+    split (58 batches) before it builds the rest (~11k sentences, 5-11 s once per
+    process), so consumers that stop early, such as a capture bounded by ``samples``
+    rows, never pay for the rest.
+    """
+    is_mlp = config.get("model_type") == DEMO_MODEL_TYPE
+    if calib == BUILTIN and is_mlp:
+        yield from digits_split().x_train.float().split(TENSOR_BATCH)
+        return
+    if calib == BUILTIN:
+        texts: Iterator[list[str]] = _builtin_text()
+    else:
+        data = load_samples(calib)
+        if data.texts is None:
+            yield from data.inputs.float().split(TENSOR_BATCH)
+            return
+        texts = iter([data.texts])
+    folder = Path(checkpoint)
+    tokenizer = load_tokenizer(folder if folder.is_dir() else folder.parent)
+    for part in texts:
+        yield from tokenized_batches(tokenizer, part, TEXT_BATCH)
+
+
+def _builtin_text() -> Iterator[list[str]]:
+    """The built-in ``calib`` split in two parts, the second only built when asked for.
+    The first part's 928 sentences fill whole batches of 16, so the batches are the
+    same as those of the split in one piece."""
+    first = builtin_corpus(None, split="calib", extended=False)
+    yield first
+    yield builtin_corpus(None, split="calib")[len(first) :]

@@ -1,0 +1,310 @@
+"""Calibration capture: forward pre-hooks that record the inputs of chosen layers.
+
+Owns the one hook loop over calibration batches and what it keeps of each layer's
+input rows (one per token or sample): float64 second moments ``X^T X`` of the
+fitting and the held-out rows (``capture_inputs``, factorize), or the fitting rows
+themselves and the held-out moment (``capture_rows``, quantize); the paired capture
+of one layer in a reference and a partly compressed model (``capture_paired``,
+sequential factorize); every input row of a plain pass (``recorded_inputs``, eval);
+and the order the forward pass reaches the layers (``forward_order``).
+
+A moment costs ``n × n`` per layer however much data flows through. Whole batches are
+held out, by ``data.held_out``; positions a tokenizer's attention mask marks as
+padding are left out (``input_rows``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lyoncompress.data import VAL_EVERY, held_out
+from lyoncompress.errors import InputError
+
+Batch = torch.Tensor | Mapping[str, Any]  # model(batch), or model(**batch) for tokenizer outputs
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """Second moments of one layer's inputs: ``gram_train`` to fit, ``gram_val`` to judge.
+
+    All are float64 ``(n, n)``; ``rows_train`` / ``rows_val`` count the input rows.
+    Sequential calibration (``capture_paired``) sees the layer's inputs ``X~`` in a
+    partly compressed model while its targets stay ``X W^T`` of the reference
+    inputs ``X``: the grams are then ``X~^T X~``, ``cross_*`` hold ``X^T X~``, and
+    ``reference_gram_val`` is ``X^T X`` of the held-out rows (None otherwise).
+    """
+
+    gram_train: torch.Tensor
+    gram_val: torch.Tensor
+    rows_train: int
+    rows_val: int
+    cross_train: torch.Tensor | None = None
+    cross_val: torch.Tensor | None = None
+    reference_gram_val: torch.Tensor | None = None
+
+    @property
+    def sequential(self) -> bool:
+        return self.cross_train is not None
+
+
+@dataclass(frozen=True)
+class CapturedRows:
+    """One layer's fitting input rows ``train`` ``(rows, n)`` and the held-out ``X^T X``
+    ``gram_val`` ``(n, n)`` of ``rows_val`` rows, all float64."""
+
+    train: torch.Tensor
+    gram_val: torch.Tensor
+    rows_val: int
+
+
+def input_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input ``x`` as one float64 row per real token or sample, ``(rows, n)``:
+    positions that ``mask`` (a tokenizer's attention mask) marks as padding are left out."""
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(torch.bool)].to(torch.float64)
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+@contextlib.contextmanager
+def _hooks(modules: Mapping[str, nn.Module], record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Inside the block, every call of a module first runs ``record(key, its input)``."""
+    handles = [
+        module.register_forward_pre_hook(lambda _, inputs, key=key: record(key, inputs[0].detach()))
+        for key, module in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Reached(Exception):
+    """Raised by a hook once the watched layer has seen its input: nothing after it
+    is needed, so the rest of the forward pass is skipped."""
+
+
+def _run(model: nn.Module, batch: Batch) -> None:
+    with contextlib.suppress(_Reached):
+        model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
+def _mask(batch: Batch) -> torch.Tensor | None:
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+def _check_period(val_every: int) -> None:
+    if val_every < 2:
+        raise InputError(f"val_every={val_every} leaves no batch for training; use 2 or more")
+
+
+class _Inputs:
+    """One layer's rows so far: up to ``max_rows`` per split (0 fits, 1 is held out).
+    Held-out rows are summed into their moment; fitting rows too, or kept as they
+    are when ``keep_rows``."""
+
+    def __init__(self, n: int, max_rows: int, keep_rows: bool) -> None:
+        self.grams = [torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)]
+        self.rows = [0, 0]
+        self.kept: list[torch.Tensor] = []
+        self.max_rows = max_rows
+        self.keep_rows = keep_rows
+
+    def add(self, split: int, rows: torch.Tensor) -> None:
+        rows = rows[: self.max_rows - self.rows[split]].cpu()  # (k, n) float64
+        if split == 0 and self.keep_rows:
+            self.kept.append(rows)
+        else:
+            self.grams[split] += rows.T @ rows
+        self.rows[split] += rows.shape[0]
+
+    @property
+    def full(self) -> bool:
+        return min(self.rows) >= self.max_rows
+
+
+def _stream(
+    model: nn.Module,
+    names: list[str],
+    batches: Iterable[Batch],
+    max_rows: int,
+    val_every: int,
+    keep_rows: bool,
+) -> dict[str, _Inputs]:
+    """The one capture loop: run ``model`` on ``batches`` until every layer in ``names``
+    has ``max_rows`` rows in both splits (or the batches run out)."""
+    _check_period(val_every)
+    modules = dict(model.named_modules())
+    layers = {name: modules[name] for name in names}
+    inputs = {name: _Inputs(layer.in_features, max_rows, keep_rows) for name, layer in layers.items()}
+    current: dict[str, Any] = {"split": 0, "mask": None}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        inputs[name].add(current["split"], input_rows(x, current["mask"]))
+
+    with _hooks(layers, record), torch.inference_mode():
+        for index, batch in enumerate(batches):
+            current["split"] = 1 if held_out(index, val_every) else 0
+            current["mask"] = _mask(batch)
+            _run(model, batch)
+            if all(i.full for i in inputs.values()):
+                break
+    return inputs
+
+
+def capture_inputs(
+    model: nn.Module,
+    layer_names: Iterable[str],
+    batches: Iterable[Batch],
+    max_samples: int = 8192,
+    val_every: int = VAL_EVERY,
+) -> dict[str, LayerCalibration]:
+    """Run ``model`` on ``batches`` and return the input second moments of ``layer_names``.
+
+    Args:
+        model: any module; it is called as ``model(batch)`` or ``model(**batch)``
+            for a mapping (e.g. a tokenizer's output). Its train/eval mode is left as is.
+        layer_names: names of ``nn.Linear`` submodules (as in ``model.named_modules()``).
+        batches: the calibration data. When a batch is a mapping with an
+            ``attention_mask`` and a layer's input is ``(batch, seq, n)``, padded
+            positions are skipped.
+        max_samples: at most this many input rows per layer go into each moment;
+            iteration stops once both moments of every layer are full.
+        val_every: every ``val_every``-th batch is held out (>= 2, see ``data.held_out``).
+
+    Returns:
+        ``{name: LayerCalibration}``.
+
+    Example:
+        >>> calib = capture_inputs(model, ["encoder.layer.0.intermediate.dense"], batches)
+        >>> calib["encoder.layer.0.intermediate.dense"].gram_train.shape
+        torch.Size([384, 384])
+    """
+    names = list(layer_names)
+    modules = dict(model.named_modules())
+    for name in names:
+        if not isinstance(modules.get(name), nn.Linear):
+            raise InputError(f"{name!r} is not an nn.Linear submodule of the model; check the layer name")
+    inputs = _stream(model, names, batches, max_samples, val_every, keep_rows=False)
+    return {name: LayerCalibration(*i.grams, *i.rows) for name, i in inputs.items()}
+
+
+def capture_rows(
+    model: nn.Module,
+    layer_names: Iterable[str],
+    batches: Iterable[Batch],
+    max_rows: int,
+    val_every: int = VAL_EVERY,
+) -> dict[str, CapturedRows]:
+    """As ``capture_inputs``, but the fitting rows come back as rows (up to ``max_rows``
+    per layer), for fits that need more than their second moment; the held-out rows
+    are still a moment. ``layer_names`` may name any module with ``in_features``
+    (``nn.Linear``, ``ButterflyLinear``). A layer the data never reached gets no rows."""
+    names = list(layer_names)
+    modules = dict(model.named_modules())
+    for name in names:
+        if not isinstance(getattr(modules.get(name), "in_features", None), int):
+            raise InputError(f"{name!r} is not a linear layer of the model; check the layer name")
+    inputs = _stream(model, names, batches, max_rows, val_every, keep_rows=True)
+    return {
+        name: CapturedRows(
+            torch.cat(i.kept) if i.kept else i.grams[0].new_zeros(0, i.grams[0].shape[0]),
+            i.grams[1],
+            i.rows[1],
+        )
+        for name, i in inputs.items()
+    }
+
+
+def capture_paired(
+    reference: nn.Module,
+    working: nn.Module,
+    layer_name: str,
+    batches: Sequence[Batch],
+    max_samples: int = 8192,
+    val_every: int = VAL_EVERY,
+) -> LayerCalibration:
+    """Second and cross moments of one layer's inputs in ``reference`` (``X``) and in
+    ``working`` (``X~``, the same model with earlier layers already compressed).
+
+    Both models see the same batches, so their rows pair up token by token. Each
+    forward pass stops at the layer. Batches are split as in ``capture_inputs``.
+
+    Returns:
+        ``LayerCalibration`` with ``gram_* = X~^T X~``, ``cross_* = X^T X~`` and
+        ``reference_gram_val = X^T X`` (held-out rows).
+    """
+    _check_period(val_every)
+    modules = [dict(model.named_modules()).get(layer_name) for model in (reference, working)]
+    if not all(isinstance(m, nn.Module) for m in modules):
+        raise InputError(f"{layer_name!r} is not a submodule of both models; check the layer name")
+    captured: list[torch.Tensor] = []
+
+    def record(key: str, x: torch.Tensor) -> None:
+        captured.append(x)
+        raise _Reached
+
+    n = modules[0].in_features
+
+    def zeros() -> torch.Tensor:
+        return torch.zeros(n, n, dtype=torch.float64)
+
+    grams, crosses, rows = [zeros(), zeros()], [zeros(), zeros()], [0, 0]
+    reference_val = zeros()
+    with _hooks(dict(zip(("reference", "working"), modules)), record), torch.inference_mode():
+        for index, batch in enumerate(batches):
+            split = 1 if held_out(index, val_every) else 0
+            if rows[split] >= max_samples:
+                if min(rows) >= max_samples:
+                    break
+                continue
+            captured.clear()
+            _run(reference, batch)
+            _run(working, batch)
+            if len(captured) != 2:
+                raise InputError(f"the calibration data never reached {layer_name!r}; check --calib")
+            x, x_work = (input_rows(t, _mask(batch))[: max_samples - rows[split]] for t in captured)
+            grams[split] += x_work.T @ x_work
+            crosses[split] += x.T @ x_work
+            if split == 1:
+                reference_val += x.T @ x
+            rows[split] += x.shape[0]
+    return LayerCalibration(grams[0], grams[1], rows[0], rows[1], crosses[0], crosses[1], reference_val)
+
+
+@contextlib.contextmanager
+def recorded_inputs(model: nn.Module, layer_names: Iterable[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Inside the block, every input of the layers ``layer_names`` is appended to the
+    yielded ``{name: [rows (k, n), ...]}``, every row, in the input's dtype (the caller
+    casts; float64 copies of every layer at once could double the memory)."""
+    names = list(layer_names)
+    modules = dict(model.named_modules())
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        captured[name].append(x.reshape(-1, x.shape[-1]))
+
+    with _hooks({name: modules[name] for name in names}, record):
+        yield captured
+
+
+def forward_order(model: nn.Module, layer_names: Iterable[str], batch: Batch) -> list[str]:
+    """``layer_names`` in the order the forward pass first reaches them (layers it never
+    reaches keep their given order, at the end)."""
+    names = list(layer_names)
+    modules = dict(model.named_modules())
+    seen: list[str] = []
+
+    def record(name: str, x: torch.Tensor) -> None:
+        if name not in seen:
+            seen.append(name)
+
+    with _hooks({name: modules[name] for name in names}, record), torch.inference_mode():
+        _run(model, batch)
+    return seen + [name for name in names if name not in seen]

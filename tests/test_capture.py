@@ -1,0 +1,115 @@
+"""The one capture loop against a dense torch reference, and the one held-out rule:
+whole batches, every ``VAL_EVERY``-th, for the Gram and the raw-row captures alike."""
+
+import pytest
+import torch
+from torch import nn
+
+from lyoncompress.capture import capture_inputs, capture_rows, forward_order, recorded_inputs
+from lyoncompress.data import VAL_EVERY, held_out, split_batches
+from lyoncompress.errors import InputError
+
+F64 = torch.float64
+
+
+class _Tokens(nn.Module):
+    """Takes a tokenizer-style mapping and runs two linear layers on ``(batch, seq, n)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 9, dtype=F64)
+        self.down = nn.Linear(9, 4, dtype=F64)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(input_ids)))
+
+
+def _text_batches(count: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of 3 samples, 5 positions each, some of them padding."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        lengths = torch.randint(1, 6, (3, 1), generator=generator)
+        mask = (torch.arange(5) < lengths).long()  # (3, 5)
+        ids = torch.randn(3, 5, 6, generator=generator, dtype=F64)  # (batch, seq, n)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _reference_rows(model: _Tokens, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every real token's input to each layer, computed without hooks (float64
+    throughout, so only summation order separates it from the capture)."""
+    x = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])  # (tokens, 6)
+    with torch.no_grad():
+        hidden = torch.relu(model.up(x))  # (tokens, 9)
+    return {"up": x, "down": hidden}
+
+
+def test_held_out_rule_has_the_documented_period():
+    assert VAL_EVERY == 4
+    assert [i for i in range(12) if held_out(i)] == [3, 7, 11]
+    assert [i for i in range(7) if held_out(i, 3)] == [2, 5]
+    fit, judge = split_batches(list(range(10)))
+    assert (fit, judge) == ([0, 1, 2, 4, 5, 6, 8, 9], [3, 7])
+
+
+@pytest.mark.parametrize("val_every", [2, 3, VAL_EVERY])
+def test_capture_inputs_vs_dense_grams(val_every):
+    torch.manual_seed(0)
+    model = _Tokens()
+    batches = _text_batches(9)
+    calib = capture_inputs(model, ["up", "down"], batches, max_samples=10_000, val_every=val_every)
+    fit, judge = split_batches(batches, val_every)
+    for name in ("up", "down"):
+        train, val = _reference_rows(model, fit)[name], _reference_rows(model, judge)[name]
+        torch.testing.assert_close(calib[name].gram_train, train.T @ train, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(calib[name].gram_val, val.T @ val, rtol=1e-12, atol=1e-12)
+        assert (calib[name].rows_train, calib[name].rows_val) == (len(train), len(val))
+        assert calib[name].gram_train.dtype == F64
+
+
+@pytest.mark.parametrize("val_every", [2, 3, VAL_EVERY])
+def test_capture_rows_vs_dense_rows(val_every):
+    torch.manual_seed(0)
+    model = _Tokens()
+    batches = _text_batches(9)
+    captured = capture_rows(model, ["up", "down"], batches, max_rows=10_000, val_every=val_every)
+    fit, judge = split_batches(batches, val_every)
+    for name in ("up", "down"):
+        train, val = _reference_rows(model, fit)[name], _reference_rows(model, judge)[name]
+        # the same rows in the same order, whole batches only
+        torch.testing.assert_close(captured[name].train, train, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(captured[name].gram_val, val.T @ val, rtol=1e-12, atol=1e-12)
+        assert captured[name].rows_val == len(val)
+
+
+def test_gram_and_row_captures_agree_and_stop_at_the_row_cap():
+    torch.manual_seed(0)
+    model = _Tokens()
+    batches = _text_batches(16)
+    grams = capture_inputs(model, ["up"], batches, max_samples=7)["up"]
+    rows = capture_rows(model, ["up"], batches, max_rows=7)["up"]
+    assert rows.train.shape == (7, 6) and grams.rows_train == 7 and grams.rows_val == rows.rows_val == 7
+    assert torch.equal(grams.gram_train, rows.train.T @ rows.train)
+    assert torch.equal(grams.gram_val, rows.gram_val)
+
+
+def test_capture_rejects_a_period_without_training_batches_and_unknown_layers():
+    model = _Tokens()
+    with pytest.raises(InputError, match="val_every"):
+        capture_rows(model, ["up"], _text_batches(2), max_rows=10, val_every=1)
+    with pytest.raises(InputError, match="linear layer"):
+        capture_rows(model, ["nope"], _text_batches(2), max_rows=10)
+
+
+def test_recorded_inputs_and_forward_order_vs_a_plain_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(2, 4, 5)  # (batch, seq, n)
+    with recorded_inputs(model, ["2", "0"]) as captured, torch.no_grad():
+        model(x)
+    assert torch.equal(captured["0"][0], x.reshape(-1, 5))
+    with torch.no_grad():
+        assert torch.equal(captured["2"][0], torch.tanh(model[0](x)).reshape(-1, 3))
+    assert forward_order(model, ["2", "0"], x) == ["0", "2"]
+    assert not model[0]._forward_pre_hooks  # every hook removed
