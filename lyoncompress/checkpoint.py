@@ -142,7 +142,10 @@ def _check_safetensors_header(file: Path) -> None:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{file}: corrupted safetensors header ({err})") from err
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    try:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+        raise InputError(f"{file}: corrupted safetensors header (entry without data_offsets: {err})") from err
     if ends and 8 + header_len + max(ends) > size:
         raise InputError(
             f"{file}: truncated safetensors file: header promises {8 + header_len + max(ends)} bytes, "

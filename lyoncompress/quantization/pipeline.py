@@ -90,13 +90,22 @@ def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, LayerRecord
 
 
 def _twiddles(checkpoint: Checkpoint, name: str, record: LayerRecord) -> dict[str, list[torch.Tensor]]:
-    """The layer's float twiddles by group: ``factors`` (and ``lowrank``)."""
+    """The layer's float twiddles by group: ``factors`` (and ``lowrank``); all finite, since
+    a NaN would be rounded into payloads that quietly poison every output."""
     if record.structure is Structure.DENSE:
-        m, n = record.out_features, record.in_features
-        return {"factors": [checkpoint.load(f"{name}.weight").reshape(1, 1, m, n)]}
-    groups = {"factors": [checkpoint.load(f"{name}.factors.{i}.twiddle") for i in range(len(record.chain))]}
-    if record.lowrank_rank:
-        groups["lowrank"] = [checkpoint.load(f"{name}.lowrank.{i}.twiddle") for i in range(2)]
+        names = {"factors": [f"{name}.weight"]}
+    else:
+        names = {"factors": [f"{name}.factors.{i}.twiddle" for i in range(len(record.chain))]}
+        if record.lowrank_rank:
+            names["lowrank"] = [f"{name}.lowrank.{i}.twiddle" for i in range(2)]
+    groups = {group: [checkpoint.load(tensor) for tensor in tensors] for group, tensors in names.items()}
+    for group, tensors in names.items():
+        for tensor, twiddle in zip(tensors, groups[group]):
+            if not bool(torch.isfinite(twiddle).all()):
+                where = str(checkpoint.path)
+                raise FormatError("holds NaN or infinite values", f"tensor {tensor}", name, where)
+    if record.structure is Structure.DENSE:
+        groups["factors"] = [groups["factors"][0].reshape(1, 1, record.out_features, record.in_features)]
     return groups
 
 
