@@ -71,7 +71,7 @@ class DType(StrEnum):
     def of(cls, dtype: torch.dtype) -> DType:
         """The member for a torch dtype; a non-float weight cannot be factorized."""
         name = str(dtype).removeprefix("torch.")
-        if name not in cls._value2member_map_:
+        if name not in {member.value for member in cls}:
             raise FormatError(f"{name} is not a twiddle dtype; use one of {', '.join(cls)}", "dtype")
         return cls(name)
 
@@ -275,7 +275,7 @@ def _member(value: Any, enum: type[StrEnum], field: str) -> None:
 
 
 def _parse_member(value: Any, enum: type[StrEnum], field: str) -> Any:
-    if type(value) is not str or value not in enum._value2member_map_:
+    if type(value) is not str or value not in {member.value for member in enum}:
         raise FormatError(f"{value!r} is not one of {', '.join(enum)}", field)
     return enum(value)
 

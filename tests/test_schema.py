@@ -227,7 +227,7 @@ def _header_end(raw: bytes) -> int:
     return 8 + int.from_bytes(raw[:8], "little")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=4)
 )
@@ -241,7 +241,21 @@ def test_header_byte_flips_raise_only_lyoncompress_errors(built, flips):
     _check_corrupted(built / "q", edit)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(keep=st.floats(0, 1))
 def test_truncated_headers_raise_only_lyoncompress_errors(built, keep):
     _check_corrupted(built / "fact", lambda raw: raw[: int(keep * _header_end(raw))])
+
+
+def test_transformers_config_validates_through_the_schema():
+    pytest.importorskip("transformers")
+    from lyoncompress.hf_integration import LyoncompressConfig
+
+    config = LyoncompressConfig(layers={"fc1": _record()})
+    assert config.layers == {"fc1": _record()}  # kept as JSON: transformers serializes it
+    assert json.loads(json.dumps(config.to_dict()))["layers"] == {"fc1": _record()}
+    assert config.records["fc1"].structure is Structure.MONARCH
+    with pytest.raises(FormatError, match=r"config.json: layer 'fc1': in_features: True is not an integer"):
+        LyoncompressConfig(layers={"fc1": _record(in_features=True)})
+    with pytest.raises(FormatError, match="format_version"):
+        LyoncompressConfig(layers={}, format_version="1")
