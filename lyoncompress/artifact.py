@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lyoncompress.checkpoint import SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
-from lyoncompress.errors import InputError
+from lyoncompress.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, open_checkpoint
+from lyoncompress.errors import FormatError, InputError
 from lyoncompress.output import QUANT_METHOD, check_replaceable, file_system_error
+from lyoncompress.quantization.formats import FORMATS
+from lyoncompress.schema import FORMAT_VERSION, LayerRecord, Structure, check_format_version, layer_table
 
-FORMAT_VERSION = 1
 METADATA_KEY = "lyoncompress"
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -37,10 +38,10 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 @dataclass(frozen=True)
 class Artifact:
-    """A loaded artifact: its layer table, config, report and lazily readable tensors."""
+    """A loaded, validated artifact: its layer records, config, report and lazily readable tensors."""
 
     path: Path
-    layers: dict[str, dict[str, Any]]
+    layers: dict[str, LayerRecord]
     config: dict[str, Any]
     report: dict[str, Any]
     tensors: Checkpoint
@@ -251,39 +252,158 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_artifact(path: str | Path) -> Artifact:
-    """Open an artifact written by ``factorize`` or ``quantize``.
+    """Open an artifact written by ``factorize`` or ``quantize``, validated.
+
+    Every rule of docs/FORMAT.md, "What a reader must check", is checked here, before
+    any tensor data is read: the metadata's JSON and format version, each layer record
+    (``schema.LayerRecord``), config.json's copy of the table, and that each record's
+    tensors are present with the dtypes and shapes its chain implies (and nothing else
+    under its name). Tensor values are checked when they are loaded (``apply_artifact``).
 
     Args:
         path: the artifact folder.
 
     Returns:
-        ``Artifact`` with the per-layer table (structure, chain, format …), the
-        config, the report, and tensors readable one at a time.
+        ``Artifact`` with the per-layer records, the config, the report, and tensors
+        readable one at a time.
+
+    Raises:
+        InputError: ``path`` is not a lyoncompress artifact at all.
+        FormatError: it is one, but breaks the format; the message names the layer and field.
 
     Example:
         >>> art = load_artifact("fact/")
-        >>> sorted(art.layers)[:1]
-        ['fc1']
+        >>> art.layers["fc1"].chain
+        ((1, 128, 8, 1), (1, 8, 64, 1))
     """
     path = Path(path)
     tensors = open_checkpoint(path)
     if not path.is_dir():
         raise InputError(f"{path}: an artifact is a folder written by `lyoncompress factorize`")
-    first = next(iter(sorted(path.glob("*.safetensors"))), None)
-    metadata = {}
-    if first is not None:
-        with safe_open(first, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    if METADATA_KEY not in metadata:
+    tables = [_metadata(shard).get(METADATA_KEY) for shard in _shards(path)]
+    if not tables or tables[0] is None:
         raise InputError(
             f"{path}: not a lyoncompress artifact (no '{METADATA_KEY}' metadata); run factorize first"
         )
-    document = json.loads(metadata[METADATA_KEY])
-    version = document.get("format_version")
-    if version != FORMAT_VERSION:
-        raise InputError(
-            f"{path}: artifact format version {version} is not supported (this reads {FORMAT_VERSION})"
+    try:
+        if any(table != tables[0] for table in tables):
+            raise FormatError("the shards' headers carry different layer tables", "'lyoncompress' metadata")
+        layers = _header_layers(tables[0])
+        config = tensors.config or {}
+        _check_config(config, layers)
+        for name, record in layers.items():
+            try:
+                _check_tensors(name, record, tensors.infos)
+            except FormatError as err:
+                raise err.at(layer=name) from None
+        report = _read_report(path / "report.json")
+    except FormatError as err:
+        raise err.at(str(path)) from None
+    return Artifact(path, layers, config, report, tensors)
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.exists():  # open_checkpoint has read the index already
+        return sorted({path / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+    return [path / "model.safetensors"] if (path / "model.safetensors").exists() else []
+
+
+def _metadata(shard: Path) -> dict[str, str]:
+    with safe_open(shard, framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _header_layers(text: str) -> dict[str, LayerRecord]:
+    field = "'lyoncompress' metadata"
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise FormatError(f"not JSON ({err})", field) from None
+    if not isinstance(document, dict):
+        raise FormatError(f"not a JSON object but {type(document).__name__}", field)
+    unknown = sorted(set(document) - {"format_version", "layers"})
+    if unknown:
+        raise FormatError(f"unknown key {unknown[0]!r}; it holds format_version and layers", field)
+    check_format_version(document, field)
+    if "layers" not in document:
+        raise FormatError("no 'layers' table", field)
+    return layer_table(document["layers"])
+
+
+def _check_config(config: dict[str, Any], layers: dict[str, LayerRecord]) -> None:
+    """config.json repeats the header's table for transformers; the two must agree."""
+    field = "config.json quantization_config"
+    document = config.get("quantization_config")
+    if not isinstance(document, dict):
+        raise FormatError("missing or not an object; it repeats the header's layer table", field)
+    unknown = sorted(set(document) - {"quant_method", "format_version", "layers"})
+    if unknown:
+        raise FormatError(f"unknown key {unknown[0]!r}", field)
+    if document.get("quant_method") != QUANT_METHOD:
+        raise FormatError(f"quant_method {document.get('quant_method')!r} is not {QUANT_METHOD!r}", field)
+    check_format_version(document, field)
+    try:
+        copy = layer_table(document.get("layers"))
+    except FormatError as err:
+        raise FormatError(err.problem, f"{field}: {err.field}", err.layer) from None
+    differing = sorted(set(copy) ^ set(layers)) or [n for n in layers if copy[n] != layers[n]]
+    if differing:
+        raise FormatError(
+            "config.json's record differs from the safetensors header's (the header is the "
+            "reference; rewrite the artifact)",
+            field,
+            differing[0],
         )
-    report_path = path / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    return Artifact(path, document["layers"], tensors.config or {}, report, tensors)
+
+
+def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo]) -> None:
+    """The tensors under ``name`` are exactly those ``record`` implies, dtypes and shapes included."""
+    expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
+    quantization = record.quantization
+    if quantization is None:
+        if record.structure is Structure.DENSE:
+            raise FormatError("a dense layer is only written quantized (quantize --dense)", "quantization")
+        for key, shape in record.factor_shapes.items():
+            expected[f"{name}.{key}.twiddle"] = (record.dtype.torch, shape)
+    else:
+        if quantization.format not in FORMATS:
+            raise FormatError(f"unknown format {quantization.format!r}", "quantization.format")
+        fmt = FORMATS[quantization.format]
+        for key, shape in record.factor_shapes.items():
+            try:
+                layout = fmt.layout(shape, quantization.group_size)
+            except InputError as err:
+                raise FormatError(str(err), "quantization.group_size") from None
+            expected.update({f"{name}.{key}.{field}": spec for field, spec in layout.items()})
+    if record.bias:
+        expected[f"{name}.bias"] = (None, (record.out_features,))  # keeps the source's float dtype
+    for tensor, (dtype, shape) in expected.items():
+        info = infos.get(tensor)
+        if info is None:
+            raise FormatError("missing; the record implies it", f"tensor {tensor}")
+        if info.shape != shape:
+            raise FormatError(f"shape {info.shape}, the record implies {shape}", f"tensor {tensor}")
+        if info.dtype != dtype and (dtype is not None or not info.dtype.is_floating_point):
+            raise FormatError(
+                f"dtype {info.dtype}, the record implies {dtype or 'a float'}", f"tensor {tensor}"
+            )
+    owned = (f"{name}.factors.", f"{name}.lowrank.", f"{name}.weight", f"{name}.bias")
+    extra = sorted(t for t in infos if t.startswith(owned) and t not in expected)
+    if extra:
+        raise FormatError(
+            "not implied by the record (a compressed layer has no .weight, and .bias only when bias is true)",
+            f"tensor {extra[0]}",
+        )
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (ValueError, RecursionError) as err:
+        raise FormatError(f"not JSON ({err})", "report.json") from None
+    if not isinstance(report, dict):
+        raise FormatError("not a JSON object", "report.json")
+    return report

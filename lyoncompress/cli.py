@@ -521,21 +521,21 @@ def inspect(
     art = load_artifact(artifact)
     rows = {row["name"]: row for row in art.report.get("layers", [])}
     layers = []
-    for name, entry in art.layers.items():
+    for name, record in art.layers.items():
         row = rows.get(name, {})
-        dense = entry["in_features"] * entry["out_features"]
+        dense = record.in_features * record.out_features
         params = row.get("params_after")
-        quant = entry.get("quantization") or {}
+        quant = record.quantization.to_json() if record.quantization else {}
         layers.append(
             {
                 "name": name,
-                "structure": entry["structure"],
-                "chain": " ".join("({},{},{},{})".format(*p) for p in entry["chain"]),
+                "structure": record.structure.value,
+                "chain": " ".join("({},{},{},{})".format(*p) for p in record.chain),
                 "params_before": dense,
                 "params_after": params,
                 "compression": round(dense / params, 2) if params else None,
                 "rel_error": row.get("rel_error"),
-                "bits": quant.get("bits_per_weight", 8 * _itemsize(entry["dtype"])),
+                "bits": quant.get("bits_per_weight", 8 * _itemsize(record.dtype)),
             }
         )
     before = sum(layer["params_before"] for layer in layers)

@@ -32,8 +32,9 @@ from safetensors import safe_open
 from torch import nn
 
 from lyoncompress.artifact import FORMAT_VERSION, QUANT_METHOD
-from lyoncompress.errors import InputError
+from lyoncompress.errors import FormatError, InputError
 from lyoncompress.layers import swap_in
+from lyoncompress.schema import LayerRecord, check_format_version, layer_table
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -88,9 +89,10 @@ def _classes() -> tuple[type, type]:
         """The ``quantization_config`` of an artifact's ``config.json``, as written by ``factorize``.
 
         Args:
-            layers: per compressed module: ``structure``, ``in_features``, ``out_features``,
-                ``chain`` (``[[a, b, c, d], …]``), ``lowrank_rank``, ``bias``, ``dtype``,
-                ``quantization`` (see docs/FORMAT.md).
+            layers: per compressed module, its JSON record: ``structure``, ``in_features``,
+                ``out_features``, ``chain`` (``[[a, b, c, d], …]``), ``lowrank_rank``, ``bias``,
+                ``dtype``, ``quantization`` (see docs/FORMAT.md); validated by
+                ``schema.LayerRecord`` and kept as JSON, which transformers serializes.
             format_version: artifact format version; only the current one is read.
             quant_method: always ``"lyoncompress"``.
         """
@@ -103,14 +105,19 @@ def _classes() -> tuple[type, type]:
         ) -> None:
             if quant_method != QUANT_METHOD:
                 raise InputError(f"quant_method {quant_method!r} is not {QUANT_METHOD!r}")
-            if format_version != FORMAT_VERSION:
-                raise InputError(
-                    f"artifact format version {format_version} is not supported "
-                    f"(this reads {FORMAT_VERSION}); upgrade lyoncompress"
-                )
+            try:
+                check_format_version({"format_version": format_version}, "quantization_config")
+                records = layer_table(layers)
+            except FormatError as err:
+                raise err.at("config.json") from None
             self.quant_method = quant_method
             self.format_version = format_version
-            self.layers = layers
+            self.layers = {name: record.to_json() for name, record in records.items()}
+
+        @property
+        def records(self) -> dict[str, LayerRecord]:
+            """The layer table as records (``layers`` stays JSON for transformers' ``to_dict``)."""
+            return layer_table(self.layers)
 
     class LyoncompressHfQuantizer(HfQuantizer):
         """Builds ``ButterflyLinear`` layers on the meta model so that transformers loads the twiddles."""
@@ -120,8 +127,8 @@ def _classes() -> tuple[type, type]:
         quantization_config: LyoncompressConfig
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            layers = self.quantization_config.layers
-            quantized = sorted(name for name, entry in layers.items() if entry["quantization"] is not None)
+            layers = self.quantization_config.records
+            quantized = sorted(name for name, record in layers.items() if record.quantization is not None)
             if quantized:
                 raise InputError(
                     f"this artifact has quantized layers ({', '.join(quantized[:3])}"
@@ -136,9 +143,9 @@ def _classes() -> tuple[type, type]:
             **kwargs: Any,
         ) -> PreTrainedModel:
             expected = []
-            for name, entry in self.quantization_config.layers.items():
+            for name, record in self.quantization_config.records.items():
                 root, local = _locate(model, name)
-                layer = swap_in(root, local, entry)
+                layer = swap_in(root, local, record)
                 # the artifact's dtype would clash with a `dtype=` given to from_pretrained
                 layer.to(model.dtype)
                 expected += [f"{name}.{key}" for key in layer.state_dict()]

@@ -20,7 +20,8 @@ from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorization import project
 from lyoncompress.kernels import ks_chain_apply, use_cuda_kernels
-from lyoncompress.quantization.payloads import dequantize_state
+from lyoncompress.quantization.payloads import check_finite, dequantize_state
+from lyoncompress.schema import LayerRecord
 
 
 class _Factor(nn.Module):
@@ -160,7 +161,8 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
 
     Each compressed layer must be an ``nn.Linear`` of the recorded shape in ``model``;
     it becomes a ``ButterflyLinear`` (quantized payloads are dequantized). Then the
-    whole state dict is loaded: a missing or an extra tensor is an ``InputError``.
+    whole state dict is loaded: a missing or an extra tensor is an ``InputError``, a
+    non-finite twiddle (after dequantization) a ``FormatError``.
 
     Args:
         model: the architecture the artifact was made from (weights may be on ``meta``).
@@ -170,9 +172,10 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
         ``model``, modified in place.
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-    for name, entry in art.layers.items():
-        swap_in(model, name, entry)
+    for name, record in art.layers.items():
+        swap_in(model, name, record)
     state = dequantize_state({name: art.load(name) for name in art.tensors.names()}, art.layers)
+    check_finite(state, art.layers, str(art.path))
     # a tied parameter (lm_head = embeddings) is stored once, under its first name
     tied = _tied_aliases(model)
     expected = set(model.state_dict()) - tied
@@ -202,26 +205,26 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
-def swap_in(model: nn.Module, name: str, entry: dict) -> ButterflyLinear:
+def swap_in(model: nn.Module, name: str, record: LayerRecord) -> ButterflyLinear:
     """Replace the ``nn.Linear`` at ``name`` by an empty (meta) ``ButterflyLinear`` shaped
-    as the artifact's layer-table ``entry`` says; returns the new layer."""
+    as the artifact's layer ``record`` says; returns the new layer."""
     try:
         module = model.get_submodule(name)
     except AttributeError as err:
         raise InputError(f"the artifact compresses layer {name!r}, which the model does not have") from err
-    shape = (entry["out_features"], entry["in_features"])
+    shape = (record.out_features, record.in_features)
     if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != shape:
         raise InputError(
             f"layer {name!r} is {module!r} in the model, the artifact expects Linear{shape[::-1]}"
         )
     layer = ButterflyLinear(
-        entry["in_features"],
-        entry["out_features"],
-        Chain.of(*entry["chain"]),
-        bias=entry["bias"],
-        dtype=getattr(torch, entry["dtype"]),
+        record.in_features,
+        record.out_features,
+        record.chains["factors"],
+        bias=record.bias,
+        dtype=record.dtype.torch,
         device="meta",
-        lowrank_rank=entry["lowrank_rank"],
+        lowrank_rank=record.lowrank_rank,
     )
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -13,6 +13,7 @@ from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.layers import ButterflyLinear, apply_artifact
 from lyoncompress.models import DemoMLP, load_compressed
 from lyoncompress.recipe import Recipe
+from lyoncompress.schema import DType, LayerRecord, Structure
 from tests.helpers import SIZES, make_mlp_checkpoint
 
 
@@ -67,11 +68,50 @@ def test_sharding_and_header_metadata(tmp_path, mlp):
     assert isinstance(reloaded.fc2, ButterflyLinear)
 
 
-def test_golden_header_of_a_tiny_artifact(tmp_path):
-    """Pins the on-disk format that docs/FORMAT.md specifies."""
+GOLDEN_LAYERS = (
+    '{"format_version": 1, "layers": {'
+    '"fc1": {"structure": "monarch", "in_features": 64, "out_features": 128, '
+    '"chain": [[1, 32, 20, 4], [4, 20, 16, 1]], "lowrank_rank": 0, "bias": true, '
+    '"dtype": "float32", "quantization": null}, '
+    '"fc2": {"structure": "monarch", "in_features": 128, "out_features": 128, '
+    '"chain": [[1, 64, 32, 2], [2, 32, 64, 1]], "lowrank_rank": 0, "bias": true, '
+    '"dtype": "float32", "quantization": null}}}'
+)
+GOLDEN_TENSORS = {
+    "fc1.bias": {"dtype": "F32", "shape": [128], "data_offsets": [0, 512]},
+    "fc1.factors.0.twiddle": {"dtype": "F32", "shape": [1, 4, 32, 20], "data_offsets": [512, 10752]},
+    "fc1.factors.1.twiddle": {"dtype": "F32", "shape": [4, 1, 20, 16], "data_offsets": [10752, 15872]},
+    "fc2.bias": {"dtype": "F32", "shape": [128], "data_offsets": [15872, 16384]},
+    "fc2.factors.0.twiddle": {"dtype": "F32", "shape": [1, 2, 64, 32], "data_offsets": [16384, 32768]},
+    "fc2.factors.1.twiddle": {"dtype": "F32", "shape": [2, 1, 32, 64], "data_offsets": [32768, 49152]},
+    "head.bias": {"dtype": "F32", "shape": [10], "data_offsets": [49152, 49192]},
+    "head.weight": {"dtype": "F32", "shape": [10, 128], "data_offsets": [49192, 54312]},
+}
+
+
+def test_golden_header_of_a_factorized_artifact(tmp_path, mlp):
+    """Pins the header ``factorize`` writes, byte for byte, as docs/FORMAT.md specifies it."""
+    folder, _ = mlp
+    out = tmp_path / "fact"
+    factorize(folder, out, Recipe(method="monarch"))
+    raw = (out / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    assert size % 8 == 0
+    assert header.pop("__metadata__") == {"format": "pt", "lyoncompress": GOLDEN_LAYERS}
+    assert header == GOLDEN_TENSORS
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "lyoncompress",
+        **json.loads(GOLDEN_LAYERS),
+    }
+
+
+def test_byte_layout_of_a_written_shard(tmp_path):
+    """8-byte header length, space-padded JSON header, raw little-endian data."""
     out = tmp_path / "a"
     twiddle = torch.arange(8, dtype=torch.float32).reshape(1, 2, 2, 2)
-    layers = {"p": {"structure": "butterfly", "in_features": 4, "out_features": 4, "chain": [[1, 2, 2, 2]]}}
+    record = LayerRecord(Structure.BUTTERFLY, 4, 4, ((1, 2, 2, 2),), 0, False, DType.FLOAT32, None)
+    layers = {"p": record.to_json()}
     write_artifact(out, iter([("p.factors.0.twiddle", twiddle)]), layers, {}, lambda: {}, 10**9)
     raw = (out / "model.safetensors").read_bytes()
     size = int.from_bytes(raw[:8], "little")
@@ -81,11 +121,7 @@ def test_golden_header_of_a_tiny_artifact(tmp_path):
     assert header["__metadata__"]["format"] == "pt"
     assert json.loads(header["__metadata__"]["lyoncompress"]) == {"format_version": 1, "layers": layers}
     assert raw[8 + size :] == twiddle.numpy().tobytes()
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == {
-        "quant_method": "lyoncompress",
-        "format_version": 1,
-        "layers": layers,
-    }
+    assert load_artifact(out).layers == {"p": record}
 
 
 def _failing_stream(after: int, error: BaseException):

@@ -93,7 +93,7 @@ def test_hybrid_method_with_calibration(tmp_path):
     assert {row["structure"] for row in rows} == {"hybrid"}
     assert all(row["params_after"] <= 0.5 * row["params_before"] for row in rows)
     art = load_artifact(tmp_path / "out")
-    assert all(entry["lowrank_rank"] > 0 for entry in art.layers.values())
+    assert all(record.lowrank_rank > 0 for record in art.layers.values())
     model = load_compressed(tmp_path / "out")
     assert model.fc1.lowrank is not None
     evaluated = _invoke("eval", tmp_path / "out", "--reference", ckpt, "--task", "weights", "--json")

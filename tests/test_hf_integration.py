@@ -96,7 +96,12 @@ def test_from_pretrained_with_head_and_dtype(artifact):
 def test_quantized_layers_refused(artifact, tmp_path):
     copy = shutil.copytree(artifact, tmp_path / "quantized")
     config = json.loads((copy / "config.json").read_text())
-    config["quantization_config"]["layers"][MLP[0]]["quantization"] = {"format": "int8"}
+    config["quantization_config"]["layers"][MLP[0]]["quantization"] = {
+        "format": "int8",
+        "rescale": "none",
+        "group_size": None,
+        "bits_per_weight": 8.25,
+    }
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="load_compressed"):
         transformers.AutoModel.from_pretrained(copy)

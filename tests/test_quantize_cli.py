@@ -44,7 +44,7 @@ def test_quantize_stores_low_bit_payloads_and_reloads(tmp_path, factorized, fmt,
     art = load_artifact(out)
     assert art.tensors.infos["fc1.factors.0.qdata"].dtype == dtype
     assert "fc1.factors.0.twiddle" not in art.tensors.infos
-    assert art.layers["fc1"]["quantization"]["format"] == fmt
+    assert art.layers["fc1"].quantization.format == fmt
     model = load_compressed(out)
     assert isinstance(model.fc1, ButterflyLinear)
     reference = load_compressed(fact)
@@ -62,7 +62,7 @@ def test_quantize_dense_checkpoint(tmp_path, factorized):
     assert _invoke("quantize", ckpt, "-o", tmp_path / "q").exit_code == 2
     result = _invoke("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--format", "int8")
     assert result.exit_code == 0, result.output
-    assert load_artifact(tmp_path / "q").layers["fc1"]["structure"] == "dense"
+    assert load_artifact(tmp_path / "q").layers["fc1"].structure == "dense"
     assert isinstance(load_compressed(tmp_path / "q").fc2, ButterflyLinear)
 
 

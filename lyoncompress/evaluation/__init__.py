@@ -33,9 +33,9 @@ class Gates:
 
 def check_same_model(reference: Checkpoint, artifact: Artifact) -> None:
     """Every artifact tensor must come from the reference: same names, same shapes."""
-    for name, entry in artifact.layers.items():
+    for name, record in artifact.layers.items():
         info = reference.infos.get(f"{name}.weight")
-        expected = (entry["out_features"], entry["in_features"])
+        expected = (record.out_features, record.in_features)
         if info is None or info.shape != expected:
             found = "missing" if info is None else f"shape {info.shape}"
             raise InputError(

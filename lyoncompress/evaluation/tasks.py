@@ -29,7 +29,8 @@ from lyoncompress.data import (
 from lyoncompress.errors import InputError
 from lyoncompress.layers import ButterflyLinear, swap_in
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
-from lyoncompress.quantization.payloads import dequantize_state
+from lyoncompress.quantization.payloads import check_finite, dequantize_state
+from lyoncompress.schema import LayerRecord
 
 BATCH = 32
 
@@ -108,9 +109,9 @@ def _dense_weight(ctx: EvalContext, name: str) -> torch.Tensor:
 def weights_task(ctx: EvalContext) -> TaskResult:
     """Relative Frobenius error of every compressed matrix (no data, no model needed)."""
     rows = []
-    for name, entry in ctx.artifact.layers.items():
+    for name, record in ctx.artifact.layers.items():
         reference = ctx.reference.load(f"{name}.weight").double()
-        layer = _standalone_layer(ctx.artifact, name, entry)
+        layer = _standalone_layer(ctx.artifact, name, record)
         approx = layer.to_dense().detach().double()
         error = float((reference - approx).norm() / reference.norm().clamp_min(1e-30))
         rows.append({"name": name, "rel_error": error, "compression": reference.numel() / layer.params})
@@ -125,14 +126,15 @@ def _layer_tensors(artifact: Artifact, name: str) -> dict[str, torch.Tensor]:
     return {k: artifact.load(k) for k in artifact.tensors.names() if k.startswith(prefix)}
 
 
-def _standalone_layer(artifact: Artifact, name: str, entry: dict) -> ButterflyLinear:
+def _standalone_layer(artifact: Artifact, name: str, record: LayerRecord) -> ButterflyLinear:
     """A compressed layer rebuilt on its own, without building the model around it."""
     holder = nn.Module()
     holder.add_module(
-        "layer", nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"], device="meta")
+        "layer", nn.Linear(record.in_features, record.out_features, bias=record.bias, device="meta")
     )
-    layer = swap_in(holder, "layer", entry)
-    tensors = dequantize_state(_layer_tensors(artifact, name), {name: entry})
+    layer = swap_in(holder, "layer", record)
+    tensors = dequantize_state(_layer_tensors(artifact, name), {name: record})
+    check_finite(tensors, {name: record}, str(artifact.path))
     state = {k.removeprefix(f"{name}."): v for k, v in tensors.items()}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer

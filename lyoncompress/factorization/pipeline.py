@@ -25,6 +25,7 @@ from lyoncompress.factorization.projection import ORDERS
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.schema import DType, LayerRecord, Structure
 
 Progress = Callable[[str, int, int], None]  # (layer name, index done, total)
 
@@ -177,7 +178,7 @@ def _stream(
             begin = time.perf_counter()
             factors = factorize_layer(tensor, layer, recipe)
             seconds = time.perf_counter() - begin
-        layers[layer.name] = layer_entry(layer, factors, tensor.dtype)
+        layers[layer.name] = layer_record(layer, factors, tensor.dtype).to_json()
         rows.append(report_row(layer, factors, seconds))
         for group, twiddles in (("factors", factors.twiddles), ("lowrank", factors.lowrank_twiddles)):
             for index, twiddle in enumerate(twiddles):
@@ -193,18 +194,18 @@ def factorize_layer(weight: torch.Tensor, layer: LayerPlan, recipe: Recipe) -> L
     return get_method(layer.method)(weight, layer.budget, layer.depth, recipe.order)
 
 
-def layer_entry(layer: LayerPlan, factors: LayerFactors, dtype: torch.dtype) -> dict[str, Any]:
-    """The layer's record in the artifact metadata (see docs/FORMAT.md)."""
-    return {
-        "structure": factors.structure,
-        "in_features": layer.shape[1],
-        "out_features": layer.shape[0],
-        "chain": factors.chain.to_json(),
-        "lowrank_rank": factors.lowrank_twiddles[0].shape[-1] if factors.lowrank_twiddles else 0,
-        "bias": layer.has_bias,
-        "dtype": str(dtype).removeprefix("torch."),
-        "quantization": None,
-    }
+def layer_record(layer: LayerPlan, factors: LayerFactors, dtype: torch.dtype) -> LayerRecord:
+    """The layer's record in the artifact metadata (see docs/FORMAT.md), validated."""
+    return LayerRecord(
+        structure=Structure(factors.structure),
+        in_features=layer.shape[1],
+        out_features=layer.shape[0],
+        chain=tuple(p.as_tuple() for p in factors.chain.patterns),
+        lowrank_rank=factors.lowrank_twiddles[0].shape[-1] if factors.lowrank_twiddles else 0,
+        bias=layer.has_bias,
+        dtype=DType.of(dtype),
+        quantization=None,
+    )
 
 
 def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[str, Any]:

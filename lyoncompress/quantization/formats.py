@@ -23,6 +23,7 @@ import torch
 from lyoncompress.errors import InputError
 
 Payload = dict[str, torch.Tensor]
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # payload field -> (dtype, shape)
 
 
 def round_significand(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -54,6 +55,11 @@ class QuantFormat(Protocol):
     def dequantize(
         self, payload: Payload, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
     ) -> torch.Tensor: ...
+
+    def layout(self, shape: tuple[int, ...], group_size: int | None) -> Layout:
+        """The payload ``quantize`` writes for a twiddle of ``shape``: its fields' dtypes and
+        shapes, known without any data (``load_artifact`` checks stored tensors against it)."""
+        ...
 
 
 def _groups(x: torch.Tensor, group_size: int | None, per_tensor: bool) -> torch.Tensor:
@@ -91,6 +97,11 @@ class _Scaled:
         if group_size is None and self.per_tensor_default:
             return scale.reshape(x.shape[:-4])
         return scale
+
+    def _scale_layout(self, shape: tuple[int, ...], group_size: int | None) -> Layout:
+        if group_size is not None and (group_size < 1 or shape[-1] % group_size):
+            raise InputError(f"group size {group_size} does not divide the c axis (c={shape[-1]})")
+        return {"scale": (torch.float32, _scale_shape(shape, group_size, self.per_tensor_default))}
 
     def _resolve(
         self, x: torch.Tensor, group_size: int | None, scale: torch.Tensor | None
@@ -151,6 +162,10 @@ class SignificandFormat:
     ) -> torch.Tensor:
         return payload["values"].reshape(shape).to(dtype)
 
+    def layout(self, shape: tuple[int, ...], group_size: int | None) -> Layout:
+        _no_scales(self.name, group_size, None)
+        return {"values": (torch.float64, tuple(shape))}
+
 
 @dataclass(frozen=True)
 class CastFormat:
@@ -182,6 +197,10 @@ class CastFormat:
         self, payload: Payload, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         return payload["values"].reshape(shape).to(dtype)
+
+    def layout(self, shape: tuple[int, ...], group_size: int | None) -> Layout:
+        _no_scales(self.name, group_size, None)
+        return {"values": (self.dtype, tuple(shape))}
 
 
 @dataclass(frozen=True)
@@ -217,6 +236,9 @@ class Fp8Format(_Scaled):
         grouped, s = self._resolve(payload["qdata"].double().reshape(shape), group_size, payload["scale"])
         return (grouped * s).reshape(shape).to(dtype)
 
+    def layout(self, shape: tuple[int, ...], group_size: int | None) -> Layout:
+        return {"qdata": (self.dtype, tuple(shape)), **self._scale_layout(shape, group_size)}
+
 
 @dataclass(frozen=True)
 class IntFormat(_Scaled):
@@ -251,6 +273,11 @@ class IntFormat(_Scaled):
         group_size = _group_size_of(shape, payload["scale"], self.per_tensor_default)
         grouped, s = self._resolve(codes.double().reshape(shape), group_size, payload["scale"])
         return (grouped * s).reshape(shape).to(dtype)
+
+    def layout(self, shape: tuple[int, ...], group_size: int | None) -> Layout:
+        *lead, c = shape
+        qdata = (torch.uint8, (*lead, (c + 1) // 2)) if self.bits == 4 else (torch.int8, tuple(shape))
+        return {"qdata": qdata, **self._scale_layout(shape, group_size)}
 
 
 def _group_size_of(shape: tuple[int, ...], scale: torch.Tensor, per_tensor: bool) -> int | None:

@@ -6,39 +6,37 @@ only, so that it never imports the ``quantize`` verb (``quantization.pipeline``)
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from lyoncompress.butterfly import Chain, lowrank
-from lyoncompress.errors import InputError
+from lyoncompress.errors import FormatError, InputError
 from lyoncompress.quantization.formats import get_format
-
-
-def layer_chains(entry: dict[str, Any]) -> dict[str, Chain]:
-    """The chains of a layer-table entry by group: ``factors`` (and ``lowrank``)."""
-    chains = {"factors": Chain.of(*entry["chain"])}
-    if entry["lowrank_rank"]:
-        chains["lowrank"] = lowrank(entry["out_features"], entry["in_features"], entry["lowrank_rank"])
-    return chains
+from lyoncompress.schema import LayerRecord
 
 
 def dequantize_state(
-    state: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]
+    state: dict[str, torch.Tensor], layers: dict[str, LayerRecord]
 ) -> dict[str, torch.Tensor]:
-    """Replace each quantized layer's payload tensors by float twiddles (``…twiddle``)."""
+    """Replace each quantized layer's payload tensors by float twiddles (``…twiddle``) of the
+    record's ``dtype``."""
     state = dict(state)
-    for name, entry in layers.items():
-        record = entry.get("quantization")
-        if not record:
+    for name, record in layers.items():
+        if record.quantization is None:
             continue
-        fmt = get_format(record["format"])
-        dtype = getattr(torch, entry["dtype"])
-        for group, chain in layer_chains(entry).items():
+        fmt = get_format(record.quantization.format)
+        for group, chain in record.chains.items():
             for index, pattern in enumerate(chain.patterns):
                 prefix = f"{name}.{group}.{index}."
                 payload = {k.removeprefix(prefix): state.pop(k) for k in list(state) if k.startswith(prefix)}
                 if not payload:
                     raise InputError(f"quantized layer {name}: no payload tensors {prefix}*")
-                state[f"{prefix}twiddle"] = fmt.dequantize(payload, pattern.twiddle_shape, dtype)
+                state[f"{prefix}twiddle"] = fmt.dequantize(payload, pattern.twiddle_shape, record.dtype.torch)
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], layers: dict[str, LayerRecord], source: str) -> None:
+    """Every (dequantized) twiddle of every layer is finite: a NaN would poison every output."""
+    for name, record in layers.items():
+        for key in record.factor_shapes:
+            tensor = f"{name}.{key}.twiddle"
+            if tensor in state and not bool(torch.isfinite(state[tensor]).all()):
+                raise FormatError("holds NaN or infinite values", f"tensor {tensor}", name, source)

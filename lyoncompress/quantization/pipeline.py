@@ -10,7 +10,8 @@ the error the rescaling saved.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,16 @@ from lyoncompress.artifact import Artifact, companion_files, load_artifact, writ
 from lyoncompress.butterfly import Chain
 from lyoncompress.capture import CapturedRows as QuantCalibration
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
-from lyoncompress.errors import InputError
+from lyoncompress.errors import FormatError, InputError
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import make_plan
 from lyoncompress.quantization.calibration import calibrate
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
-from lyoncompress.quantization.payloads import layer_chains
 from lyoncompress.quantization.rescale import resolve
 from lyoncompress.recipe import Recipe, parse_size
 from lyoncompress.refine.gram import output_error
+from lyoncompress.schema import DType, LayerRecord, QuantRecord, Structure
 
 Progress = Callable[[str, int, int], None]
 # Integer grids waste most of their range unless the factors' ranges are equalised first;
@@ -48,8 +49,8 @@ def default_rescale(fmt: str, calibrated: bool = False) -> str:
     return "auto" if calibrated else "equalize+auto"
 
 
-def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, dict[str, Any]], dict[str, Any]]:
-    """The tensors to read, the layer table to quantize, and the config to carry.
+def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, LayerRecord], dict[str, Any]]:
+    """The tensors to read, the layer records to quantize, and the config to carry.
 
     With ``dense``, a plain weight becomes the one-factor chain ``(1, m, n, 1)``: its
     twiddle is the matrix itself, so it is stored and loaded like any other chain.
@@ -60,13 +61,13 @@ def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, dict[str, A
     except InputError:
         artifact = None
     if artifact is not None:
-        already = [name for name, entry in artifact.layers.items() if entry.get("quantization")]
+        already = [name for name, record in artifact.layers.items() if record.quantization is not None]
         if already:
             raise InputError(
                 f"{path} is already quantized ({already[0]} …); quantize the factorized artifact"
             )
         config = {k: v for k, v in artifact.config.items() if k != "quantization_config"}
-        return checkpoint, {name: dict(entry) for name, entry in artifact.layers.items()}, config
+        return checkpoint, dict(artifact.layers), config
     if not dense:
         raise InputError(
             f"{path} is not a factorized artifact; run `lyoncompress factorize` first, "
@@ -75,27 +76,39 @@ def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, dict[str, A
     layers = {}
     for layer in make_plan(checkpoint, Recipe()).layers:
         m, n = layer.shape
-        layers[layer.name] = {
-            "structure": "dense",
-            "in_features": n,
-            "out_features": m,
-            "chain": [[1, m, n, 1]],
-            "lowrank_rank": 0,
-            "bias": layer.has_bias,
-            "dtype": str(checkpoint.infos[layer.weight_name].dtype).removeprefix("torch."),
-            "quantization": None,
-        }
+        try:
+            layers[layer.name] = LayerRecord(
+                structure=Structure.DENSE,
+                in_features=n,
+                out_features=m,
+                chain=((1, m, n, 1),),
+                lowrank_rank=0,
+                bias=layer.has_bias,
+                dtype=DType.of(checkpoint.infos[layer.weight_name].dtype),
+                quantization=None,
+            )
+        except FormatError as err:
+            raise err.at(str(path), layer.name) from None
     return checkpoint, layers, dict(checkpoint.config or {})
 
 
-def _twiddles(checkpoint: Checkpoint, name: str, entry: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
-    """The layer's float twiddles by group: ``factors`` (and ``lowrank``)."""
-    if entry["structure"] == "dense":
-        m, n = entry["out_features"], entry["in_features"]
-        return {"factors": [checkpoint.load(f"{name}.weight").reshape(1, 1, m, n)]}
-    groups = {"factors": [checkpoint.load(f"{name}.factors.{i}.twiddle") for i in range(len(entry["chain"]))]}
-    if entry["lowrank_rank"]:
-        groups["lowrank"] = [checkpoint.load(f"{name}.lowrank.{i}.twiddle") for i in range(2)]
+def _twiddles(checkpoint: Checkpoint, name: str, record: LayerRecord) -> dict[str, list[torch.Tensor]]:
+    """The layer's float twiddles by group: ``factors`` (and ``lowrank``); all finite, since
+    a NaN would be rounded into payloads that quietly poison every output."""
+    if record.structure is Structure.DENSE:
+        names = {"factors": [f"{name}.weight"]}
+    else:
+        names = {"factors": [f"{name}.factors.{i}.twiddle" for i in range(len(record.chain))]}
+        if record.lowrank_rank:
+            names["lowrank"] = [f"{name}.lowrank.{i}.twiddle" for i in range(2)]
+    groups = {group: [checkpoint.load(tensor) for tensor in tensors] for group, tensors in names.items()}
+    for group, tensors in names.items():
+        for tensor, twiddle in zip(tensors, groups[group]):
+            if not bool(torch.isfinite(twiddle).all()):
+                where = str(checkpoint.path)
+                raise FormatError("holds NaN or infinite values", f"tensor {tensor}", name, where)
+    if record.structure is Structure.DENSE:
+        groups["factors"] = [groups["factors"][0].reshape(1, 1, record.out_features, record.in_features)]
     return groups
 
 
@@ -182,13 +195,13 @@ def _quantize(
     calib_samples: int,
     reference: str | Path | None,
 ) -> dict[str, Any]:
-    source, layers, config = _sources(Path(artifact), dense)
+    source, records, config = _sources(Path(artifact), dense)
     calibration = None
     if calib is not None:
         if dense:
             raise InputError("--calib needs a factorized artifact; drop --dense or --calib")
         calibration = calibrate(
-            Path(artifact), list(layers), calib, calib_samples, Path(reference) if reference else None
+            Path(artifact), list(records), calib, calib_samples, Path(reference) if reference else None
         )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -207,11 +220,13 @@ def _quantize(
         )
         return report
 
-    stream = _stream(source, layers, fmt, rescale, group_size, rows, progress, calibration)
+    # what write_artifact writes: each layer's JSON record, replaced once it is quantized
+    table = {name: record.to_json() for name, record in records.items()}
+    stream = _stream(source, records, table, fmt, rescale, group_size, rows, progress, calibration)
     write_artifact(
         output.path,
         stream,
-        layers,
+        table,
         config,
         finish_report,
         parse_size(max_shard_size),
@@ -223,7 +238,8 @@ def _quantize(
 
 def _stream(
     source: Checkpoint,
-    layers: dict[str, dict[str, Any]],
+    layers: dict[str, LayerRecord],
+    table: dict[str, dict[str, Any]],
     fmt: str,
     rescale: str,
     group_size: int | None,
@@ -233,17 +249,18 @@ def _stream(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # the tensor that starts each layer's group; the rest of the group is skipped
     first = {
-        (f"{n}.weight" if e["structure"] == "dense" else f"{n}.factors.0.twiddle"): n
-        for n, e in layers.items()
+        (f"{n}.weight" if r.structure is Structure.DENSE else f"{n}.factors.0.twiddle"): n
+        for n, r in layers.items()
     }
     replaced = tuple(f"{n}.{group}." for n in layers for group in ("factors", "lowrank")) + tuple(
-        f"{n}.weight" for n, e in layers.items() if e["structure"] == "dense"
+        f"{n}.weight" for n, r in layers.items() if r.structure is Structure.DENSE
     )
     for tensor_name in source.names():
         if tensor_name in first:
             layer = first[tensor_name]
             inputs = None if calibration is None else calibration[layer]
-            yield from _quantize_layer(source, layer, layers[layer], fmt, rescale, group_size, rows, inputs)
+            quantized = _quantize_layer(source, layer, layers[layer], fmt, rescale, group_size, rows, inputs)
+            table[layer] = yield from quantized
             if progress is not None:
                 progress(layer, len(rows), len(layers))
         elif not tensor_name.startswith(replaced):
@@ -253,15 +270,16 @@ def _stream(
 def _quantize_layer(
     source: Checkpoint,
     name: str,
-    entry: dict[str, Any],
+    record: LayerRecord,
     fmt: str,
     rescale: str,
     group_size: int | None,
     rows: list[dict[str, Any]],
     calibration: QuantCalibration | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor], None, dict[str, Any]]:
+    """Yields the layer's payload tensors; returns its JSON record with the ``quantization``."""
     begin = time.perf_counter()
-    chains, twiddles = layer_chains(entry), _twiddles(source, name, entry)
+    chains, twiddles = record.chains, _twiddles(source, name, record)
     reference = _dense(chains, twiddles)
     quantized: dict[str, QuantizedChain] = {}
     baseline: dict[str, list[torch.Tensor]] = {}
@@ -277,12 +295,9 @@ def _quantize_layer(
     norm = reference.norm().clamp_min(1e-30)
     params = sum(chain.params for chain in chains.values())
     bits = sum(q.bits_per_weight * q.chain.params for q in quantized.values()) / params
-    entry["quantization"] = {
-        "format": fmt,
-        "rescale": rescale,
-        "group_size": group_size,
-        "bits_per_weight": round(bits, 4),
-    }
+    quantization = QuantRecord(
+        format=fmt, rescale=rescale, group_size=group_size, bits_per_weight=round(bits, 4)
+    )
     row = {
         "name": name,
         "format": fmt,
@@ -303,3 +318,4 @@ def _quantize_layer(
         for index, payload in enumerate(q.payloads):
             for field, tensor in payload.items():
                 yield f"{name}.{group}.{index}.{field}", tensor
+    return replace(record, quantization=quantization).to_json()
