@@ -26,7 +26,7 @@ from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.payloads import layer_chains
 from lyoncompress.quantization.rescale import resolve
-from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.recipe import QuantizeConfig, Recipe, parse_size
 
 Progress = Callable[[str, int, int], None]
 # Integer grids waste most of their range unless the factors' ranges are equalised first;
@@ -36,7 +36,6 @@ Progress = Callable[[str, int, int], None]
 # at weight ranges) made it worse on MiniLM: int4 end to end 1.10x the float error with
 # ``auto`` against 1.34x with ``equalize+auto`` and 1.20x for plain rounding.
 INTEGER_FORMATS = ("int8", "int4")
-DEFAULT_CALIB_SAMPLES = 2048  # input rows per layer to fit on (and as many held out)
 
 
 def default_rescale(fmt: str, calibrated: bool = False) -> str:
@@ -103,57 +102,44 @@ def _dense(chains: dict[str, Chain], twiddles: dict[str, list[torch.Tensor]]) ->
 def quantize(
     artifact: str | Path,
     out: str | Path,
-    fmt: str,
-    rescale: str | None = None,
-    group_size: int | None = None,
-    dense: bool = False,
-    max_shard_size: str = "5GB",
+    config: QuantizeConfig | None = None,
+    reference: str | Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
-    calib: str | None = None,
-    calib_samples: int = DEFAULT_CALIB_SAMPLES,
-    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Quantize every compressed layer of ``artifact`` into a new artifact at ``out``.
 
     Args:
-        artifact: folder written by ``factorize`` (or any checkpoint with ``dense=True``).
+        artifact: folder written by ``factorize`` (or any checkpoint with ``config.dense``).
         out: new artifact folder.
-        fmt: a name from ``FORMATS``: ``int8``, ``int4``, ``fp8-e4m3``, ``fp8-e5m2``,
-            ``bf16``, ``fp16``, ``float:tN``.
-        rescale: a name from ``RESCALINGS`` (default ``left-to-right``; for integer
-            formats ``equalize+auto``, or ``auto`` with ``calib``).
-        group_size: scales per group of this many entries along a block row.
-        dense: quantize the plain weights of a checkpoint that was not factorized.
-        calib: calibration data (a file as ``eval --data`` takes, or ``builtin``). The
-            factorized model runs on it; each layer's rescaling then minimises the
-            output error on its captured inputs instead of the weight error, and the
-            report adds the held-out output error next to round-to-nearest's.
-        calib_samples: input rows per layer to fit on (as many are held out).
+        config: format, rescaling, groups and calibration (default ``QuantizeConfig()``:
+            int8, ``equalize+auto``). With ``config.calib`` the factorized model runs on
+            the data; each layer's rescaling then minimises the output error on its
+            captured inputs instead of the weight error, and the report adds the
+            held-out output error next to round-to-nearest's.
         reference: folder with the tokenizer for text calibration data (default: the artifact).
+        force: replace an existing ``out``.
+        progress: called after each quantized layer with (name, done, total).
 
     Returns:
         The report, with each layer's error next to round-to-nearest's.
 
     Example:
-        >>> report = quantize("fact/", "q/", "int8")
+        >>> report = quantize("fact/", "q/", QuantizeConfig(format="int8"))
         >>> report["layers"][0]["bits_per_weight"]
         8.25
     """
+    config = config or QuantizeConfig()
+    fmt, group_size, calib = config.format, config.group_size, config.calib
     get_format(fmt)
-    rescale = rescale or default_rescale(fmt, calibrated=calib is not None)
+    rescale = config.rescale or default_rescale(fmt, calibrated=calib is not None)
     resolve(rescale)
-    if group_size is not None and group_size < 1:
-        raise InputError(f"--group-size must be >= 1, got {group_size}")
-    if calib_samples < 1:
-        raise InputError(f"--calib-samples must be >= 1, got {calib_samples}")
-    source, layers, config = _sources(Path(artifact), dense)
+    dense = config.dense
+    source, layers, model_config = _sources(Path(artifact), dense)
     calibration = None
     if calib is not None:
-        if dense:
-            raise InputError("--calib needs a factorized artifact; drop --dense or --calib")
         calibration = calibrate(
-            Path(artifact), list(layers), calib, calib_samples, Path(reference) if reference else None
+            Path(artifact), list(layers), calib, config.calib_samples, Path(reference) if reference else None
         )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -177,9 +163,9 @@ def quantize(
         Path(out),
         stream,
         layers,
-        config,
+        model_config,
         finish_report,
-        parse_size(max_shard_size),
+        parse_size(config.max_shard_size),
         force,
         companion_files(Path(artifact)),
     )
