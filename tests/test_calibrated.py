@@ -148,6 +148,7 @@ def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
     assert padded_after < 0.7 * padded_before
 
 
+@pytest.mark.slow
 def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):
     # the first part's batches come without the 5-11 s scan of the standard library;
     # reading past them builds the rest, and the batches are those of the split in one piece

@@ -129,6 +129,7 @@ def _perplexity(artifact: pathlib.Path, reference: pathlib.Path, cli) -> dict:
     return json.loads(evaluated.stdout)["tasks"]["perplexity"]
 
 
+@pytest.mark.slow
 def test_distillation_beats_activation_aware_svd_on_perplexity(trained_llama, tmp_path, cli):
     common = ("--target", MLPS, "--method", "lowrank", "--budget", "0.5", "--calib", "builtin", "--json")
     aware = cli("factorize", trained_llama, "-o", tmp_path / "aware", *common)

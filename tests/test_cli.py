@@ -105,3 +105,96 @@ def test_existing_output_needs_force(tmp_path, ckpt, cli):
 
 def test_usage_error_is_exit_2(ckpt, cli):
     assert cli("factorize", ckpt).exit_code == 2  # missing -o
+
+
+RECIPE = """\
+version: 1
+factorize:
+  method: lowrank
+  budget: 0.4
+quantize:
+  format: int4
+  rescale: left-to-right
+eval:
+  tasks: [weights, outputs]
+  samples: 32
+  gates: {max_output_error: 1.0e-9}
+"""
+
+
+def test_every_verb_reads_its_recipe_section_and_flags_win(tmp_path, ckpt, cli):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    fact, q = tmp_path / "fact", tmp_path / "q"
+    result = cli("factorize", ckpt, "-o", fact, "--recipe", recipe, "--budget", "0.3", "--json")
+    assert result.exit_code == 0, result.output
+    assert {k: json.loads(result.stdout)["recipe"][k] for k in ("method", "budget")} == {
+        "method": "lowrank",
+        "budget": 0.3,
+    }
+    result = cli("quantize", fact, "-o", q, "--recipe", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["format"], report["rescale"]) == ("int4", "left-to-right")
+    result = cli("quantize", fact, "-o", tmp_path / "q8", "--recipe", recipe, "--format", "int8", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["format"], report["rescale"]) == ("int8", "left-to-right")
+
+    failed = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--json")
+    assert failed.exit_code == 1, failed.output  # the recipe's gate: output error <= 1e-9
+    report = json.loads(failed.stdout)
+    assert set(report["tasks"]) == {"weights", "outputs"}
+    assert report["gates_given"] == {"min_recovery": None, "max_output_error": 1e-9}
+    passed = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--max-output-error", "10", "--json")
+    assert passed.exit_code == 0, passed.output
+    assert json.loads(passed.stdout)["gates_given"]["max_output_error"] == 10
+    only = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--task", "weights", "--json")
+    assert set(json.loads(only.stdout)["tasks"]) == {"weights"}
+
+
+def test_flat_recipe_still_drives_factorize_only(tmp_path, ckpt, cli):
+    recipe = tmp_path / "flat.yaml"
+    recipe.write_text("version: 1\nmethod: lowrank\ntargets: [fc1]\n")
+    result = cli("factorize", ckpt, "-o", tmp_path / "fact", "--recipe", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    assert [row["name"] for row in json.loads(result.stdout)["layers"]] == ["fc1"]
+    result = cli("quantize", tmp_path / "fact", "-o", tmp_path / "q", "--recipe", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "int8"  # no quantize section: the defaults
+
+
+def test_recipe_search_section_runs_the_search_unless_budget_is_given(tmp_path, ckpt, cli):
+    recipe = tmp_path / "search.yaml"
+    recipe.write_text(
+        "version: 1\nfactorize: {method: lowrank}\n"
+        "search: {min_recovery: 0.5, task: outputs, samples: 32, max_steps: 2}\n"
+    )
+    result = cli("factorize", ckpt, "-o", tmp_path / "searched", "--recipe", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)["budget_search"]
+    assert (found["min_recovery"], found["max_steps"], found["passed"]) == (0.5, 2, True)
+    result = cli("factorize", ckpt, "-o", tmp_path / "fixed", "--recipe", recipe, "--budget", "0.3", "--json")
+    assert result.exit_code == 0, result.output
+    assert "budget_search" not in json.loads(result.stdout)
+    result = cli("factorize", ckpt, "-o", tmp_path / "bad", "--recipe", recipe, "--min-budget", "0.99")
+    assert result.exit_code == 2 and "--min-budget" in result.output
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_bad_recipe_section_exits_2(tmp_path, ckpt, cli, command):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("quantize: {formt: int4}\neval: {sample: 3}\n")
+    assert cli("factorize", ckpt, "-o", tmp_path / "fact", "--method", "lowrank").exit_code == 0
+    args = ["-o", tmp_path / "q"] if command == "quantize" else ["--reference", ckpt]
+    result = cli(command, tmp_path / "fact", *args, "--recipe", recipe)
+    assert result.exit_code == 2, result.output
+    assert "unknown key" in result.output and str(recipe) in " ".join(result.output.split())
+
+
+def test_inspect_artifact_is_what_inspect_prints(tmp_path, ckpt, cli):
+    from lyoncompress.inspection import inspect_artifact
+
+    out = tmp_path / "fact"
+    assert cli("factorize", ckpt, "-o", out, "--method", "monarch").exit_code == 0
+    assert json.loads(cli("inspect", out, "--json").stdout) == inspect_artifact(out)
