@@ -2,12 +2,14 @@
 
 import json
 
-from lyoncompress.demo import DEMO_RECIPE
-from lyoncompress.recipe import Recipe
+from lyoncompress.demo import DEMO_EVAL, DEMO_QUANTIZE, DEMO_RECIPE
+from lyoncompress.recipe import Recipe, RecipeFile, load_recipe
 
 
 def test_demo_recipe_matches_configs_file():
     assert Recipe.from_yaml("configs/demo.yaml") == DEMO_RECIPE
+    sections = RecipeFile(factorize=DEMO_RECIPE, quantize=DEMO_QUANTIZE, eval=DEMO_EVAL)
+    assert load_recipe("configs/demo-pipeline.yaml") == sections
 
 
 def test_demo_passes_and_overcompression_fails(tmp_path, cli):
