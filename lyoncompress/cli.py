@@ -18,9 +18,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
+from lyoncompress import tables
 from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluation import evaluate as evaluate_artifact
 from lyoncompress.factorization.budget_search import SearchStep, gated_metric, search_budget
@@ -132,41 +132,8 @@ def _print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
-def _factorize_table(report: dict[str, Any]) -> Table:
-    calibrated = any(row.get("output_error") is not None for row in report["layers"])
-    table = Table(title="factorized layers", title_justify="left")
-    columns = ["layer", "structure", "chain", "params", "kept", "weight error"]
-    columns += ["output error (held-out)"] if calibrated else []
-    for column in [*columns, "s"]:
-        table.add_column(column, justify="left" if column in ("layer", "structure", "chain") else "right")
-    for row in report["layers"]:
-        cells = [
-            row["name"],
-            row["structure"],
-            row["chain"],
-            f"{row['params_after']:,}",
-            f"{row['ratio']:.1%}",
-            f"{row['rel_error']:.4f}",
-        ]
-        cells += [f"{row['output_error']:.4f}"] if calibrated else []
-        table.add_row(*cells, f"{row['seconds']:.2f}")
-    totals = report["totals"]
-    table.add_section()
-    blanks = [""] * (len(columns) - 5)
-    table.add_row(
-        f"{totals['layers']} layers",
-        "",
-        "",
-        f"{totals['params_after']:,}",
-        f"{totals['ratio']:.1%}",
-        *blanks,
-        f"{report['seconds']:.2f}",
-    )
-    return table
-
-
 def _print_factorized(report: dict[str, Any]) -> None:
-    err_console.print(_factorize_table(report))
+    err_console.print(tables.factorize_table(report))
     if "distill" in report:
         d = report["distill"]
         err_console.print(
@@ -399,7 +366,7 @@ def _factorize_searching(
     else:
         if found["passed"]:
             _print_factorized(report)
-        err_console.print(_search_table(found))
+        err_console.print(tables.search_table(found))
     target = f"{found['task']} {found['metric']} >= {found['min_recovery']}"
     if not found["passed"]:
         best = max(found["curve"], key=lambda step: step["metric"])
@@ -416,45 +383,6 @@ def _factorize_searching(
             f"smallest passing budget {found['chosen_budget']} ({target}); wrote {out}"
             + ("" if found["converged"] else f" [yellow](not converged in {found['max_steps']} steps)[/]")
         )
-
-
-def _search_table(found: dict[str, Any]) -> Table:
-    table = Table(
-        title=f"budget search: {found['task']} {found['metric']} >= {found['min_recovery']}",
-        title_justify="left",
-    )
-    for column in ("budget", "params kept", found["metric"], "result"):
-        table.add_column(column, justify="right")
-    for step in sorted(found["curve"], key=lambda step: step["budget"]):
-        chosen = " (chosen)" if step["budget"] == found["chosen_budget"] else ""
-        table.add_row(
-            f"{step['budget']:.4f}",
-            f"{step['params_ratio']:.1%}",
-            f"{step['metric']:.4f}",
-            ("[green]pass[/]" if step["passed"] else "[red]fail[/]") + chosen,
-        )
-    return table
-
-
-def _quantize_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"quantized layers ({report['format']}, {report['rescale']})", title_justify="left")
-    calibrated = report.get("calib") is not None
-    columns = ["layer", "bits/weight", "error", "round-to-nearest", "ratio"]
-    columns += ["output error (held-out)", "RTN output error"] if calibrated else []
-    for column in columns + ["s"]:
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for row in report["layers"]:
-        ratio = row["rel_error"] / row["rtn_rel_error"] if row["rtn_rel_error"] else float("nan")
-        cells = [
-            row["name"],
-            f"{row['bits_per_weight']:g}",
-            f"{row['rel_error']:.2e}",
-            f"{row['rtn_rel_error']:.2e}",
-            f"{ratio:.2f}x",
-        ]
-        cells += [f"{row['output_error']:.2e}", f"{row['rtn_output_error']:.2e}"] if calibrated else []
-        table.add_row(*cells, f"{row['seconds']:.2f}")
-    return table
 
 
 @app.command()
@@ -535,7 +463,7 @@ def quantize(
     if as_json:
         _print_json(report)
     else:
-        err_console.print(_quantize_table(report))
+        err_console.print(tables.quantize_table(report))
         err_console.print(f"wrote {out}")
 
 
@@ -550,54 +478,10 @@ def inspect(
     Example:  lyoncompress inspect fact/ --json
     """
     document = inspect_artifact(artifact)
-    layers, totals = document["layers"], document["totals"]
-    before, after = totals["params_before"], totals["params_after"]
     if as_json:
         _print_json(document)
         return
-    table = Table(title=f"{artifact}", title_justify="left")
-    for column in ("layer", "structure", "chain", "params", "compression", "weight error", "bits"):
-        table.add_column(column, justify="left" if column in ("layer", "structure", "chain") else "right")
-    for layer in layers:
-        table.add_row(
-            layer["name"],
-            layer["structure"],
-            layer["chain"],
-            f"{layer['params_after']:,}" if layer["params_after"] else "?",
-            f"{layer['compression']:.2f}x" if layer["compression"] else "?",
-            f"{layer['rel_error']:.4f}" if layer["rel_error"] is not None else "?",
-            f"{layer['bits']:g}",
-        )
-    table.add_section()
-    table.add_row("total", "", "", f"{after:,}", f"{before / after:.2f}x" if after else "?", "", "")
-    err_console.print(table)
-
-
-def _eval_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"eval {report['artifact']} vs {report['reference']}", title_justify="left")
-    for column in ("task", "metric", "value", "gate", "result"):
-        table.add_column(column, justify="right" if column == "value" else "left")
-    gates = {(g["task"], g["metric"]): g for g in report["gates"]}
-    for task, metrics in report["tasks"].items():
-        for metric, value in metrics.items():
-            gate = gates.get((task, metric))
-            verdict = "" if gate is None else ("[green]pass[/]" if gate["passed"] else "[bold red]FAIL[/]")
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            table.add_row(task, metric, shown, gate["threshold"] if gate else "", verdict)
-    return table
-
-
-def _layer_error_table(report: dict[str, Any]) -> Table:
-    table = Table(title="per layer", title_justify="left")
-    columns = [
-        c for c in ("rel_error", "output_error", "compression") if any(c in r for r in report["layers"])
-    ]
-    table.add_column("layer")
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
-    for row in report["layers"]:
-        table.add_row(row["name"], *(f"{row[c]:.4f}" if c in row else "" for c in columns))
-    return table
+    err_console.print(tables.inspect_table(document))
 
 
 @app.command(name="eval")
@@ -651,9 +535,9 @@ def eval_(
     if as_json:
         _print_json(report)
     else:
-        err_console.print(_eval_table(report))
+        err_console.print(tables.eval_table(report))
         if report["layers"]:
-            err_console.print(_layer_error_table(report))
+            err_console.print(tables.layer_error_table(report))
         failed = [g for g in report["gates"] if not g["passed"]]
         err_console.print("[bold red]gate failed[/]" if failed else "[green]all gates passed[/]")
     if not report["passed"]:
@@ -685,8 +569,8 @@ def demo(
         _print_json({"factorize": factorized, "quantize": quantization, "eval": evaluation})
     else:
         _print_factorized(factorized)
-        err_console.print(_quantize_table(quantization))
-        err_console.print(_eval_table(evaluation))
+        err_console.print(tables.quantize_table(quantization))
+        err_console.print(tables.eval_table(evaluation))
         err_console.print(f"artifacts: {fact} (float factors), {quantized} (int8 factors)")
     if not evaluation["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -65,6 +65,7 @@ LAYERS = {
     "lyoncompress.hf_integration": 4,
     "lyoncompress.demo": 4,
     "lyoncompress.cli": 4,
+    "lyoncompress.tables": 4,
     "lyoncompress": 4,
 }
 
