@@ -32,7 +32,7 @@ import time
 import torch
 
 from lyoncompress.data import builtin_corpus
-from lyoncompress.evaluation import evaluate
+from lyoncompress.evaluation import EvalConfig, evaluate
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.recipe import Recipe
 
@@ -110,7 +110,8 @@ def main() -> None:
             started = time.perf_counter()
             report = factorize(ckpt, out, base.replace(**changes))
             seconds = time.perf_counter() - started
-            metrics = evaluate(out, ckpt, tasks=["embeddings"], samples=args.samples)["tasks"]["embeddings"]
+            evaluation = evaluate(out, ckpt, EvalConfig(tasks=("embeddings",), samples=args.samples))
+            metrics = evaluation["tasks"]["embeddings"]
             print(
                 f"| {name} | {options} | {metrics['mean_cosine']:.4f} | {metrics['similarity_spearman']:.4f} "
                 f"| {report['totals']['ratio']:.4f} | {seconds:.1f} |",

@@ -3,14 +3,23 @@
 from lyoncompress.artifact import load_artifact
 from lyoncompress.butterfly import Chain, KSPattern, lowrank, monarch, search_chains, square_butterfly
 from lyoncompress.errors import InputError, LyoncompressError, PatternError
-from lyoncompress.evaluation import Gates, evaluate
+from lyoncompress.evaluation import evaluate
 from lyoncompress.factorization import Projection, project
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.hf_integration import register_with_transformers
+from lyoncompress.inspection import inspect_artifact
 from lyoncompress.layers import ButterflyLinear, apply_artifact
 from lyoncompress.models import load_compressed
 from lyoncompress.quantization.pipeline import quantize
-from lyoncompress.recipe import Recipe
+from lyoncompress.recipe import (
+    EvalConfig,
+    Gates,
+    QuantizeConfig,
+    Recipe,
+    RecipeFile,
+    SearchConfig,
+    load_recipe,
+)
 
 __version__ = "0.1.0"
 
@@ -20,13 +29,19 @@ register_with_transformers()
 
 __all__ = [
     "ButterflyLinear",
+    "EvalConfig",
     "Gates",
+    "QuantizeConfig",
     "Recipe",
+    "RecipeFile",
+    "SearchConfig",
     "apply_artifact",
     "evaluate",
     "factorize",
+    "inspect_artifact",
     "load_artifact",
     "load_compressed",
+    "load_recipe",
     "register_with_transformers",
     "Chain",
     "InputError",

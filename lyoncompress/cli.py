@@ -18,18 +18,24 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
-from lyoncompress.artifact import load_artifact
+from lyoncompress import tables
 from lyoncompress.errors import InputError, LyoncompressError
-from lyoncompress.evaluation import DEFAULT_SAMPLES, Gates
 from lyoncompress.evaluation import evaluate as evaluate_artifact
-from lyoncompress.factorization.budget_search import BudgetSearch, SearchStep, gated_metric, search_budget
+from lyoncompress.factorization.budget_search import SearchStep, gated_metric, search_budget
 from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
-from lyoncompress.quantization.pipeline import DEFAULT_CALIB_SAMPLES
+from lyoncompress.inspection import inspect_artifact
 from lyoncompress.quantization.pipeline import quantize as quantize_artifact
-from lyoncompress.recipe import Recipe
+from lyoncompress.recipe import (
+    DEFAULT_CALIB_SAMPLES,
+    DEFAULT_EVAL_SAMPLES,
+    Recipe,
+    RecipeFile,
+    SearchConfig,
+    load_recipe,
+)
+from lyoncompress.report import add_to_report, plot_layer_errors
 
 EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
@@ -46,6 +52,14 @@ err_console = Console(stderr=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+# an option whose default comes from the recipe is None in typer; its help shows the default
+_DEFAULT = "[dim]\\[default: {}][/dim]"
+RecipeOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="YAML recipe (configs/*.yaml; flat, or with factorize/quantize/eval/search sections); flags win."
+    ),
+]
 ForceOption = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 
 
@@ -123,41 +137,8 @@ def _print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
-def _factorize_table(report: dict[str, Any]) -> Table:
-    calibrated = any(row.get("output_error") is not None for row in report["layers"])
-    table = Table(title="factorized layers", title_justify="left")
-    columns = ["layer", "structure", "chain", "params", "kept", "weight error"]
-    columns += ["output error (held-out)"] if calibrated else []
-    for column in [*columns, "s"]:
-        table.add_column(column, justify="left" if column in ("layer", "structure", "chain") else "right")
-    for row in report["layers"]:
-        cells = [
-            row["name"],
-            row["structure"],
-            row["chain"],
-            f"{row['params_after']:,}",
-            f"{row['ratio']:.1%}",
-            f"{row['rel_error']:.4f}",
-        ]
-        cells += [f"{row['output_error']:.4f}"] if calibrated else []
-        table.add_row(*cells, f"{row['seconds']:.2f}")
-    totals = report["totals"]
-    table.add_section()
-    blanks = [""] * (len(columns) - 5)
-    table.add_row(
-        f"{totals['layers']} layers",
-        "",
-        "",
-        f"{totals['params_after']:,}",
-        f"{totals['ratio']:.1%}",
-        *blanks,
-        f"{report['seconds']:.2f}",
-    )
-    return table
-
-
 def _print_factorized(report: dict[str, Any]) -> None:
-    err_console.print(_factorize_table(report))
+    err_console.print(tables.factorize_table(report))
     if "distill" in report:
         d = report["distill"]
         err_console.print(
@@ -166,9 +147,8 @@ def _print_factorized(report: dict[str, Any]) -> None:
         )
 
 
-def _recipe_from(recipe_path: Path | None, **flags: Any) -> Recipe:
-    base = Recipe.from_yaml(recipe_path) if recipe_path else Recipe()
-    return base.replace(**flags)
+def _recipe_file(recipe_path: Path | None) -> RecipeFile:
+    return load_recipe(recipe_path) if recipe_path else RecipeFile()
 
 
 @app.command()
@@ -178,7 +158,7 @@ def factorize(
         Path, typer.Argument(help=".safetensors file, HF model folder, or .bin/.pt state dict.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to create.")],
-    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (configs/*.yaml); flags win.")] = None,
+    recipe: RecipeOption = None,
     target: Annotated[
         list[str] | None,
         typer.Option(help="Regex (re.fullmatch) of module names to compress; repeatable."),
@@ -199,7 +179,10 @@ def factorize(
             "output error."
         ),
     ] = None,
-    calib_samples: Annotated[int | None, typer.Option(help="Input rows per layer to capture.")] = None,
+    calib_samples: Annotated[
+        int | None,
+        typer.Option(help=f"Input rows per layer to capture, per split [{DEFAULT_CALIB_SAMPLES}]."),
+    ] = None,
     refine_steps: Annotated[int | None, typer.Option(help="Adam steps of each layer's refinement.")] = None,
     refine_sweeps: Annotated[
         int | None, typer.Option(help="Alternating least-squares sweeps of each layer's refinement.")
@@ -288,7 +271,9 @@ def factorize(
 
     Budget search:  lyoncompress factorize model/ -o fact/ --method lowrank --min-recovery 0.99
     """
+    sections = _recipe_file(recipe)
     search = _budget_search(
+        sections.search,
         budget,
         min_recovery,
         eval_task=eval_task,
@@ -298,8 +283,7 @@ def factorize(
         search_tolerance=search_tolerance,
         search_steps=search_steps,
     )
-    options = _recipe_from(
-        recipe,
+    options = sections.factorize.replace(
         targets=tuple(target or ()),
         ignore=tuple(ignore or ()),
         method=method,
@@ -329,10 +313,14 @@ def factorize(
         err_console.print(f"wrote {out}")
 
 
-def _budget_search(budget: float | None, min_recovery: float | None, **given: Any) -> BudgetSearch | None:
-    """The search options, or None without --min-recovery; conflicting flags exit 2."""
+def _budget_search(
+    recipe: SearchConfig | None, budget: float | None, min_recovery: float | None, **given: Any
+) -> SearchConfig | None:
+    """The search options (the recipe's search section, flags win), or None without
+    --min-recovery or a search section; conflicting flags exit 2."""
     flags = {name: value for name, value in given.items() if value is not None}
-    if min_recovery is None:
+    if min_recovery is None and (recipe is None or (budget is not None and not flags)):
+        # no search asked for, or a --budget flag wins over the recipe's search section
         if flags:
             names = ", ".join("--" + name.replace("_", "-") for name in flags)
             raise InputError(f"{names}: only used by the budget search; add --min-recovery F")
@@ -347,14 +335,17 @@ def _budget_search(budget: float | None, min_recovery: float | None, **given: An
         "search_tolerance": "tolerance",
         "search_steps": "max_steps",
     }
-    return BudgetSearch(min_recovery, **{fields[name]: value for name, value in flags.items()})
+    options = {fields[name]: value for name, value in flags.items()}
+    if recipe is None:
+        return SearchConfig(min_recovery, **options)
+    return recipe.replace(min_recovery=min_recovery, **options)
 
 
 def _factorize_searching(
     checkpoint: Path,
     out: Path,
     options: Recipe,
-    search: BudgetSearch,
+    search: SearchConfig,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -378,7 +369,7 @@ def _factorize_searching(
     else:
         if found["passed"]:
             _print_factorized(report)
-        err_console.print(_search_table(found))
+        err_console.print(tables.search_table(found))
     target = f"{found['task']} {found['metric']} >= {found['min_recovery']}"
     if not found["passed"]:
         best = max(found["curve"], key=lambda step: step["metric"])
@@ -397,45 +388,6 @@ def _factorize_searching(
         )
 
 
-def _search_table(found: dict[str, Any]) -> Table:
-    table = Table(
-        title=f"budget search: {found['task']} {found['metric']} >= {found['min_recovery']}",
-        title_justify="left",
-    )
-    for column in ("budget", "params kept", found["metric"], "result"):
-        table.add_column(column, justify="right")
-    for step in sorted(found["curve"], key=lambda step: step["budget"]):
-        chosen = " (chosen)" if step["budget"] == found["chosen_budget"] else ""
-        table.add_row(
-            f"{step['budget']:.4f}",
-            f"{step['params_ratio']:.1%}",
-            f"{step['metric']:.4f}",
-            ("[green]pass[/]" if step["passed"] else "[red]fail[/]") + chosen,
-        )
-    return table
-
-
-def _quantize_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"quantized layers ({report['format']}, {report['rescale']})", title_justify="left")
-    calibrated = report.get("calib") is not None
-    columns = ["layer", "bits/weight", "error", "round-to-nearest", "ratio"]
-    columns += ["output error (held-out)", "RTN output error"] if calibrated else []
-    for column in columns + ["s"]:
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for row in report["layers"]:
-        ratio = row["rel_error"] / row["rtn_rel_error"] if row["rtn_rel_error"] else float("nan")
-        cells = [
-            row["name"],
-            f"{row['bits_per_weight']:g}",
-            f"{row['rel_error']:.2e}",
-            f"{row['rtn_rel_error']:.2e}",
-            f"{ratio:.2f}x",
-        ]
-        cells += [f"{row['output_error']:.2e}", f"{row['rtn_output_error']:.2e}"] if calibrated else []
-        table.add_row(*cells, f"{row['seconds']:.2f}")
-    return table
-
-
 @app.command()
 @_reports_errors
 def quantize(
@@ -443,12 +395,16 @@ def quantize(
         Path, typer.Argument(help="Artifact written by factorize (or a checkpoint with --dense).")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Quantized artifact folder to create.")],
+    recipe: RecipeOption = None,
     format: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--format", help="int8 | int4 | fp8-e4m3 | fp8-e5m2 | bf16 | fp16 | float:tN (N = 1..24)."
+            "--format",
+            help="int8 | int4 | fp8-e4m3 | fp8-e5m2 | bf16 | fp16 | float:tN (N = 1..24). "
+            + _DEFAULT.format("int8"),
+            show_default=False,
         ),
-    ] = "int8",
+    ] = None,
     rescale: Annotated[
         str | None,
         typer.Option(
@@ -472,8 +428,14 @@ def quantize(
         ),
     ] = None,
     calib_samples: Annotated[
-        int, typer.Option(help="Input rows per layer to fit on (as many are held out).")
-    ] = DEFAULT_CALIB_SAMPLES,
+        int | None,
+        typer.Option(
+            help="Input rows per layer to fit on (as many are held out). "
+            + _DEFAULT.format(DEFAULT_CALIB_SAMPLES),
+            show_default=False,
+        ),
+    ] = None,
+    max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     reference: Annotated[
         Path | None,
         typer.Option(help="Folder with the tokenizer for text --calib data (default: ARTIFACT)."),
@@ -485,26 +447,27 @@ def quantize(
     """Quantize the factors of ARTIFACT with optimal rescalings; RTN is measured beside it.
 
     Example:  lyoncompress quantize fact/ -o q/ --format int4 --calib builtin
+
+    With a recipe:  lyoncompress quantize fact/ -o q/ --recipe recipe.yaml  (its quantize section)
     """
+    options = _recipe_file(recipe).quantize.replace(
+        format=format,
+        rescale=rescale,
+        group_size=group_size,
+        dense=dense or None,
+        calib=calib,
+        calib_samples=calib_samples,
+        max_shard_size=max_shard_size,
+    )
     with _LayerProgress(_show_progress(quiet, as_json), "quantizing") as progress:
         report = quantize_artifact(
-            artifact,
-            out,
-            format,
-            rescale,
-            group_size,
-            dense=dense,
-            force=force,
-            progress=progress,
-            calib=calib,
-            calib_samples=calib_samples,
-            reference=reference,
+            artifact, out, options, reference=reference, force=force, progress=progress
         )
     _print_warnings(report)
     if as_json:
         _print_json(report)
     else:
-        err_console.print(_quantize_table(report))
+        err_console.print(tables.quantize_table(report))
         err_console.print(f"wrote {out}")
 
 
@@ -518,112 +481,11 @@ def inspect(
 
     Example:  lyoncompress inspect fact/ --json
     """
-    art = load_artifact(artifact)
-    rows = {row["name"]: row for row in art.report.get("layers", [])}
-    layers = []
-    for name, record in art.layers.items():
-        row = rows.get(name, {})
-        dense = record.in_features * record.out_features
-        params = row.get("params_after")
-        quant = record.quantization.to_json() if record.quantization else {}
-        layers.append(
-            {
-                "name": name,
-                "structure": record.structure.value,
-                "chain": " ".join("({},{},{},{})".format(*p) for p in record.chain),
-                "params_before": dense,
-                "params_after": params,
-                "compression": round(dense / params, 2) if params else None,
-                "rel_error": row.get("rel_error"),
-                "bits": quant.get("bits_per_weight", 8 * _itemsize(record.dtype)),
-            }
-        )
-    before = sum(layer["params_before"] for layer in layers)
-    after = sum(layer["params_after"] or 0 for layer in layers)
-    document = {
-        "artifact": str(artifact),
-        "layers": layers,
-        "totals": {"params_before": before, "params_after": after},
-    }
+    document = inspect_artifact(artifact)
     if as_json:
         _print_json(document)
         return
-    table = Table(title=f"{artifact}", title_justify="left")
-    for column in ("layer", "structure", "chain", "params", "compression", "weight error", "bits"):
-        table.add_column(column, justify="left" if column in ("layer", "structure", "chain") else "right")
-    for layer in layers:
-        table.add_row(
-            layer["name"],
-            layer["structure"],
-            layer["chain"],
-            f"{layer['params_after']:,}" if layer["params_after"] else "?",
-            f"{layer['compression']:.2f}x" if layer["compression"] else "?",
-            f"{layer['rel_error']:.4f}" if layer["rel_error"] is not None else "?",
-            f"{layer['bits']:g}",
-        )
-    table.add_section()
-    table.add_row("total", "", "", f"{after:,}", f"{before / after:.2f}x" if after else "?", "", "")
-    err_console.print(table)
-
-
-def _eval_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"eval {report['artifact']} vs {report['reference']}", title_justify="left")
-    for column in ("task", "metric", "value", "gate", "result"):
-        table.add_column(column, justify="right" if column == "value" else "left")
-    gates = {(g["task"], g["metric"]): g for g in report["gates"]}
-    for task, metrics in report["tasks"].items():
-        for metric, value in metrics.items():
-            gate = gates.get((task, metric))
-            verdict = "" if gate is None else ("[green]pass[/]" if gate["passed"] else "[bold red]FAIL[/]")
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            table.add_row(task, metric, shown, gate["threshold"] if gate else "", verdict)
-    return table
-
-
-def _layer_error_table(report: dict[str, Any]) -> Table:
-    table = Table(title="per layer", title_justify="left")
-    columns = [
-        c for c in ("rel_error", "output_error", "compression") if any(c in r for r in report["layers"])
-    ]
-    table.add_column("layer")
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
-    for row in report["layers"]:
-        table.add_row(row["name"], *(f"{row[c]:.4f}" if c in row else "" for c in columns))
-    return table
-
-
-def _write_plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise InputError("--plot needs matplotlib: pip install 'lyoncompress[plot]'") from err
-    rows = [r for r in report["layers"] if "compression" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, marker in (("rel_error", "o"), ("output_error", "s")):
-        points = [(r["compression"], r[key]) for r in rows if key in r]
-        if points:
-            ax.scatter(*zip(*points), marker=marker, label=key.replace("_", " "))
-    ax.set_xlabel("compression ratio (dense params / stored params)")
-    ax.set_ylabel("relative error")
-    ax.set_title("per-layer error vs compression")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _add_to_report(artifact: Path, key: str, document: dict[str, Any]) -> None:
-    """Add ``document`` under ``key`` to the artifact's report.json, atomically."""
-    path = artifact / "report.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
-    report[key] = document
-    staging = path.with_name(f".report.json.tmp-{os.getpid()}")
-    staging.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    staging.replace(path)
+    err_console.print(tables.inspect_table(document))
 
 
 @app.command(name="eval")
@@ -631,6 +493,7 @@ def _add_to_report(artifact: Path, key: str, document: dict[str, Any]) -> None:
 def eval_(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (factorized or quantized).")],
     reference: Annotated[Path, typer.Option(help="The original checkpoint (HF folder to run the model).")],
+    recipe: RecipeOption = None,
     task: Annotated[
         list[str] | None,
         typer.Option(help="weights | outputs | classification | embeddings | perplexity; repeatable."),
@@ -640,7 +503,13 @@ def eval_(
     ] = None,
     min_recovery: Annotated[float | None, typer.Option(help="Gate: recovery must be >= this.")] = None,
     max_output_error: Annotated[float | None, typer.Option(help="Gate: final output error <= this.")] = None,
-    samples: Annotated[int, typer.Option(help="Samples drawn (seeded) from the data.")] = DEFAULT_SAMPLES,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Samples drawn (seeded) from the data. " + _DEFAULT.format(DEFAULT_EVAL_SAMPLES),
+            show_default=False,
+        ),
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of per-layer error vs compression.")] = None,
     write_report: Annotated[
         bool, typer.Option(help="Also store the result in the artifact's report.json.")
@@ -651,39 +520,32 @@ def eval_(
     """Measure what compression cost; exit 1 when a gate fails (for CI).
 
     Example:  lyoncompress eval q/ --reference model/ --min-recovery 0.99 --max-output-error 0.05
+
+    With a recipe:  lyoncompress eval q/ --reference model/ --recipe recipe.yaml  (its eval section)
     """
-    if samples < 1:
-        raise InputError(f"--samples must be >= 1, got {samples}")
+    options = _recipe_file(recipe).eval.replace(
+        tasks=tuple(task or ()),
+        data=data,
+        samples=samples,
+        min_recovery=min_recovery,
+        max_output_error=max_output_error,
+    )
     with _LayerProgress(_show_progress(quiet, as_json), "evaluating") as progress:
-        report = evaluate_artifact(
-            artifact,
-            reference,
-            tasks=task,
-            data=data,
-            gates=Gates(min_recovery=min_recovery, max_output_error=max_output_error),
-            samples=samples,
-            progress=progress,
-        )
+        report = evaluate_artifact(artifact, reference, options, progress=progress)
     if plot is not None:
-        _write_plot(report, plot)
+        plot_layer_errors(report, plot)
     if write_report:
-        _add_to_report(artifact, "eval", report)
+        add_to_report(artifact, "eval", report)
     if as_json:
         _print_json(report)
     else:
-        err_console.print(_eval_table(report))
+        err_console.print(tables.eval_table(report))
         if report["layers"]:
-            err_console.print(_layer_error_table(report))
+            err_console.print(tables.layer_error_table(report))
         failed = [g for g in report["gates"] if not g["passed"]]
         err_console.print("[bold red]gate failed[/]" if failed else "[green]all gates passed[/]")
     if not report["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)
-
-
-def _itemsize(dtype_name: str) -> int:
-    import torch
-
-    return getattr(torch, dtype_name).itemsize
 
 
 @app.command()
@@ -696,26 +558,23 @@ def demo(
 
     Example:  lyoncompress demo
     """
-    from lyoncompress.demo import DEMO_RECIPE, cache_dir, demo_checkpoint
+    from lyoncompress.demo import DEMO_EVAL, DEMO_QUANTIZE, DEMO_RECIPE, demo_checkpoint, demo_outputs
 
     checkpoint = demo_checkpoint()
-    fact, quantized = cache_dir() / "demo-out" / "fact", cache_dir() / "demo-out" / "q"
-    fact.parent.mkdir(parents=True, exist_ok=True)
+    fact, quantized = demo_outputs()
     err_console.print(f"demo checkpoint: {checkpoint}")
     show = _show_progress(quiet, as_json)
     with _LayerProgress(show, "factorizing") as progress:
         factorized = factorize_checkpoint(checkpoint, fact, DEMO_RECIPE, force=True, progress=progress)
     with _LayerProgress(show, "quantizing") as progress:
-        quantization = quantize_artifact(fact, quantized, "int8", force=True, progress=progress)
-    evaluation = evaluate_artifact(
-        quantized, checkpoint, gates=Gates(min_recovery=0.97, max_output_error=0.2)
-    )
+        quantization = quantize_artifact(fact, quantized, DEMO_QUANTIZE, force=True, progress=progress)
+    evaluation = evaluate_artifact(quantized, checkpoint, DEMO_EVAL)
     if as_json:
         _print_json({"factorize": factorized, "quantize": quantization, "eval": evaluation})
     else:
         _print_factorized(factorized)
-        err_console.print(_quantize_table(quantization))
-        err_console.print(_eval_table(evaluation))
+        err_console.print(tables.quantize_table(quantization))
+        err_console.print(tables.eval_table(evaluation))
         err_console.print(f"artifacts: {fact} (float factors), {quantized} (int8 factors)")
     if not evaluation["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lyoncompress.data import digits_split
 from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
-from lyoncompress.recipe import Recipe
+from lyoncompress.recipe import EvalConfig, Gates, QuantizeConfig, Recipe
 
 SIZES = [64, 256, 256, 10]
 SEED = 0
@@ -31,12 +31,21 @@ DEMO_RECIPE = Recipe(
     refine_steps=100,
     distill_steps=100,
 )
+DEMO_QUANTIZE = QuantizeConfig(format="int8")
+DEMO_EVAL = EvalConfig(gates=Gates(min_recovery=0.97, max_output_error=0.2))
 
 
 def cache_dir() -> Path:
     """``$LYONCOMPRESS_CACHE``, else ``~/.cache/lyoncompress``."""
     root = os.environ.get("LYONCOMPRESS_CACHE") or Path.home() / ".cache" / "lyoncompress"
     return Path(root)
+
+
+def demo_outputs() -> tuple[Path, Path]:
+    """The demo's artifact folders (float factors, int8 factors), their parent created."""
+    root = cache_dir() / "demo-out"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / "fact", root / "q"
 
 
 def train_demo_model() -> DemoMLP:

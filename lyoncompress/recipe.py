@@ -1,7 +1,12 @@
-"""Recipes: every option of ``factorize`` as a strict, versioned, frozen dataclass.
+"""Recipes: the options of every verb as strict, versioned, frozen dataclasses.
 
-A recipe is YAML (see ``configs/``). Unknown keys and wrong types are errors that
-name the key and the file; a flag given on the command line wins over the recipe.
+A recipe is YAML (see ``configs/``). A *sectioned* recipe has the top-level keys
+``version``, ``factorize`` (``Recipe``), ``quantize`` (``QuantizeConfig``), ``eval``
+(``EvalConfig``) and ``search`` (``SearchConfig``, the budget search of ``factorize``),
+each section optional; a *flat* recipe (every key a ``factorize`` option, as in
+``configs/*.yaml``) is the ``factorize`` section alone. Unknown keys and wrong types are
+errors that name the key and the file; a flag given on the command line wins over the
+recipe.
 
 Layer selection: ``targets`` and ``ignore`` are regular expressions matched with
 ``re.fullmatch`` against *module* names (the tensor name without ``.weight``),
@@ -23,6 +28,18 @@ from lyoncompress.errors import InputError
 
 RECIPE_VERSION = 1
 ALLOCATIONS = ("uniform", "sensitivity")
+# Input rows per layer and per split (fitting, held out) captured from calibration data,
+# by ``factorize`` and ``quantize`` alike.
+DEFAULT_CALIB_SAMPLES = 4096
+DEFAULT_EVAL_SAMPLES = 256  # samples drawn (seeded) from evaluation data
+# Tasks the budget search can gate on -> the metric it compares with the target. All are
+# "higher is better, 1.0 = the reference model".
+SEARCH_METRICS: dict[str, str] = {
+    "classification": "recovery",  # compressed accuracy / reference accuracy
+    "embeddings": "recovery",  # mean cosine of sentence embeddings to the reference's
+    "perplexity": "recovery",  # reference perplexity / compressed perplexity
+    "outputs": "final_cosine",  # mean cosine of the final outputs (logits or pooled states)
+}
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern[str]:
@@ -59,7 +76,8 @@ class Recipe:
         order: projection order (``left-to-right`` carries the error guarantee).
         calib: calibration data for data-aware structure choice and refinement:
             ``builtin`` (offline defaults) or a data file; None: weight error only.
-        calib_samples: input rows per layer captured for calibration.
+        calib_samples: input rows per layer captured for calibration (per split:
+            as many again are held out).
         refine_steps: Adam steps of each layer-wise refinement.
         refine_sweeps: alternating least-squares sweeps of each layer-wise refinement
             (exact solves of the first and last factor), before the Adam steps. Off by
@@ -92,7 +110,7 @@ class Recipe:
     budget: float = 0.5
     order: str = "left-to-right"
     calib: str | None = None
-    calib_samples: int = 4096
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
     refine_steps: int = 300
     refine_sweeps: int = 0
     distill_steps: int = 0
@@ -113,14 +131,8 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"recipe {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise InputError(f"recipe {path}: not valid YAML ({err})") from err
-        return from_dict(data, str(path))
+        """The ``factorize`` options of a recipe file, flat or sectioned."""
+        return load_recipe(path).factorize
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,12 +165,7 @@ def from_dict(data: Any, where: str) -> Recipe:
     """Build a recipe from parsed YAML, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: a recipe is a mapping of options, got {type(data).__name__}")
-    for key, value in data.items():
-        if key not in _TYPES:
-            raise InputError(f"{where}: unknown key {key!r}; valid keys: {', '.join(_TYPES)}")
-        if (isinstance(value, bool) and bool not in _TYPES[key]) or not isinstance(value, _TYPES[key]):
-            expected = " or ".join(t.__name__ for t in _TYPES[key])
-            raise InputError(f"{where}: key {key!r} must be {expected}, got {value!r}")
+    _check_types(data, _TYPES, where)
     kwargs = dict(data)
     for key in ("targets", "ignore"):
         if key in kwargs:
@@ -173,6 +180,15 @@ def from_dict(data: Any, where: str) -> Recipe:
         return Recipe(**kwargs)
     except InputError as err:
         raise InputError(f"{where}: {err}") from err
+
+
+def _check_types(data: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> None:
+    for key, value in data.items():
+        if key not in types:
+            raise InputError(f"{where}: unknown key {key!r}; valid keys: {', '.join(types)}")
+        if (isinstance(value, bool) and bool not in types[key]) or not isinstance(value, types[key]):
+            expected = " or ".join(t.__name__ for t in types[key])
+            raise InputError(f"{where}: key {key!r} must be {expected}, got {value!r}")
 
 
 def _override(pattern: str, options: Any, where: str) -> LayerOverride:
@@ -207,7 +223,10 @@ def validate(recipe: Recipe, where: str) -> None:
         if depth < 1:
             raise InputError(f"depth {depth} must be >= 1 (number of butterfly factors)")
     if recipe.calib_samples < 16:
-        raise InputError(f"calib_samples {recipe.calib_samples} is too few; use 16 or more (default 4096)")
+        raise InputError(
+            f"calib_samples {recipe.calib_samples} is too few; "
+            f"use 16 or more (default {DEFAULT_CALIB_SAMPLES})"
+        )
     if min(recipe.refine_steps, recipe.refine_sweeps, recipe.distill_steps) < 0:
         raise InputError("refine_steps, refine_sweeps and distill_steps must be >= 0")
     if recipe.distill_lr is not None and not recipe.distill_lr > 0:
@@ -236,3 +255,284 @@ def parse_size(text: str) -> int:
     if not match or int(float(match.group(1)) * _UNITS[match.group(2)]) < 1:
         raise InputError(f"max_shard_size {text!r} is not a size like 5GB, 200MB or 512KiB")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _replaced(config: Any, changes: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` with the ``None`` (flag not given) values left out."""
+    given = {k: v for k, v in changes.items() if v is not None and v != ()}
+    return dataclasses.replace(config, **given)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """All options of ``quantize``.
+
+    Attributes:
+        format: a name from ``quantization.FORMATS``: ``int8``, ``int4``, ``fp8-e4m3``,
+            ``fp8-e5m2``, ``bf16``, ``fp16``, ``float:tN``.
+        rescale: a name from ``quantization.RESCALINGS``; None: ``left-to-right``, for
+            integer formats ``equalize+auto`` (``auto`` with ``calib``).
+        group_size: one scale per this many entries along a block row; None: per row.
+        dense: quantize the plain weights of a checkpoint that was not factorized.
+        calib: calibration data (``builtin`` or a file as ``eval --data`` takes); each
+            layer's rescaling then minimises its output error on the captured inputs.
+        calib_samples: input rows per layer to fit on (as many are held out); the same
+            default as ``Recipe.calib_samples``.
+        max_shard_size: largest artifact shard, e.g. ``5GB``.
+    """
+
+    format: str = "int8"
+    rescale: str | None = None
+    group_size: int | None = None
+    dense: bool = False
+    calib: str | None = None
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and self.group_size < 1:
+            raise InputError(f"--group-size must be >= 1, got {self.group_size}")
+        if self.calib_samples < 1:
+            raise InputError(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if self.calib is not None and self.dense:
+            raise InputError("--calib needs a factorized artifact; drop --dense or --calib")
+        parse_size(self.max_shard_size)
+
+    def replace(self, **changes: Any) -> QuantizeConfig:
+        """A copy with the given fields replaced; ``None`` values are ignored (flag not given)."""
+        return _replaced(self, changes)
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds of ``evaluate``; None disables a gate.
+
+    Attributes:
+        min_recovery: lowest acceptable recovery (classification accuracy ratio,
+            embedding cosine, perplexity ratio).
+        max_output_error: highest acceptable relative error of the final outputs.
+    """
+
+    min_recovery: float | None = None
+    max_output_error: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """All options of ``evaluate``.
+
+    Attributes:
+        tasks: names from ``evaluation.TASKS``; empty: every task that fits the model.
+        data: evaluation data (text, .npy, .npz, .safetensors); None: built-in data.
+        samples: how many samples to draw (seeded) from the data.
+        seed: the seed of that draw.
+        gates: thresholds; the report's ``passed`` is False when one fails.
+    """
+
+    tasks: tuple[str, ...] = ()
+    data: str | Path | None = None
+    samples: int = DEFAULT_EVAL_SAMPLES
+    seed: int = 0
+    gates: Gates = field(default_factory=Gates)
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise InputError(f"--samples must be >= 1, got {self.samples}")
+
+    def replace(self, **changes: Any) -> EvalConfig:
+        """A copy with the given fields replaced; ``None`` values are ignored (flag not given).
+        ``min_recovery`` and ``max_output_error`` replace the gates'."""
+        gates = {k: changes.pop(k) for k in ("min_recovery", "max_output_error") if k in changes}
+        config = _replaced(self, changes)
+        if any(v is not None for v in gates.values()):
+            config = dataclasses.replace(config, gates=_replaced(config.gates, gates))
+        return config
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Options of the budget search of ``factorize``; validated at construction.
+
+    Attributes:
+        min_recovery: target F in (0, 1]: the metric must be >= F.
+        task: evaluation task to gate on (a key of ``SEARCH_METRICS``); None: the
+            model kind's default (``budget_search.DEFAULT_TASKS``).
+        data: evaluation data file (as ``eval --data``); None: built-in data.
+        samples: samples drawn (seeded) from the data.
+        low: budgets at or below ``low`` are not searched; ``low`` itself is tried.
+        high: largest budget tried, first; if it fails, the target is unreachable.
+        tolerance: stop when the smallest passing and largest failing budgets are
+            this close (absolute budget).
+        max_steps: most factorize + evaluate rounds, the two bounds included.
+    """
+
+    min_recovery: float
+    task: str | None = None
+    data: str | Path | None = None
+    samples: int = DEFAULT_EVAL_SAMPLES
+    low: float = 0.02
+    high: float = 0.95  # a recipe budget must be < 1 (a budget of 1 compresses nothing)
+    tolerance: float = 0.01
+    max_steps: int = 12
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_recovery <= 1.0:
+            raise InputError(f"--min-recovery {self.min_recovery} must be in (0, 1], e.g. 0.99")
+        if not 0.0 < self.low < self.high < 1.0:
+            raise InputError(
+                f"search bounds must satisfy 0 < --min-budget < --max-budget < 1; "
+                f"got {self.low} and {self.high}"
+            )
+        if not self.tolerance > 0:
+            raise InputError(f"--search-tolerance {self.tolerance} must be > 0, e.g. 0.01")
+        if self.max_steps < 2:
+            raise InputError(f"--search-steps {self.max_steps} must be >= 2 (the two bounds)")
+        if self.samples < 1:
+            raise InputError(f"samples must be >= 1, got {self.samples}")
+        if self.task is not None and self.task not in SEARCH_METRICS:
+            raise InputError(
+                f"--eval-task {self.task!r} has no recovery metric to search on; "
+                f"choose one of {', '.join(SEARCH_METRICS)}"
+            )
+
+    def replace(self, **changes: Any) -> SearchConfig:
+        """A copy with the given fields replaced; ``None`` values are ignored (flag not given)."""
+        return _replaced(self, changes)
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """Every section of a recipe file; a section the file leaves out has its defaults.
+
+    Attributes:
+        version: recipe format version (1).
+        factorize: options of ``factorize``.
+        quantize: options of ``quantize``.
+        eval: options of ``evaluate``.
+        search: the budget search of ``factorize``; None: no search (a fixed budget).
+    """
+
+    version: int = RECIPE_VERSION
+    factorize: Recipe = field(default_factory=Recipe)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig | None = None
+
+
+SECTIONS = ("factorize", "quantize", "eval", "search")
+_NUMBER = (float, int)
+_QUANTIZE_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "rescale": (str, type(None)),
+    "group_size": (int, type(None)),
+    "dense": (bool,),
+    "calib": (str, type(None)),
+    "calib_samples": (int,),
+    "max_shard_size": (str,),
+}
+_EVAL_TYPES: dict[str, tuple[type, ...]] = {
+    "tasks": (list, tuple),
+    "data": (str, type(None)),
+    "samples": (int,),
+    "seed": (int,),
+    "gates": (dict,),
+}
+_GATES_TYPES: dict[str, tuple[type, ...]] = {
+    "min_recovery": (float, int, type(None)),
+    "max_output_error": (float, int, type(None)),
+}
+_SEARCH_TYPES: dict[str, tuple[type, ...]] = {
+    "min_recovery": _NUMBER,
+    "task": (str, type(None)),
+    "data": (str, type(None)),
+    "samples": (int,),
+    "low": _NUMBER,
+    "high": _NUMBER,
+    "tolerance": _NUMBER,
+    "max_steps": (int,),
+}
+
+
+def load_recipe(path: str | Path) -> RecipeFile:
+    """Read a recipe file, flat (the ``factorize`` section alone) or sectioned.
+
+    Args:
+        path: a YAML file such as ``configs/demo.yaml``.
+
+    Returns:
+        Every section; those the file leaves out have their defaults.
+
+    Example:
+        >>> load_recipe("configs/demo.yaml").factorize.targets
+        ('fc1', 'fc2')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"recipe {path}: not valid YAML ({err})") from err
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_from_dict(data: Any, where: str) -> RecipeFile:
+    """Build every section from parsed YAML; a mapping without section keys is flat."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: a recipe is a mapping of options, got {type(data).__name__}")
+    if not any(key in SECTIONS for key in data):
+        return RecipeFile(factorize=from_dict(data, where))
+    valid = ("version", *SECTIONS)
+    for key, value in data.items():
+        if key not in valid:
+            raise InputError(
+                f"{where}: unknown key {key!r}; a recipe with sections has the keys {', '.join(valid)}"
+            )
+        if key != "version" and not isinstance(value, dict):
+            raise InputError(f"{where}: section {key!r} must be a mapping of options, got {value!r}")
+    version = data.get("version", RECIPE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InputError(f"{where}: key 'version' must be int, got {version!r}")
+    factorize = data.get("factorize", {})
+    if "version" in factorize:
+        raise InputError(f"{where}: factorize.version: a recipe with sections has one top-level version")
+    search = data.get("search")
+    return RecipeFile(
+        version=version,
+        factorize=from_dict({"version": version, **factorize}, where),
+        quantize=_section(QuantizeConfig, data.get("quantize", {}), _QUANTIZE_TYPES, f"{where}: quantize"),
+        eval=_eval_section(data.get("eval", {}), f"{where}: eval"),
+        search=None if search is None else _search_section(search, f"{where}: search"),
+    )
+
+
+def _section(cls: type, data: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> Any:
+    _check_types(data, types, where)
+    kwargs = {k: float(v) if types[k] == _NUMBER else v for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from err
+
+
+def _eval_section(data: dict[str, Any], where: str) -> EvalConfig:
+    _check_types(data, _EVAL_TYPES, where)
+    kwargs = dict(data)
+    if "tasks" in kwargs:
+        if not all(isinstance(task, str) for task in kwargs["tasks"]):
+            raise InputError(f"{where}: every entry of 'tasks' must be a string")
+        kwargs["tasks"] = tuple(kwargs["tasks"])
+    if "gates" in kwargs:
+        gates = kwargs["gates"]
+        _check_types(gates, _GATES_TYPES, f"{where}: gates")
+        kwargs["gates"] = Gates(**{k: None if v is None else float(v) for k, v in gates.items()})
+    try:
+        return EvalConfig(**kwargs)
+    except InputError as err:
+        raise InputError(f"{where}: {err}") from err
+
+
+def _search_section(data: dict[str, Any], where: str) -> SearchConfig:
+    if "min_recovery" not in data:
+        raise InputError(f"{where}: 'min_recovery' is required (the recovery the search must keep)")
+    return _section(SearchConfig, data, _SEARCH_TYPES, where)

@@ -27,6 +27,7 @@ LAYERS = {
     "lyoncompress.artifact": 1,
     "lyoncompress.checkpoint": 1,
     "lyoncompress.output": 1,
+    "lyoncompress.report": 1,
     "lyoncompress.factorization": 1,
     "lyoncompress.factorization.methods": 1,
     "lyoncompress.factorization.projection": 1,
@@ -56,6 +57,7 @@ LAYERS = {
     "lyoncompress.capture": 2,
     "lyoncompress.evaluation": 3,
     "lyoncompress.evaluation.tasks": 3,
+    "lyoncompress.inspection": 3,
     "lyoncompress.factorization.calibrated": 3,
     "lyoncompress.factorization.permute": 3,
     "lyoncompress.factorization.pipeline": 3,
@@ -65,6 +67,7 @@ LAYERS = {
     "lyoncompress.hf_integration": 4,
     "lyoncompress.demo": 4,
     "lyoncompress.cli": 4,
+    "lyoncompress.tables": 4,
     "lyoncompress": 4,
 }
 

@@ -208,6 +208,7 @@ def test_folder_of_a_torch_state_dict_is_not_an_artifact(tmp_path, mlp):
 
 def test_tokenizer_files_travel_with_the_artifact(tmp_path):
     from lyoncompress.quantization.pipeline import quantize
+    from lyoncompress.recipe import QuantizeConfig
 
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     files = {"vocab.txt": "[PAD]\n[UNK]\nhello\n", "tokenizer_config.json": '{"do_lower_case": true}'}
@@ -215,7 +216,7 @@ def test_tokenizer_files_travel_with_the_artifact(tmp_path):
         (ckpt / name).write_text(text)
     (ckpt / "notes.txt").write_text("not a model file")
     factorize(ckpt, tmp_path / "fact", Recipe(method="lowrank"))
-    quantize(tmp_path / "fact", tmp_path / "q", "int8")
+    quantize(tmp_path / "fact", tmp_path / "q", QuantizeConfig(format="int8"))
     for folder in ("fact", "q"):
         for name, text in files.items():
             assert (tmp_path / folder / name).read_text() == text

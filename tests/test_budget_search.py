@@ -6,22 +6,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from lyoncompress.cli import app
 from lyoncompress.evaluation import evaluate
 from lyoncompress.factorization import budget_search
 from lyoncompress.factorization.budget_search import BudgetSearch, search_budget
 from lyoncompress.factorization.pipeline import factorize
-from lyoncompress.recipe import Recipe
+from lyoncompress.recipe import EvalConfig, Recipe
 from tests.helpers import make_mlp_checkpoint
 
-runner = CliRunner()
 LOWRANK = Recipe(method="lowrank")
-
-
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,8 @@ def data(ckpt):
 
 def _measure(ckpt, data, folder, budget):
     factorize(ckpt, folder, LOWRANK.replace(budget=budget))
-    return evaluate(folder, ckpt, ["outputs"], data)["tasks"]["outputs"]["final_cosine"]
+    report = evaluate(folder, ckpt, EvalConfig(tasks=("outputs",), data=data))
+    return report["tasks"]["outputs"]["final_cosine"]
 
 
 def _left_behind(tmp_path, name="out"):
@@ -92,9 +86,9 @@ def test_chosen_budget_vs_brute_force(tmp_path, ckpt, data):
             assert metric < 0.99, (budget, metric)
 
 
-def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data):
+def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data, cli):
     out = tmp_path / "out"
-    assert _invoke("factorize", ckpt, "-o", out, "--method", "lowrank").exit_code == 0
+    assert cli("factorize", ckpt, "-o", out, "--method", "lowrank").exit_code == 0
     (out / "old.txt").write_text("old")  # --force replaces only an artifact, and all of it
     args = ["factorize", ckpt, "-o", out, "--method", "lowrank", "--min-recovery", "0.98"]
     args += [
@@ -109,8 +103,8 @@ def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data):
         "--search-tolerance",
         "0.1",
     ]
-    assert _invoke(*args).exit_code == 2  # OUT exists: refused before any work
-    result = _invoke(*args, "--force", "--json")
+    assert cli(*args).exit_code == 2  # OUT exists: refused before any work
+    result = cli(*args, "--force", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     curve = report["budget_search"]["curve"]
@@ -121,7 +115,7 @@ def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data):
     )
     assert not (out / "old.txt").exists()
     assert _left_behind(tmp_path) == ["out"]
-    table = _invoke(*args[:-4], "--search-steps", "3", "--force")
+    table = cli(*args[:-4], "--search-steps", "3", "--force")
     assert table.exit_code == 0, table.output
     assert "budget search" in table.output and "smallest passing budget" in table.output
     assert "not converged in 3 steps" in " ".join(
@@ -129,30 +123,30 @@ def test_cli_reports_curve_and_replaces_with_force(tmp_path, ckpt, data):
     )  # 3 rounds cannot narrow 0.1..0.95 to 0.01
 
 
-def test_default_task_is_the_models_recovery_task(tmp_path, ckpt):
+def test_default_task_is_the_models_recovery_task(tmp_path, ckpt, cli):
     labelled = tmp_path / "labelled.npz"
     rng = np.random.default_rng(0)
     np.savez(labelled, x=rng.standard_normal((64, 64)).astype(np.float32), y=rng.integers(0, 10, 64))
     out = tmp_path / "out"
     args = ["factorize", ckpt, "-o", out, "--min-recovery", "0.01", "--search-steps", "2"]
-    result = _invoke(*args, "--eval-data", labelled, "--json")
+    result = cli(*args, "--eval-data", labelled, "--json")
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)["budget_search"]
     assert (found["task"], found["metric"]) == ("classification", "recovery")
     assert found["chosen_budget"] == 0.02  # the low bound passes: nothing smaller is searched
 
 
-def test_unreachable_target_exits_1_and_writes_nothing(tmp_path, ckpt, data):
+def test_unreachable_target_exits_1_and_writes_nothing(tmp_path, ckpt, data, cli):
     out = tmp_path / "out"
     args = ["factorize", ckpt, "-o", out, "--method", "lowrank", "--min-recovery", "1"]
     args += ["--eval-task", "outputs", "--eval-data", data]
-    result = _invoke(*args, "--json")
+    result = cli(*args, "--json")
     assert result.exit_code == 1, result.output
     found = json.loads(result.stdout)["budget_search"]
     assert not found["passed"] and found["chosen_budget"] is None
     assert [step["budget"] for step in found["curve"]] == [0.95]  # hi fails: nothing else tried
     assert _left_behind(tmp_path) == []
-    result = _invoke(*args)
+    result = cli(*args)
     assert result.exit_code == 1 and "nothing written" in result.output
 
 
@@ -188,18 +182,18 @@ def test_interrupted_search_leaves_nothing(tmp_path, ckpt, data, monkeypatch):
         (["--min-recovery", "0.9", "--eval-data", "{tmp}/missing.npz"], "missing.npz"),
     ],
 )
-def test_bad_search_options_exit_2_and_write_nothing(tmp_path, ckpt, extra, match):
+def test_bad_search_options_exit_2_and_write_nothing(tmp_path, ckpt, extra, match, cli):
     extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]
-    result = _invoke("factorize", ckpt, "-o", tmp_path / "out", *extra)
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", *extra)
     assert result.exit_code == 2, result.output
     assert match in " ".join(result.output.split())
     assert _left_behind(tmp_path) == []
 
 
-def test_weights_only_checkpoint_cannot_be_searched(tmp_path, ckpt):
+def test_weights_only_checkpoint_cannot_be_searched(tmp_path, ckpt, cli):
     bare = tmp_path / "bare.safetensors"
     save_file({"fc.weight": torch.randn(32, 32)}, bare)
-    result = _invoke("factorize", bare, "-o", tmp_path / "out", "--min-recovery", "0.9")
+    result = cli("factorize", bare, "-o", tmp_path / "out", "--min-recovery", "0.9")
     assert result.exit_code == 2 and "cannot be run" in result.output
     assert _left_behind(tmp_path) == []
 
@@ -208,7 +202,7 @@ def test_non_monotone_metric_keeps_the_smallest_measured_pass(tmp_path, ckpt, mo
     """Budgets in [0.45, 0.5] or >= 0.8 pass: the search must return the smallest
     measured pass, and OUT must be that very artifact."""
 
-    def fake_evaluate(artifact, reference, tasks, data, samples):
+    def fake_evaluate(artifact, reference, config):
         budget = json.loads((artifact / "report.json").read_text())["recipe"]["budget"]
         passed = 0.45 <= budget <= 0.5 or budget >= 0.8
         return {"tasks": {"outputs": {"final_cosine": 1.0 if passed else 0.5}}}

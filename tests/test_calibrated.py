@@ -5,32 +5,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lyoncompress.artifact import load_artifact
-from lyoncompress.cli import app
 from lyoncompress.models import load_compressed
 from tests.helpers import make_mlp_checkpoint
 
-runner = CliRunner()
 
-
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
-
-
-def test_calibrated_factorize_beats_weight_space_choice_on_outputs(tmp_path):
+def test_calibrated_factorize_beats_weight_space_choice_on_outputs(tmp_path, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     data = tmp_path / "calib.npy"
     import numpy as np
 
     np.save(data, np.random.default_rng(0).random((512, 64), dtype=np.float32))
     plain = json.loads(
-        _invoke("factorize", ckpt, "-o", tmp_path / "plain", "--method", "lowrank", "--json").stdout
+        cli("factorize", ckpt, "-o", tmp_path / "plain", "--method", "lowrank", "--json").stdout
     )
-    result = _invoke(
-        "factorize", ckpt, "-o", tmp_path / "cal", "--calib", data, "--refine-steps", "20", "--json"
-    )
+    result = cli("factorize", ckpt, "-o", tmp_path / "cal", "--calib", data, "--refine-steps", "20", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["error_metric"] == "held-out output error"
@@ -41,7 +31,7 @@ def test_calibrated_factorize_beats_weight_space_choice_on_outputs(tmp_path):
         assert row["output_error"] == min(c["rel_error"] for c in row["candidates"])
     outputs = {}
     for name in ("plain", "cal"):
-        evaluated = _invoke(
+        evaluated = cli(
             "eval", tmp_path / name, "--reference", ckpt, "--task", "outputs", "--data", data, "--json"
         )
         assert evaluated.exit_code == 0, evaluated.output
@@ -50,14 +40,14 @@ def test_calibrated_factorize_beats_weight_space_choice_on_outputs(tmp_path):
     assert plain["error_metric"] == "weight error"
 
 
-def test_calib_with_a_method_without_data_aware_variant_is_refused(tmp_path):
+def test_calib_with_a_method_without_data_aware_variant_is_refused(tmp_path, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    result = _invoke("factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "butterfly")
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "butterfly")
     assert result.exit_code == 2 and "data-aware" in result.output
     assert not (tmp_path / "out").exists()
 
 
-def test_distillation_never_ends_worse_and_leaves_no_stage(tmp_path):
+def test_distillation_never_ends_worse_and_leaves_no_stage(tmp_path, cli):
     import numpy as np
 
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
@@ -65,29 +55,29 @@ def test_distillation_never_ends_worse_and_leaves_no_stage(tmp_path):
     np.save(data, np.random.default_rng(1).random((1024, 64), dtype=np.float32))
     out = tmp_path / "out"
     args = ["factorize", ckpt, "-o", out, "--calib", data, "--refine-steps", "10", "--distill-steps", "30"]
-    result = _invoke(*args, "--json")
+    result = cli(*args, "--json")
     assert result.exit_code == 0, result.output
     distilled = json.loads(result.stdout)["distill"]
     assert distilled["val_output_error_after"] <= distilled["val_output_error_before"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "ckpt", "out"]
-    evaluated = _invoke("eval", out, "--reference", ckpt, "--task", "outputs", "--data", data, "--json")
+    evaluated = cli("eval", out, "--reference", ckpt, "--task", "outputs", "--data", data, "--json")
     assert evaluated.exit_code == 0, evaluated.output
 
 
-def test_distillation_needs_calibration_data(tmp_path):
+def test_distillation_needs_calibration_data(tmp_path, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    result = _invoke("factorize", ckpt, "-o", tmp_path / "out", "--distill-steps", "10")
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", "--distill-steps", "10")
     assert result.exit_code == 2 and "--calib" in result.output
 
 
-def test_hybrid_method_with_calibration(tmp_path):
+def test_hybrid_method_with_calibration(tmp_path, cli):
     import numpy as np
 
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     data = tmp_path / "calib.npy"
     np.save(data, np.random.default_rng(2).random((512, 64), dtype=np.float32))
     args = ["factorize", ckpt, "-o", tmp_path / "out", "--calib", data, "--method", "hybrid"]
-    result = _invoke(*args, "--refine-steps", "10", "--json")
+    result = cli(*args, "--refine-steps", "10", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["layers"]
     assert {row["structure"] for row in rows} == {"hybrid"}
@@ -96,11 +86,11 @@ def test_hybrid_method_with_calibration(tmp_path):
     assert all(record.lowrank_rank > 0 for record in art.layers.values())
     model = load_compressed(tmp_path / "out")
     assert model.fc1.lowrank is not None
-    evaluated = _invoke("eval", tmp_path / "out", "--reference", ckpt, "--task", "weights", "--json")
+    evaluated = cli("eval", tmp_path / "out", "--reference", ckpt, "--task", "weights", "--json")
     weights = json.loads(evaluated.stdout)["layers"]
     for row, reported in zip(weights, rows):
         assert row["rel_error"] == pytest.approx(reported["rel_error"], rel=1e-4)
-    assert _invoke("factorize", ckpt, "-o", tmp_path / "x", "--method", "hybrid").exit_code == 2
+    assert cli("factorize", ckpt, "-o", tmp_path / "x", "--method", "hybrid").exit_code == 2
 
 
 def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch):
@@ -159,6 +149,7 @@ def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
     assert padded_after < 0.7 * padded_before
 
 
+@pytest.mark.slow
 def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):
     # the first part's batches come without the 5-11 s scan of the standard library;
     # reading past them builds the rest, and the batches are those of the split in one piece
@@ -187,7 +178,7 @@ def test_builtin_text_builds_the_rest_of_the_corpus_only_when_read(monkeypatch):
         assert got["input_ids"].equal(want["input_ids"])
 
 
-def test_distillation_runs_in_memory_and_writes_the_artifact_once(tmp_path, monkeypatch):
+def test_distillation_runs_in_memory_and_writes_the_artifact_once(tmp_path, monkeypatch, cli):
     from lyoncompress.factorization import pipeline
 
     writes = []
@@ -197,7 +188,7 @@ def test_distillation_runs_in_memory_and_writes_the_artifact_once(tmp_path, monk
     )
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     args = ["factorize", ckpt, "-o", tmp_path / "out", "--method", "lowrank", "--calib", "builtin"]
-    result = _invoke(*args, "--distill-steps", "3", "--calib-samples", "256", "--json")
+    result = cli(*args, "--distill-steps", "3", "--calib-samples", "256", "--json")
     assert result.exit_code == 0, result.output
     assert writes == [(tmp_path / "out").resolve()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]

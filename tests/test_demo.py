@@ -2,22 +2,19 @@
 
 import json
 
-from typer.testing import CliRunner
-
-from lyoncompress.cli import app
-from lyoncompress.demo import DEMO_RECIPE
-from lyoncompress.recipe import Recipe
-
-runner = CliRunner()
+from lyoncompress.demo import DEMO_EVAL, DEMO_QUANTIZE, DEMO_RECIPE
+from lyoncompress.recipe import Recipe, RecipeFile, load_recipe
 
 
 def test_demo_recipe_matches_configs_file():
     assert Recipe.from_yaml("configs/demo.yaml") == DEMO_RECIPE
+    sections = RecipeFile(factorize=DEMO_RECIPE, quantize=DEMO_QUANTIZE, eval=DEMO_EVAL)
+    assert load_recipe("configs/demo-pipeline.yaml") == sections
 
 
-def test_demo_passes_and_overcompression_fails(tmp_path):
-    env = {"CI": "true", "LYONCOMPRESS_CACHE": str(tmp_path)}
-    result = runner.invoke(app, ["demo", "--json"], env=env)
+def test_demo_passes_and_overcompression_fails(tmp_path, cli):
+    env = {"LYONCOMPRESS_CACHE": str(tmp_path)}
+    result = cli("demo", "--json", env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     accuracy = report["eval"]["tasks"]["classification"]
@@ -25,10 +22,8 @@ def test_demo_passes_and_overcompression_fails(tmp_path):
     assert report["eval"]["passed"] and report["quantize"]["format"] == "int8"
 
     checkpoint, tiny = tmp_path / "demo-mlp", tmp_path / "tiny"
-    args = ["factorize", str(checkpoint), "-o", str(tiny), "--method", "lowrank", "--budget", "0.01"]
-    assert runner.invoke(app, args, env=env).exit_code == 0
-    gated = runner.invoke(
-        app, ["eval", str(tiny), "--reference", str(checkpoint), "--min-recovery", "0.97"], env=env
-    )
+    args = ["factorize", checkpoint, "-o", tiny, "--method", "lowrank", "--budget", "0.01"]
+    assert cli(*args, env=env).exit_code == 0
+    gated = cli("eval", tiny, "--reference", checkpoint, "--min-recovery", "0.97", env=env)
     assert gated.exit_code == 1, gated.output
     assert "FAIL" in gated.output

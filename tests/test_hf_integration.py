@@ -8,9 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from lyoncompress.cli import app
 from lyoncompress.errors import InputError
 from lyoncompress.hf_integration import register_with_transformers
 from lyoncompress.layers import ButterflyLinear
@@ -32,18 +30,18 @@ def offline(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> pathlib.Path:
+def artifact(tmp_path_factory, cli) -> pathlib.Path:
     """MiniLM's MLPs factorized through the CLI with the shipped recipe; lowrank keeps
     this fast, and the loader does not depend on the structure."""
     out = tmp_path_factory.mktemp("minilm") / "fact"
     args = ["factorize", str(MINILM), "-o", str(out), "--recipe", str(RECIPE), "--method", "lowrank"]
-    result = CliRunner().invoke(app, args, env={"CI": "true"})
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_inspect_and_eval_cli_on_minilm(artifact):
-    inspected = json.loads(CliRunner().invoke(app, ["inspect", str(artifact), "--json"]).stdout)
+def test_inspect_and_eval_cli_on_minilm(artifact, cli):
+    inspected = json.loads(cli("inspect", artifact, "--json").stdout)
     assert [layer["name"] for layer in inspected["layers"]] == MLP
     assert all(layer["params_after"] <= 0.5 * layer["params_before"] for layer in inspected["layers"])
     args = [
@@ -57,11 +55,11 @@ def test_inspect_and_eval_cli_on_minilm(artifact):
         "24",
         "--json",
     ]
-    result = CliRunner().invoke(app, [*args, "--min-recovery", "0.3"], env={"CI": "true"})
+    result = cli(*args, "--min-recovery", "0.3")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["tasks"]["embeddings"]
     assert 0.3 < metrics["mean_cosine"] < 1.0 and metrics["samples"] == 24
-    failing = CliRunner().invoke(app, [*args, "--min-recovery", "0.999"], env={"CI": "true"})
+    failing = cli(*args, "--min-recovery", "0.999")
     assert failing.exit_code == 1
 
 

@@ -10,19 +10,11 @@ import os
 import subprocess
 
 import pytest
-from typer.testing import CliRunner
 
 from lyoncompress import output as output_module
 from lyoncompress.artifact import _ShardWriter
-from lyoncompress.cli import app
 from lyoncompress.output import claim_output
 from tests.helpers import make_mlp_checkpoint
-
-runner = CliRunner()
-
-
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
 
 
 @pytest.fixture
@@ -56,7 +48,7 @@ def _dead_pid():
 
 @pytest.mark.parametrize("relation", ["same", "symlink", "inside", "contains"])
 @pytest.mark.parametrize("force", [False, True])
-def test_factorize_never_writes_into_its_input(tmp_path, ckpt, relation, force):
+def test_factorize_never_writes_into_its_input(tmp_path, ckpt, relation, force, cli):
     before = _fingerprint(tmp_path)
     out = {
         "same": ckpt,
@@ -67,7 +59,7 @@ def test_factorize_never_writes_into_its_input(tmp_path, ckpt, relation, force):
     if relation == "symlink":
         out.symlink_to(ckpt)
         before = _fingerprint(tmp_path)
-    result = _invoke("factorize", ckpt, "-o", out, "--method", "lowrank", *(["--force"] if force else []))
+    result = cli("factorize", ckpt, "-o", out, "--method", "lowrank", *(["--force"] if force else []))
     _refused(result, "input")
     assert _fingerprint(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -75,73 +67,73 @@ def test_factorize_never_writes_into_its_input(tmp_path, ckpt, relation, force):
     )
 
 
-def test_quantize_never_writes_into_its_input(tmp_path, ckpt):
+def test_quantize_never_writes_into_its_input(tmp_path, ckpt, cli):
     fact = tmp_path / "fact"
-    assert _invoke("factorize", ckpt, "-o", fact, "--method", "lowrank").exit_code == 0
+    assert cli("factorize", ckpt, "-o", fact, "--method", "lowrank").exit_code == 0
     before = _fingerprint(fact)
-    _refused(_invoke("quantize", fact, "-o", fact, "--force"), "input")
-    _refused(_invoke("quantize", fact, "-o", fact / "q", "--force"), "input")
+    _refused(cli("quantize", fact, "-o", fact, "--force"), "input")
+    _refused(cli("quantize", fact, "-o", fact / "q", "--force"), "input")
     assert _fingerprint(fact) == before
 
 
-def test_force_replaces_only_an_artifact(tmp_path, ckpt):
+def test_force_replaces_only_an_artifact(tmp_path, ckpt, cli):
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    _refused(_invoke("factorize", ckpt, "-o", folder, "--force"), "not an artifact written by lyoncompress")
+    _refused(cli("factorize", ckpt, "-o", folder, "--force"), "not an artifact written by lyoncompress")
     assert (folder / "notes.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _invoke("factorize", ckpt, "-o", empty, "--force").exit_code == 0  # nothing to lose
+    assert cli("factorize", ckpt, "-o", empty, "--force").exit_code == 0  # nothing to lose
     assert (empty / "config.json").exists()
-    assert _invoke("factorize", ckpt, "-o", empty, "--force").exit_code == 0  # an artifact: replaced
+    assert cli("factorize", ckpt, "-o", empty, "--force").exit_code == 0  # an artifact: replaced
 
 
-def test_dangling_symlink_as_output_is_refused(tmp_path, ckpt):
+def test_dangling_symlink_as_output_is_refused(tmp_path, ckpt, cli):
     link = tmp_path / "out"
     link.symlink_to(tmp_path / "nowhere")
-    _refused(_invoke("factorize", ckpt, "-o", link), "does not exist")
+    _refused(cli("factorize", ckpt, "-o", link), "does not exist")
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
-def test_symlink_to_an_artifact_with_force_replaces_the_target(tmp_path, ckpt):
+def test_symlink_to_an_artifact_with_force_replaces_the_target(tmp_path, ckpt, cli):
     target = tmp_path / "real"
-    assert _invoke("factorize", ckpt, "-o", target, "--method", "lowrank").exit_code == 0
+    assert cli("factorize", ckpt, "-o", target, "--method", "lowrank").exit_code == 0
     link = tmp_path / "out"
     link.symlink_to(target)
-    assert _invoke("factorize", ckpt, "-o", link, "--method", "monarch", "--force").exit_code == 0
+    assert cli("factorize", ckpt, "-o", link, "--method", "monarch", "--force").exit_code == 0
     assert link.is_symlink() and "monarch" in (target / "report.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out", "real"]  # no litter
 
 
-def test_unwritable_folder_is_one_line_before_any_work(tmp_path, ckpt, monkeypatch):
+def test_unwritable_folder_is_one_line_before_any_work(tmp_path, ckpt, monkeypatch, cli):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(output_module.os, "symlink", read_only)
-    _refused(_invoke("factorize", ckpt, "-o", tmp_path / "out"), "Read-only file system")
+    _refused(cli("factorize", ckpt, "-o", tmp_path / "out"), "Read-only file system")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_full_disk_during_the_write_is_one_line_and_leaves_nothing(tmp_path, ckpt, monkeypatch, code):
+def test_full_disk_during_the_write_is_one_line_and_leaves_nothing(tmp_path, ckpt, monkeypatch, code, cli):
     def full(self, name, tensor):
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(_ShardWriter, "add", full)
-    _refused(_invoke("factorize", ckpt, "-o", tmp_path / "out"), os.strerror(code))
+    _refused(cli("factorize", ckpt, "-o", tmp_path / "out"), os.strerror(code))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging, no lock
 
 
-def test_a_second_run_on_the_same_output_fails_fast(tmp_path, ckpt):
+def test_a_second_run_on_the_same_output_fails_fast(tmp_path, ckpt, cli):
     out = tmp_path / "out"
     with claim_output(out, force=False):  # a first run, still working
-        _refused(_invoke("factorize", ckpt, "-o", out), "another lyoncompress run", str(os.getpid()))
+        _refused(cli("factorize", ckpt, "-o", out), "another lyoncompress run", str(os.getpid()))
         assert not out.exists()
-    assert _invoke("factorize", ckpt, "-o", out).exit_code == 0  # released with the first run
+    assert cli("factorize", ckpt, "-o", out).exit_code == 0  # released with the first run
 
 
-def test_stale_lock_and_scratch_of_dead_runs_are_removed_and_said(tmp_path, ckpt):
+def test_stale_lock_and_scratch_of_dead_runs_are_removed_and_said(tmp_path, ckpt, cli):
     out = tmp_path / "out"
     dead = _dead_pid()
     (tmp_path / ".out.lock").symlink_to(f"{dead}@1")
@@ -149,11 +141,11 @@ def test_stale_lock_and_scratch_of_dead_runs_are_removed_and_said(tmp_path, ckpt
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"half")
     (tmp_path / ".other.tmp-1").mkdir()  # another OUT's: not ours to remove
-    result = _invoke("factorize", ckpt, "-o", out)
+    result = cli("factorize", ckpt, "-o", out)
     assert result.exit_code == 0, result.output
     assert "removed the lock" in result.output and "3 scratch folder(s)" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-1", "ckpt", "out"]
 
 
-def test_output_with_a_missing_parent_is_refused(tmp_path, ckpt):
-    _refused(_invoke("factorize", ckpt, "-o", tmp_path / "no" / "out"), "parent folder does not exist")
+def test_output_with_a_missing_parent_is_refused(tmp_path, ckpt, cli):
+    _refused(cli("factorize", ckpt, "-o", tmp_path / "no" / "out"), "parent folder does not exist")

@@ -331,6 +331,7 @@ def test_descent_never_raises_the_product_error(n: int, radix: int, t: int) -> N
         assert errs[-1] < errs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("passes,level", [(1, 0), (2, 1)])
 def test_descent_level_is_the_optimum_given_the_other_factors(passes: int, level: int) -> None:
     # the level a sweep solved last (the first after a sweep from the right, the second after

@@ -5,26 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lyoncompress.artifact import load_artifact
-from lyoncompress.cli import app
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import load_compressed
 from tests.helpers import make_mlp_checkpoint
 
-runner = CliRunner()
-
-
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
-
 
 @pytest.fixture(scope="module")
-def factorized(tmp_path_factory):
+def factorized(tmp_path_factory, cli):
     root = tmp_path_factory.mktemp("q")
     ckpt, _ = make_mlp_checkpoint(root / "ckpt")
-    result = _invoke("factorize", ckpt, "-o", root / "fact", "--method", "monarch")
+    result = cli("factorize", ckpt, "-o", root / "fact", "--method", "monarch")
     assert result.exit_code == 0, result.output
     return ckpt, root / "fact"
 
@@ -32,10 +24,10 @@ def factorized(tmp_path_factory):
 @pytest.mark.parametrize(
     "fmt,dtype", [("int8", torch.int8), ("int4", torch.uint8), ("fp8-e4m3", torch.float8_e4m3fn)]
 )
-def test_quantize_stores_low_bit_payloads_and_reloads(tmp_path, factorized, fmt, dtype):
+def test_quantize_stores_low_bit_payloads_and_reloads(tmp_path, factorized, fmt, dtype, cli):
     ckpt, fact = factorized
     out = tmp_path / "q"
-    result = _invoke("quantize", fact, "-o", out, "--format", fmt, "--json")
+    result = cli("quantize", fact, "-o", out, "--format", fmt, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     for row in report["layers"]:
@@ -51,16 +43,16 @@ def test_quantize_stores_low_bit_payloads_and_reloads(tmp_path, factorized, fmt,
     approx, exact = model.fc2.to_dense().detach(), reference.fc2.to_dense().detach()
     error = (approx - exact).norm() / exact.norm()
     assert float(error) == pytest.approx(report["layers"][1]["rel_error"], rel=1e-3)
-    inspected = json.loads(_invoke("inspect", out, "--json").stdout)
+    inspected = json.loads(cli("inspect", out, "--json").stdout)
     assert inspected["layers"][0]["bits"] == report["layers"][0]["bits_per_weight"]
-    evaluated = _invoke("eval", out, "--reference", ckpt, "--task", "weights", "--task", "outputs")
+    evaluated = cli("eval", out, "--reference", ckpt, "--task", "weights", "--task", "outputs")
     assert evaluated.exit_code == 0, evaluated.output
 
 
-def test_quantize_dense_checkpoint(tmp_path, factorized):
+def test_quantize_dense_checkpoint(tmp_path, factorized, cli):
     ckpt, _ = factorized
-    assert _invoke("quantize", ckpt, "-o", tmp_path / "q").exit_code == 2
-    result = _invoke("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--format", "int8")
+    assert cli("quantize", ckpt, "-o", tmp_path / "q").exit_code == 2
+    result = cli("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--format", "int8")
     assert result.exit_code == 0, result.output
     assert load_artifact(tmp_path / "q").layers["fc1"].structure == "dense"
     assert isinstance(load_compressed(tmp_path / "q").fc2, ButterflyLinear)
@@ -74,25 +66,25 @@ def test_quantize_dense_checkpoint(tmp_path, factorized):
         (["--format", "int8", "--rescale", "magic"], "left-to-right"),
     ],
 )
-def test_bad_quantize_options_exit_2(tmp_path, factorized, args, match):
+def test_bad_quantize_options_exit_2(tmp_path, factorized, args, match, cli):
     _, fact = factorized
-    result = _invoke("quantize", fact, "-o", tmp_path / "q", *args)
+    result = cli("quantize", fact, "-o", tmp_path / "q", *args)
     assert result.exit_code == 2, result.output
     assert match in result.output
     assert not any(p.name.startswith((".q", "q")) for p in tmp_path.iterdir())
 
 
-def test_quantizing_twice_is_refused(tmp_path, factorized):
+def test_quantizing_twice_is_refused(tmp_path, factorized, cli):
     _, fact = factorized
-    assert _invoke("quantize", fact, "-o", tmp_path / "q1").exit_code == 0
-    result = _invoke("quantize", tmp_path / "q1", "-o", tmp_path / "q2")
+    assert cli("quantize", fact, "-o", tmp_path / "q1").exit_code == 0
+    result = cli("quantize", tmp_path / "q1", "-o", tmp_path / "q2")
     assert result.exit_code == 2 and "already quantized" in result.output
 
 
-def test_quantize_with_calibration_reports_held_out_output_error(tmp_path, factorized):
+def test_quantize_with_calibration_reports_held_out_output_error(tmp_path, factorized, cli):
     ckpt, fact = factorized
     out = tmp_path / "q"
-    result = _invoke("quantize", fact, "-o", out, "--format", "int4", "--calib", "builtin", "--json")
+    result = cli("quantize", fact, "-o", out, "--format", "int4", "--calib", "builtin", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["calib"] == "builtin" and report["rescale"] == "auto"  # no equalize+ with data
@@ -107,7 +99,7 @@ def test_quantize_with_calibration_reports_held_out_output_error(tmp_path, facto
         assert float((approx - exact).norm() / exact.norm()) == pytest.approx(row["rel_error"], rel=1e-3)
 
 
-def test_calibrated_output_error_matches_the_reloaded_model(tmp_path, factorized):
+def test_calibrated_output_error_matches_the_reloaded_model(tmp_path, factorized, cli):
     # the held-out error in the report is what the stored factors do to fresh inputs:
     # recompute it from the inputs of fc2 in the factorized model on data of the same kind
     _, fact = factorized
@@ -115,7 +107,7 @@ def test_calibrated_output_error_matches_the_reloaded_model(tmp_path, factorized
     gen = torch.Generator().manual_seed(0)
     np.save(data, torch.rand(512, 64, generator=gen).numpy())
     out = tmp_path / "q"
-    result = _invoke("quantize", fact, "-o", out, "--format", "int8", "--calib", data, "--json")
+    result = cli("quantize", fact, "-o", out, "--format", "int8", "--calib", data, "--json")
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["layers"][0]
     exact = load_compressed(fact).fc1.to_dense().detach().double()
@@ -134,18 +126,18 @@ def test_calibrated_output_error_matches_the_reloaded_model(tmp_path, factorized
         (lambda d: _save(d / "few.npy", torch.rand(100, 64)), "held-out"),
     ],
 )
-def test_bad_calibration_data_exits_2_and_writes_nothing(tmp_path, factorized, make, match):
+def test_bad_calibration_data_exits_2_and_writes_nothing(tmp_path, factorized, make, match, cli):
     _, fact = factorized
     data = make(tmp_path)
-    result = _invoke("quantize", fact, "-o", tmp_path / "q", "--calib", data)
+    result = cli("quantize", fact, "-o", tmp_path / "q", "--calib", data)
     assert result.exit_code == 2, result.output
     assert match in result.output
     assert not any(p.name.startswith((".q", "q")) for p in tmp_path.iterdir())
 
 
-def test_calibration_of_a_dense_checkpoint_is_refused(tmp_path, factorized):
+def test_calibration_of_a_dense_checkpoint_is_refused(tmp_path, factorized, cli):
     ckpt, _ = factorized
-    result = _invoke("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--calib", "builtin")
+    result = cli("quantize", ckpt, "-o", tmp_path / "q", "--dense", "--calib", "builtin")
     assert result.exit_code == 2 and "--calib needs a factorized artifact" in result.output
 
 

@@ -8,22 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lyoncompress.capture import capture_paired, forward_order
-from lyoncompress.cli import app
 from lyoncompress.models import DemoMLP
 from lyoncompress.refine import activation_aware_lowrank, gram, output_error
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
 from lyoncompress.refine.gram import corrected_target, paired_output_error
 from tests.helpers import SIZES, make_mlp_checkpoint, random_llama
 
-runner = CliRunner()
 F64 = torch.float64
-
-
-def _invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], env={"CI": "true"})
 
 
 def _mlp(seed: int = 0) -> DemoMLP:
@@ -152,11 +145,11 @@ def _calib_file(tmp_path):
     return data
 
 
-def test_factorize_sequential_and_allocated(tmp_path):
+def test_factorize_sequential_and_allocated(tmp_path, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     data = _calib_file(tmp_path)
     common = ["--calib", data, "--method", "lowrank", "--refine-steps", "0", "--json"]
-    result = _invoke(
+    result = cli(
         "factorize", ckpt, "-o", tmp_path / "seq", "--sequential", "--allocate", "sensitivity", *common
     )
     assert result.exit_code == 0, result.output
@@ -172,7 +165,7 @@ def test_factorize_sequential_and_allocated(tmp_path):
             0 <= row["reference_error"] < 1
             and row["params_after"] <= budgets[row["name"]] * row["params_before"]
         )
-    uniform = json.loads(_invoke("factorize", ckpt, "-o", tmp_path / "uni", *common).stdout)
+    uniform = json.loads(cli("factorize", ckpt, "-o", tmp_path / "uni", *common).stdout)
     assert all(r["reference_error"] is None for r in uniform["layers"]) and "allocation" not in uniform
 
 
@@ -184,9 +177,9 @@ def test_factorize_sequential_and_allocated(tmp_path):
         (["--allocate", "greedy", "--calib", "builtin"], "uniform, sensitivity"),
     ],
 )
-def test_sequential_and_allocation_refusals(tmp_path, args, message):
+def test_sequential_and_allocation_refusals(tmp_path, args, message, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    result = _invoke("factorize", ckpt, "-o", tmp_path / "out", *args)
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", *args)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "out").exists()
 
@@ -210,13 +203,13 @@ def _planted_permuted_mlp(folder):
     return ckpt
 
 
-def test_factorize_permute_recovers_a_shuffled_monarch_mlp(tmp_path):
+def test_factorize_permute_recovers_a_shuffled_monarch_mlp(tmp_path, cli):
     from lyoncompress.models import load_compressed, load_reference
 
     ckpt = _planted_permuted_mlp(tmp_path / "ckpt")
     common = ["--method", "monarch", "--budget", "0.25", "--target", "fc1", "--target", "fc2", "--json"]
-    plain = json.loads(_invoke("factorize", ckpt, "-o", tmp_path / "plain", *common).stdout)
-    result = _invoke("factorize", ckpt, "-o", tmp_path / "perm", "--permute", *common)
+    plain = json.loads(cli("factorize", ckpt, "-o", tmp_path / "plain", *common).stdout)
+    result = cli("factorize", ckpt, "-o", tmp_path / "perm", "--permute", *common)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [(p["first"], p["second"]) for p in report["permutations"]] == [("fc1", "fc2")]

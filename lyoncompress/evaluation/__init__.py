@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +13,9 @@ from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.data import Samples, load_samples
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation.tasks import FITTING, TASKS, EvalContext, TaskResult
+from lyoncompress.recipe import DEFAULT_EVAL_SAMPLES, EvalConfig, Gates
 
-DEFAULT_SAMPLES = 256
-
-
-@dataclass(frozen=True)
-class Gates:
-    """Thresholds; None disables a gate.
-
-    Attributes:
-        min_recovery: lowest acceptable recovery (classification accuracy ratio,
-            embedding cosine, perplexity ratio).
-        max_output_error: highest acceptable relative error of the final outputs.
-    """
-
-    min_recovery: float | None = None
-    max_output_error: float | None = None
+DEFAULT_SAMPLES = DEFAULT_EVAL_SAMPLES
 
 
 def check_same_model(reference: Checkpoint, artifact: Artifact) -> None:
@@ -81,11 +68,7 @@ def _gate(task: str, result: TaskResult, gates: Gates) -> dict[str, Any] | None:
 def evaluate(
     artifact: str | Path,
     reference: str | Path,
-    tasks: Sequence[str] | None = None,
-    data: str | Path | None = None,
-    gates: Gates | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    seed: int = 0,
+    config: EvalConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Compare a compressed artifact with its reference checkpoint.
@@ -93,27 +76,28 @@ def evaluate(
     Args:
         artifact: folder written by ``factorize`` or ``quantize``.
         reference: the original checkpoint (HF folder for models that must run).
-        tasks: names from ``TASKS``; default: every task that fits the model.
-        data: ``--data`` file (text, .npy, .npz, .safetensors); default: built-in data.
-        gates: thresholds; the report's ``passed`` is False when one fails.
-        samples: how many samples to draw (seeded) from the data.
+        config: tasks, data, samples and gates (default ``EvalConfig()``: every task
+            that fits the model, on built-in data, no gate).
+        progress: called after each task with (task, done, total).
 
     Returns:
         ``{"tasks": {name: metrics}, "layers": {...}, "gates": [...], "passed": bool}``.
 
     Example:
-        >>> report = evaluate("fact/", "model/", gates=Gates(min_recovery=0.99))
+        >>> report = evaluate("fact/", "model/", EvalConfig(gates=Gates(min_recovery=0.99)))
         >>> report["passed"]
         True
     """
-    gates = gates or Gates()
+    config = config or EvalConfig()
+    gates, samples, seed = config.gates, config.samples, config.seed
     art = load_artifact(artifact)
     ref = open_checkpoint(reference)
     check_same_model(ref, art)
+    data = config.data
     loaded: Samples | None = load_samples(data, samples, seed) if data is not None else None
     ctx = EvalContext(Path(reference), ref, art, loaded, samples, seed)
     fitting = FITTING[ctx.kind]
-    chosen = list(tasks) if tasks else list(fitting)
+    chosen = list(config.tasks) if config.tasks else list(fitting)
     for name in chosen:
         if name not in TASKS:
             raise InputError(f"unknown task {name!r}; registered tasks: {', '.join(TASKS)}")
@@ -147,4 +131,4 @@ def evaluate(
     }
 
 
-__all__ = ["DEFAULT_SAMPLES", "Gates", "TASKS", "evaluate"]
+__all__ = ["DEFAULT_SAMPLES", "EvalConfig", "Gates", "TASKS", "evaluate"]

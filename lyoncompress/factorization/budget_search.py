@@ -23,20 +23,12 @@ from typing import Any
 from lyoncompress.checkpoint import open_checkpoint
 from lyoncompress.data import load_samples
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation import DEFAULT_SAMPLES, evaluate
+from lyoncompress.evaluation import evaluate
 from lyoncompress.evaluation.tasks import FITTING, model_kind
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.output import Output, check_replaceable, claim_output, data_paths
-from lyoncompress.recipe import Recipe
+from lyoncompress.recipe import SEARCH_METRICS, EvalConfig, Recipe, SearchConfig
 
-# Tasks the search can gate on -> the metric it compares with the target. All are
-# "higher is better, 1.0 = the reference model".
-SEARCH_METRICS: dict[str, str] = {
-    "classification": "recovery",  # compressed accuracy / reference accuracy
-    "embeddings": "recovery",  # mean cosine of sentence embeddings to the reference's
-    "perplexity": "recovery",  # reference perplexity / compressed perplexity
-    "outputs": "final_cosine",  # mean cosine of the final outputs (logits or pooled states)
-}
 # Model kind -> the task searched when none is named: the kind's own recovery task.
 DEFAULT_TASKS: dict[str, str] = {
     "mlp": "classification",
@@ -45,51 +37,8 @@ DEFAULT_TASKS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class BudgetSearch:
-    """Options of the search; validated at construction.
-
-    Attributes:
-        min_recovery: target F in (0, 1]: the metric must be >= F.
-        task: evaluation task to gate on (a key of ``SEARCH_METRICS``); None: the
-            model kind's default (``DEFAULT_TASKS``).
-        data: evaluation data file (as ``eval --data``); None: built-in data.
-        samples: samples drawn (seeded) from the data.
-        low: budgets at or below ``low`` are not searched; ``low`` itself is tried.
-        high: largest budget tried, first; if it fails, the target is unreachable.
-        tolerance: stop when the smallest passing and largest failing budgets are
-            this close (absolute budget).
-        max_steps: most factorize + evaluate rounds, the two bounds included.
-    """
-
-    min_recovery: float
-    task: str | None = None
-    data: str | Path | None = None
-    samples: int = DEFAULT_SAMPLES
-    low: float = 0.02
-    high: float = 0.95  # a recipe budget must be < 1 (a budget of 1 compresses nothing)
-    tolerance: float = 0.01
-    max_steps: int = 12
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.min_recovery <= 1.0:
-            raise InputError(f"--min-recovery {self.min_recovery} must be in (0, 1], e.g. 0.99")
-        if not 0.0 < self.low < self.high < 1.0:
-            raise InputError(
-                f"search bounds must satisfy 0 < --min-budget < --max-budget < 1; "
-                f"got {self.low} and {self.high}"
-            )
-        if not self.tolerance > 0:
-            raise InputError(f"--search-tolerance {self.tolerance} must be > 0, e.g. 0.01")
-        if self.max_steps < 2:
-            raise InputError(f"--search-steps {self.max_steps} must be >= 2 (the two bounds)")
-        if self.samples < 1:
-            raise InputError(f"samples must be >= 1, got {self.samples}")
-        if self.task is not None and self.task not in SEARCH_METRICS:
-            raise InputError(
-                f"--eval-task {self.task!r} has no recovery metric to search on; "
-                f"choose one of {', '.join(SEARCH_METRICS)}"
-            )
+# The search's options are a recipe section (``search:``); the old name stays.
+BudgetSearch = SearchConfig
 
 
 @dataclass(frozen=True)
@@ -108,7 +57,7 @@ StepProgress = Callable[[SearchStep, int, int], None]  # (step, steps done, most
 def search_budget(
     checkpoint: str | Path,
     out: str | Path,
-    search: BudgetSearch,
+    search: SearchConfig,
     recipe: Recipe | None = None,
     force: bool = False,
     progress: StepProgress | None = None,
@@ -133,7 +82,7 @@ def search_budget(
         report describes the ``high`` budget, and nothing is written at ``out``.
 
     Example:
-        >>> search = BudgetSearch(min_recovery=0.99)  # demo MLP: classification recovery
+        >>> search = SearchConfig(min_recovery=0.99)  # demo MLP: classification recovery
         >>> report = search_budget("demo-mlp/", "fact/", search, Recipe(method="lowrank"))
         >>> report["budget_search"]["chosen_budget"]
         0.158048
@@ -169,7 +118,9 @@ def _search(
             nonlocal best, high_report
             folder = stage / f"step-{len(curve)}"
             report = factorize(checkpoint, folder, recipe.replace(budget=budget))
-            evaluation = evaluate(folder, checkpoint, [task], search.data, samples=search.samples)
+            evaluation = evaluate(
+                folder, checkpoint, EvalConfig(tasks=(task,), data=search.data, samples=search.samples)
+            )
             value = float(evaluation["tasks"][task][metric])
             step = SearchStep(budget, report["totals"]["ratio"], value, value >= search.min_recovery)
             curve.append(step)
@@ -215,7 +166,7 @@ def _search(
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def gated_metric(checkpoint: str | Path, search: BudgetSearch) -> tuple[str, str]:
+def gated_metric(checkpoint: str | Path, search: SearchConfig) -> tuple[str, str]:
     """``(task, metric)`` that ``search`` gates on for this checkpoint; a task that does
     not fit the model, or a model that cannot run, is an ``InputError``."""
     kind = model_kind(open_checkpoint(checkpoint).config)
@@ -231,7 +182,7 @@ def gated_metric(checkpoint: str | Path, search: BudgetSearch) -> tuple[str, str
     return task, SEARCH_METRICS[task]
 
 
-def _bisect(trial: Callable[[float], bool], search: BudgetSearch) -> float | None:
+def _bisect(trial: Callable[[float], bool], search: SearchConfig) -> float | None:
     """Run trials; return the largest failing budget below the smallest passing one.
 
     ``high`` first (if it fails, the target is unreachable), then ``low`` (if it

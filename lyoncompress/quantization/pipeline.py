@@ -28,7 +28,7 @@ from lyoncompress.quantization.calibration import calibrate
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.rescale import resolve
-from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.recipe import QuantizeConfig, Recipe, parse_size
 from lyoncompress.refine.gram import output_error
 from lyoncompress.schema import DType, LayerRecord, QuantRecord, Structure
 
@@ -40,7 +40,6 @@ Progress = Callable[[str, int, int], None]
 # at weight ranges) made it worse on MiniLM: int4 end to end 1.10x the float error with
 # ``auto`` against 1.34x with ``equalize+auto`` and 1.20x for plain rounding.
 INTEGER_FORMATS = ("int8", "int4")
-DEFAULT_CALIB_SAMPLES = 2048  # input rows per layer to fit on (and as many held out)
 
 
 def default_rescale(fmt: str, calibrated: bool = False) -> str:
@@ -119,65 +118,39 @@ def _dense(chains: dict[str, Chain], twiddles: dict[str, list[torch.Tensor]]) ->
 def quantize(
     artifact: str | Path,
     out: str | Path,
-    fmt: str,
-    rescale: str | None = None,
-    group_size: int | None = None,
-    dense: bool = False,
-    max_shard_size: str = "5GB",
+    config: QuantizeConfig | None = None,
+    reference: str | Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
-    calib: str | None = None,
-    calib_samples: int = DEFAULT_CALIB_SAMPLES,
-    reference: str | Path | None = None,
 ) -> dict[str, Any]:
     """Quantize every compressed layer of ``artifact`` into a new artifact at ``out``.
 
     Args:
-        artifact: folder written by ``factorize`` (or any checkpoint with ``dense=True``).
+        artifact: folder written by ``factorize`` (or any checkpoint with ``config.dense``).
         out: new artifact folder.
-        fmt: a name from ``FORMATS``: ``int8``, ``int4``, ``fp8-e4m3``, ``fp8-e5m2``,
-            ``bf16``, ``fp16``, ``float:tN``.
-        rescale: a name from ``RESCALINGS`` (default ``left-to-right``; for integer
-            formats ``equalize+auto``, or ``auto`` with ``calib``).
-        group_size: scales per group of this many entries along a block row.
-        dense: quantize the plain weights of a checkpoint that was not factorized.
-        calib: calibration data (a file as ``eval --data`` takes, or ``builtin``). The
-            factorized model runs on it; each layer's rescaling then minimises the
-            output error on its captured inputs instead of the weight error, and the
-            report adds the held-out output error next to round-to-nearest's.
-        calib_samples: input rows per layer to fit on (as many are held out).
+        config: format, rescaling, groups and calibration (default ``QuantizeConfig()``:
+            int8, ``equalize+auto``). With ``config.calib`` the factorized model runs on
+            the data; each layer's rescaling then minimises the output error on its
+            captured inputs instead of the weight error, and the report adds the
+            held-out output error next to round-to-nearest's.
         reference: folder with the tokenizer for text calibration data (default: the artifact).
+        force: replace an existing ``out``.
+        progress: called after each quantized layer with (name, done, total).
 
     Returns:
         The report, with each layer's error next to round-to-nearest's.
 
     Example:
-        >>> report = quantize("fact/", "q/", "int8")
+        >>> report = quantize("fact/", "q/", QuantizeConfig(format="int8"))
         >>> report["layers"][0]["bits_per_weight"]
         8.25
     """
-    get_format(fmt)
-    rescale = rescale or default_rescale(fmt, calibrated=calib is not None)
+    config = config or QuantizeConfig()
+    get_format(config.format)
+    rescale = config.rescale or default_rescale(config.format, calibrated=config.calib is not None)
     resolve(rescale)
-    if group_size is not None and group_size < 1:
-        raise InputError(f"--group-size must be >= 1, got {group_size}")
-    if calib_samples < 1:
-        raise InputError(f"--calib-samples must be >= 1, got {calib_samples}")
-    inputs = [artifact, *data_paths(reference, calib)]
-    with claim_output(out, force, inputs) as output:
-        report = _quantize(
-            Path(artifact),
-            output,
-            fmt,
-            rescale,
-            group_size,
-            dense,
-            max_shard_size,
-            progress,
-            calib,
-            calib_samples,
-            reference,
-        )
+    with claim_output(out, force, [artifact, *data_paths(reference, config.calib)]) as output:
+        report = _quantize(Path(artifact), output, config, rescale, reference, progress)
         report["warnings"] = output.notes
         return report
 
@@ -185,23 +158,17 @@ def quantize(
 def _quantize(
     artifact: Path,
     output: Output,
-    fmt: str,
+    config: QuantizeConfig,
     rescale: str,
-    group_size: int | None,
-    dense: bool,
-    max_shard_size: str,
-    progress: Progress | None,
-    calib: str | None,
-    calib_samples: int,
     reference: str | Path | None,
+    progress: Progress | None,
 ) -> dict[str, Any]:
-    source, records, config = _sources(Path(artifact), dense)
+    fmt, group_size, calib = config.format, config.group_size, config.calib
+    source, records, model_config = _sources(artifact, config.dense)
     calibration = None
     if calib is not None:
-        if dense:
-            raise InputError("--calib needs a factorized artifact; drop --dense or --calib")
         calibration = calibrate(
-            Path(artifact), list(records), calib, calib_samples, Path(reference) if reference else None
+            artifact, list(records), calib, config.calib_samples, Path(reference) if reference else None
         )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -227,11 +194,11 @@ def _quantize(
         output.path,
         stream,
         table,
-        config,
+        model_config,
         finish_report,
-        parse_size(max_shard_size),
+        parse_size(config.max_shard_size),
         output.force,
-        companion_files(Path(artifact)),
+        companion_files(artifact),
     )
     return report
 
