@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from lyoncompress.refine import apply_permutation, capture_inputs, choose_structure, search_permutation
+from lyoncompress.refine import apply_permutation, capture_inputs, search_permutation
+from lyoncompress.structures import choose_structure
 
 MODULES = (
     "argparse collections csv datetime decimal email functools http.client inspect itertools json "

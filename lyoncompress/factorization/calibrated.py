@@ -35,11 +35,12 @@ from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_compressed, load_reference
 from lyoncompress.plan import LayerPlan
 from lyoncompress.recipe import Recipe
-from lyoncompress.refine import LayerCalibration, activation_aware_lowrank, capture_inputs, choose_structure
+from lyoncompress.refine import LayerCalibration, activation_aware_lowrank, capture_inputs
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
 from lyoncompress.refine.calibration import capture_paired, forward_order
 from lyoncompress.refine.distill import DistillResult, distill
 from lyoncompress.refine.gram import corrected_target, output_error, paired_output_error
+from lyoncompress.structures import calibrated_candidates, choose_structure, rank_for_budget
 
 BUILTIN = "builtin"
 VAL_EVERY = 4  # every 4th calibration batch is held out
@@ -49,13 +50,6 @@ ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
 DISTILL_VAL_BATCHES = 16
 TEXT_BATCH = 16
 TENSOR_BATCH = 64
-# which refine candidates each factorize method may choose from
-CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
-    "auto": ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
-    "lowrank": ("lowrank-aware",),
-    "monarch": ("monarch",),
-    "hybrid": ("hybrid",),
-}
 
 
 def calibration_batches(
@@ -126,9 +120,10 @@ def calibrated_layer(
         calibration.gram_train,
         calibration.gram_val,
         layer.budget,
-        candidates=CANDIDATES_FOR[layer.method],
+        candidates=calibrated_candidates(layer.method),
         steps=steps,
         sweeps=sweeps,
+        depth=layer.depth,
     )
     best = choice.chosen
     approx = best.chain.to_dense(best.twiddles)
@@ -144,7 +139,7 @@ def calibrated_layer(
         else None
     )
     return LayerFactors(
-        structure=best.name,
+        structure=best.structure,
         chain=best.chain,
         twiddles=best.twiddles,
         rel_error=weight_error,
@@ -152,6 +147,7 @@ def calibrated_layer(
         lowrank_twiddles=best.lowrank_twiddles,
         output_error=best.val_error,
         reference_error=reference_error,
+        fit=best.name,
     )
 
 
@@ -258,7 +254,7 @@ def _allocate(
         weight = _weight(source, layer).to(torch.float64)
         m, n = weight.shape
         gram = calibration[layer.name].gram_train
-        rank = max(1, min(int(layer.budget * m * n) // (m + n), m, n))
+        rank = max(1, rank_for_budget(m, n, layer.budget))
         u, v = activation_aware_lowrank(weight, gram, rank)
         approx = u[0, 0] @ v[0, 0]
         curves[layer.name] = lowrank_error_curve(weight, gram)
