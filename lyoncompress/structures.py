@@ -132,6 +132,9 @@ class FitContext:
     val_energy: float  # output_energy(weight, gram_val), shared by every judgement
 
 
+Start = tuple[Chain, list[torch.Tensor], list[torch.Tensor]]  # chain, twiddles, low-rank twiddles
+
+
 @dataclass(frozen=True)
 class Structure:
     """A registered structure.
@@ -143,8 +146,9 @@ class Structure:
         weight_fit: ``(weight, chain, max_params, order) -> WeightFit`` for one chain.
         calibrated_chains: the chains a calibrated choice starts from
             (``FitContext -> [Chain]``, empty when none fits).
-        calibrated_fit: ``(context, chains) -> Fitted | None`` fitted on calibration
-            data, or None when the structure has none.
+        calibrated_fit: ``(context, chains) -> (chain, twiddles, lowrank_twiddles)``
+            fitted on calibration data (None when no chain fits), or None when the
+            structure has no calibrated fit.
         labels: (weight-space fit, calibrated fit) labels in a calibrated candidate table.
     """
 
@@ -152,7 +156,7 @@ class Structure:
     chains: Callable[[int, int, float, int], list[Chain]]
     weight_fit: Callable[[torch.Tensor, Chain, int, str], WeightFit]
     calibrated_chains: Callable[[FitContext], list[Chain]]
-    calibrated_fit: Callable[[FitContext, list[Chain]], Fitted | None] | None
+    calibrated_fit: Callable[[FitContext, list[Chain]], Start | None] | None
     labels: tuple[str, str]
 
 
@@ -278,7 +282,7 @@ def hybrid_start(
     max_params: int,
     blocks: int,
     lowrank_share: float = LOWRANK_SHARE,
-) -> tuple[Chain, list[torch.Tensor], list[torch.Tensor]]:
+) -> Start:
     """Split ``max_params`` between ``monarch(m, n, blocks, r)`` and a low-rank term.
 
     The Monarch part gets ``(1 - lowrank_share) · max_params`` and starts from the
@@ -327,12 +331,7 @@ def _start_error(
     )
 
 
-def _refined(
-    context: FitContext,
-    label: str,
-    structure: str,
-    starts: list[tuple[Chain, list[torch.Tensor], list[torch.Tensor]]],
-) -> Fitted | None:
+def _refined(context: FitContext, starts: list[Start]) -> Start | None:
     """The start with the lowest ``_start_error``, refined by ``refine_layer``."""
     if not starts:
         return None
@@ -351,35 +350,32 @@ def _refined(
         lowrank_init=low or None,
         whitening=context.whitening,
     )
-    return _fitted(context, label, structure, chain, result.twiddles, result.lowrank_twiddles)
+    return chain, result.twiddles, result.lowrank_twiddles
 
 
-def _aware_lowrank(context: FitContext, chains: list[Chain]) -> Fitted | None:
+def _aware_lowrank(context: FitContext, chains: list[Chain]) -> Start | None:
+    """The activation-aware SVD at the chain's rank (no refinement: it is optimal)."""
     if not chains:
         return None
     chain = chains[0]
-    twiddles = activation_aware_lowrank(context.weight, context.gram_train, chain.patterns[0].c)
-    return _fitted(context, "lowrank-aware", "lowrank", chain, twiddles, [])
+    return chain, activation_aware_lowrank(context.weight, context.gram_train, chain.patterns[0].c), []
 
 
-def _refined_chains(name: str) -> Callable[[FitContext, list[Chain]], Fitted | None]:
+def _refined_chains(context: FitContext, chains: list[Chain]) -> Start | None:
     """Activation-aware projections onto each chain; the best start refined."""
-
-    def fit(context: FitContext, chains: list[Chain]) -> Fitted | None:
-        starts = [(c, activation_aware_projection(context.weight, c, context.gram_train), []) for c in chains]
-        return _refined(context, STRUCTURES[name].labels[1], name, starts)
-
-    return fit
+    starts = [(c, activation_aware_projection(context.weight, c, context.gram_train), []) for c in chains]
+    return _refined(context, starts)
 
 
-def _refined_hybrid(context: FitContext, chains: list[Chain]) -> Fitted | None:
+def _refined_hybrid(context: FitContext, chains: list[Chain]) -> Start | None:
+    """``hybrid_start`` for each Monarch part; the best start refined jointly."""
     starts = [
         hybrid_start(
             context.weight, context.gram_train, context.max_params, c.patterns[0].d, context.lowrank_share
         )
         for c in chains
     ]
-    return _refined(context, "hybrid", "hybrid", starts)
+    return _refined(context, starts)
 
 
 STRUCTURES: dict[str, Structure] = {
@@ -390,12 +386,12 @@ STRUCTURES: dict[str, Structure] = {
             ("lowrank", "lowrank-aware"),
         ),
         Structure(
-            "monarch", monarch_chains, projected, _monarch_calibrated_chains, _refined_chains("monarch"),
+            "monarch", monarch_chains, projected, _monarch_calibrated_chains, _refined_chains,
             ("monarch-projection", "monarch"),
         ),
         Structure(
             "butterfly", butterfly_chains, projected, _butterfly_calibrated_chains,
-            _refined_chains("butterfly"), ("butterfly-projection", "butterfly"),
+            _refined_chains, ("butterfly-projection", "butterfly"),
         ),
         Structure(
             "hybrid", hybrid_chains, hybrid_weight_fit, _hybrid_calibrated_chains, _refined_hybrid,
@@ -417,9 +413,10 @@ CANDIDATES: dict[str, tuple[str, str]] = {
 class Auto:
     """What ``method: auto`` tries: ``weight`` the structures compared by weight error
     (no calibration data), ``calibrated`` the candidate labels compared by held-out
-    output error. Butterfly is left out of the calibrated set (its refinement is the
-    slowest and never won on MiniLM), the hybrid out of the weight-space set (on
-    weight error it sits between Monarch and low rank)."""
+    output error. They are what ``auto`` tried before the one registry, so its results
+    are unchanged: the refined butterfly and both weight-space fits of butterfly and
+    hybrid are not in the calibrated set, the hybrid not in the weight-space set;
+    ``--method`` names any of them."""
 
     weight: tuple[str, ...]
     calibrated: tuple[str, ...]
@@ -524,10 +521,9 @@ def _candidate(context: FitContext, label: str) -> Fitted | None:
     structure = STRUCTURES[name]
     chains = structure.calibrated_chains(context)
     if fit == "calibrated":
-        return structure.calibrated_fit(context, chains)
-    # the weight-space fit, the lowest weight error of the chains, judged on outputs
-    fits = [structure.weight_fit(context.weight, c, context.max_params, "left-to-right") for c in chains]
-    if not fits:
-        return None
-    best = min(fits, key=lambda f: f.rel_error)
-    return _fitted(context, label, name, best.chain, best.twiddles, best.lowrank_twiddles)
+        start = structure.calibrated_fit(context, chains)
+    else:  # the weight-space fit with the lowest weight error, judged on outputs
+        fits = [structure.weight_fit(context.weight, c, context.max_params, "left-to-right") for c in chains]
+        best = min(fits, key=lambda f: f.rel_error, default=None)
+        start = None if best is None else (best.chain, best.twiddles, best.lowrank_twiddles)
+    return None if start is None else _fitted(context, label, name, *start)
