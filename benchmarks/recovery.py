@@ -32,7 +32,8 @@ import time
 import torch
 
 from lyoncompress.capture import capture_inputs
-from lyoncompress.refine import apply_permutation, choose_structure, search_permutation
+from lyoncompress.refine import apply_permutation, search_permutation
+from lyoncompress.structures import choose_structure
 
 MODULES = (
     "argparse collections csv datetime decimal email functools http.client inspect itertools json "

@@ -167,7 +167,8 @@ def factorize(
         list[str] | None, typer.Option(help="Regex of module names to keep dense; repeatable.")
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="auto | butterfly | monarch | lowrank (| hybrid with --calib).")
+        str | None,
+        typer.Option(help="auto | butterfly | monarch | lowrank | hybrid (with or without --calib)."),
     ] = None,
     depth: Annotated[int | None, typer.Option(help="Factors per butterfly chain.")] = None,
     budget: Annotated[float | None, typer.Option(help="Fraction of each layer's parameters to keep.")] = None,

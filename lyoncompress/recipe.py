@@ -70,7 +70,7 @@ class Recipe:
         targets: regexes of module names to compress; empty = every 2-D ``*.weight``
             except embeddings and output heads.
         ignore: regexes of module names to leave dense.
-        method: ``auto`` | ``butterfly`` | ``monarch`` | ``lowrank`` (see ``factorize.METHODS``).
+        method: ``auto`` or a structure of ``structures.STRUCTURES``.
         depth: number of factors of ``butterfly`` chains.
         budget: fraction of each layer's dense parameters the compressed layer may keep.
         order: projection order (``left-to-right`` carries the error guarantee).

@@ -48,7 +48,7 @@ LAYERS = {
     "lyoncompress.refine.gram": 1,
     "lyoncompress.refine.layerwise": 1,
     "lyoncompress.refine.permutation": 1,
-    "lyoncompress.refine.structure": 1,
+    "lyoncompress.structures": 1,
     "lyoncompress.layers": 2,
     "lyoncompress.models": 2,
     "lyoncompress.plan": 2,

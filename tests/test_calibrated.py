@@ -40,10 +40,21 @@ def test_calibrated_factorize_beats_weight_space_choice_on_outputs(tmp_path, cli
     assert plain["error_metric"] == "weight error"
 
 
-def test_calib_with_a_method_without_data_aware_variant_is_refused(tmp_path, cli):
+def test_butterfly_with_calibration_is_refined_on_outputs(tmp_path, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    result = cli("factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "butterfly")
-    assert result.exit_code == 2 and "data-aware" in result.output
+    args = ["factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "butterfly"]
+    result = cli(*args, "--refine-steps", "10", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["layers"]
+    assert {row["structure"] for row in rows} == {"butterfly"}
+    assert all(row["output_error"] is not None for row in rows)
+    assert all(row["params_after"] <= 0.5 * row["params_before"] for row in rows)
+
+
+def test_calib_with_an_unknown_method_lists_registered_methods(tmp_path, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--method", "svd")
+    assert result.exit_code == 2 and "registered methods" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -90,7 +101,12 @@ def test_hybrid_method_with_calibration(tmp_path, cli):
     weights = json.loads(evaluated.stdout)["layers"]
     for row, reported in zip(weights, rows):
         assert row["rel_error"] == pytest.approx(reported["rel_error"], rel=1e-4)
-    assert cli("factorize", ckpt, "-o", tmp_path / "x", "--method", "hybrid").exit_code == 2
+    # without calibration data: the weight-space hybrid fit, judged by weight error
+    plain = cli("factorize", ckpt, "-o", tmp_path / "x", "--method", "hybrid", "--json")
+    assert plain.exit_code == 0, plain.output
+    plain_rows = json.loads(plain.stdout)["layers"]
+    assert {row["structure"] for row in plain_rows} == {"hybrid"}
+    assert all(record.lowrank_rank > 0 for record in load_artifact(tmp_path / "x").layers.values())
 
 
 def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch):

@@ -10,20 +10,18 @@ from lyoncompress.capture import capture_inputs
 from lyoncompress.errors import InputError
 from lyoncompress.factorization import project
 from lyoncompress.refine import (
-    CANDIDATES,
     Whitening,
     activation_aware_lowrank,
     activation_aware_projection,
     apply_permutation,
-    choose_structure,
     gram,
-    hybrid_start,
     least_squares_error,
     output_energy,
     output_error,
     refine_layer,
     search_permutation,
 )
+from lyoncompress.structures import AUTO, choose_structure, hybrid_start
 
 F64 = torch.float64
 
@@ -260,7 +258,7 @@ def test_choose_structure_picks_lowest_held_out_error():
     w, g_train, g_val = _planted()
     choice = choose_structure(w, g_train, g_val, budget=0.5, steps=40, blocks=(2, 4))
     names = {c.name for c in choice.candidates}
-    assert names == set(CANDIDATES)
+    assert names == set(AUTO.calibrated)
     assert choice.chosen.val_error == min(c.val_error for c in choice.candidates)
     assert all(c.params <= 0.5 * 32 * 16 for c in choice.candidates)
     # the plant is a Monarch: a structured candidate wins over plain low rank

@@ -38,22 +38,16 @@ from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
 from lyoncompress.plan import LayerPlan
 from lyoncompress.recipe import Recipe
-from lyoncompress.refine import activation_aware_lowrank, choose_structure
+from lyoncompress.refine import activation_aware_lowrank
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
 from lyoncompress.refine.distill import DistillResult, distill
 from lyoncompress.refine.gram import corrected_target, output_error, paired_output_error
+from lyoncompress.structures import calibrated_candidates, choose_structure, rank_for_budget
 
 ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
 # held-out batches that judge distillation (each is run through both models at every
 # check); the later ones train too: the built-in text has ~760 batches, not 58
 DISTILL_VAL_BATCHES = 16
-# which refine candidates each factorize method may choose from
-CANDIDATES_FOR: dict[str, tuple[str, ...]] = {
-    "auto": ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
-    "lowrank": ("lowrank-aware",),
-    "monarch": ("monarch",),
-    "hybrid": ("hybrid",),
-}
 
 
 def _capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> list[Any]:
@@ -87,9 +81,10 @@ def calibrated_layer(
         calibration.gram_train,
         calibration.gram_val,
         layer.budget,
-        candidates=CANDIDATES_FOR[layer.method],
+        candidates=calibrated_candidates(layer.method),
         steps=steps,
         sweeps=sweeps,
+        depth=layer.depth,
     )
     best = choice.chosen
     approx = best.chain.to_dense(best.twiddles)
@@ -105,7 +100,7 @@ def calibrated_layer(
         else None
     )
     return LayerFactors(
-        structure=best.name,
+        structure=best.structure,
         chain=best.chain,
         twiddles=best.twiddles,
         rel_error=weight_error,
@@ -113,6 +108,7 @@ def calibrated_layer(
         lowrank_twiddles=best.lowrank_twiddles,
         output_error=best.val_error,
         reference_error=reference_error,
+        fit=best.name,
     )
 
 
@@ -217,7 +213,7 @@ def _allocate(
         weight = _weight(source, layer).to(torch.float64)
         m, n = weight.shape
         gram = calibration[layer.name].gram_train
-        rank = max(1, min(int(layer.budget * m * n) // (m + n), m, n))
+        rank = max(1, rank_for_budget(m, n, layer.budget))
         u, v = activation_aware_lowrank(weight, gram, rank)
         approx = u[0, 0] @ v[0, 0]
         curves[layer.name] = lowrank_error_curve(weight, gram)

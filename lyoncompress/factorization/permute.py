@@ -25,9 +25,10 @@ import torch
 from lyoncompress.butterfly import Chain
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorization.methods import CHAINS, METHODS, get_method, prepared_weight
+from lyoncompress.factorization.methods import fit_weight, prepared_weight
 from lyoncompress.plan import LayerPlan, Plan
 from lyoncompress.refine.permutation import search_permutation
+from lyoncompress.structures import AUTO, STRUCTURES
 
 SEARCH_PAIRS = 2  # candidate chain pairs searched besides the ones chosen unpermuted
 # (first layer, second layer, siblings of the first that produce the same hidden units)
@@ -81,20 +82,14 @@ def mlp_pairs(plan: Plan, source: Checkpoint) -> list[MLPPair]:
     return pairs
 
 
-def _weight_method(layer: LayerPlan) -> str:
-    # a data-aware choice (e.g. hybrid) searches with the Monarch structure it starts from
-    return layer.method if layer.method in METHODS else "monarch"
-
-
 def _structured_chains(layer: LayerPlan) -> list[Chain]:
     """The method's candidate chains that a hidden-unit order can change (depth >= 2,
     not low rank: a low-rank fit is the same in any order)."""
-    method = _weight_method(layer)
-    names = [name for name in CHAINS if name != "lowrank"] if method == "auto" else [method]
+    names = AUTO.weight if layer.method == "auto" else (layer.method,)
     chains = []
     for name in names:
         try:
-            chains += CHAINS[name](*layer.shape, layer.budget, layer.depth)
+            chains += STRUCTURES[name].chains(*layer.shape, layer.budget, layer.depth)
         except InputError:
             continue  # this structure does not fit the shape at this budget
     return [c for c in chains if _has_blocks(c)]
@@ -134,15 +129,14 @@ def search_pairs(
 def _search_pair(
     pair: MLPPair, first: LayerPlan, second: LayerPlan, source: Checkpoint, order: str
 ) -> PairPermutation | None:
-    if "lowrank" in (_weight_method(first), _weight_method(second)):
+    if "lowrank" in (first.method, second.method):
         return None  # a low-rank fit is the same in any order: nothing to search
     w1 = prepared_weight(source.load(first.weight_name), first.weight_name)
     w2 = prepared_weight(source.load(second.weight_name), second.weight_name)
-    method1, method2 = get_method(_weight_method(first)), get_method(_weight_method(second))
 
     def fits(perm: torch.Tensor) -> tuple[Chain, Chain, float]:
-        fit1 = method1(w1[perm], first.budget, first.depth, order)
-        fit2 = method2(w2[:, perm], second.budget, second.depth, order)
+        fit1 = fit_weight(first.method, w1[perm], first.budget, first.depth, order)
+        fit2 = fit_weight(second.method, w2[:, perm], second.budget, second.depth, order)
         return fit1.chain, fit2.chain, fit1.rel_error**2 + fit2.rel_error**2
 
     identity = torch.arange(w1.shape[0])

@@ -13,19 +13,15 @@ import torch
 from lyoncompress.artifact import companion_files, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorization.calibrated import (
-    CANDIDATES_FOR,
-    CalibratedFactors,
-    calibrated_factors,
-    distill_factors,
-)
-from lyoncompress.factorization.methods import LayerFactors, get_method, prepared_weight
+from lyoncompress.factorization.calibrated import CalibratedFactors, calibrated_factors, distill_factors
+from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
 from lyoncompress.schema import DType, LayerRecord, Structure
+from lyoncompress.structures import check_method
 
 Progress = Callable[[str, int, int], None]  # (layer name, index done, total)
 
@@ -140,16 +136,9 @@ def _factorize(
 
 
 def _check_methods(recipe: Recipe) -> None:
-    """Method names must be registered; with calibration, only those with a data-aware variant."""
-    names = {recipe.method, *(o.method for o in recipe.layers if o.method)}
-    for name in sorted(names):
-        if recipe.calib is None:
-            get_method(name)
-        elif name not in CANDIDATES_FOR:
-            raise InputError(
-                f"method {name!r} has no data-aware variant; "
-                f"with --calib use one of {', '.join(CANDIDATES_FOR)}"
-            )
+    """Method names must be ``auto`` or registered structures (with or without calibration)."""
+    for name in sorted({recipe.method, *(o.method for o in recipe.layers if o.method)}):
+        check_method(name)
 
 
 def _stream(
@@ -191,7 +180,7 @@ def _stream(
 def factorize_layer(weight: torch.Tensor, layer: LayerPlan, recipe: Recipe) -> LayerFactors:
     """Factorize one weight by the layer's method on weight error (see ``prepared_weight``)."""
     weight = prepared_weight(weight, layer.weight_name)
-    return get_method(layer.method)(weight, layer.budget, layer.depth, recipe.order)
+    return fit_weight(layer.method, weight, layer.budget, layer.depth, recipe.order)
 
 
 def layer_record(layer: LayerPlan, factors: LayerFactors, dtype: torch.dtype) -> LayerRecord:
@@ -214,6 +203,7 @@ def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[
         "name": layer.name,
         "shape": list(layer.shape),
         "structure": factors.structure,
+        "fit": factors.fit or factors.structure,
         "chain": str(factors.chain),
         "params_before": dense,
         "params_after": factors.params,
@@ -230,9 +220,10 @@ def report_row(layer: LayerPlan, factors: LayerFactors, seconds: float) -> dict[
 def _why(factors: LayerFactors) -> str:
     metric = "weight error" if factors.output_error is None else "held-out output error"
     chosen = factors.rel_error if factors.output_error is None else factors.output_error
-    others = [c for c in factors.candidates if c.structure != factors.structure]
+    chosen_label = factors.fit or factors.structure
+    others = [c for c in factors.candidates if c.structure != chosen_label]
     if not others:
-        return f"lowest {metric} of {len(factors.candidates)} {factors.structure} candidates"
+        return f"lowest {metric} of {len(factors.candidates)} {chosen_label} candidates"
     runner_up = min(others, key=lambda c: c.rel_error)
     return (
         f"lowest {metric} {chosen:.4f} of {len(factors.candidates)} candidates; "

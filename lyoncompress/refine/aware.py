@@ -21,7 +21,7 @@ import torch
 
 from lyoncompress.butterfly import Chain
 from lyoncompress.errors import InputError
-from lyoncompress.factorization import check_matrix, project
+from lyoncompress.factorization.projection import check_matrix, project
 from lyoncompress.refine.gram import check_gram, sqrt_factor
 
 

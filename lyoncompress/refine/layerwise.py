@@ -39,7 +39,7 @@ import torch
 
 from lyoncompress.butterfly import Chain, lowrank
 from lyoncompress.errors import InputError
-from lyoncompress.factorization import check_matrix
+from lyoncompress.factorization.projection import check_matrix
 from lyoncompress.refine.aware import activation_aware_lowrank
 from lyoncompress.refine.gram import Whitening, check_gram, output_energy, output_error
 

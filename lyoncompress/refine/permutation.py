@@ -27,7 +27,7 @@ import torch
 
 from lyoncompress.butterfly import Chain
 from lyoncompress.errors import InputError
-from lyoncompress.factorization import project
+from lyoncompress.factorization.projection import project
 
 
 def search_permutation(
