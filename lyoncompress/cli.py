@@ -544,7 +544,17 @@ def eval_(
         if report["layers"]:
             err_console.print(tables.layer_error_table(report))
         failed = [g for g in report["gates"] if not g["passed"]]
-        err_console.print("[bold red]gate failed[/]" if failed else "[green]all gates passed[/]")
+        if report["non_finite"]:
+            shown = ", ".join(report["non_finite"][:4])
+            err_console.print(
+                Text.assemble(("failed: ", "bold red"), f"non-finite values ({shown}): every gate fails")
+            )
+        elif failed:
+            err_console.print("[bold red]gate failed[/]")
+        else:
+            err_console.print(
+                "[green]all gates passed[/]" if report["gates"] else "[green]done[/] (no gate given)"
+            )
     if not report["passed"]:
         raise typer.Exit(EXIT_GATE_FAILED)
 

@@ -23,6 +23,7 @@ import random
 import re
 import sysconfig
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
+from lyoncompress.checkpoint import open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.models import DEMO_MODEL_TYPE
 
@@ -253,36 +254,76 @@ def _stdlib_sentences() -> tuple[str, ...]:
 
 
 def load_samples(path: str | Path, count: int | None = None, seed: int = 0) -> Samples:
-    """Read ``--data``; a seeded subsample of ``count`` items when given."""
+    """Read ``--data``; a seeded subsample of ``count`` items when given.
+
+    Every problem with the file (unreadable, truncated, not numeric, NaN or infinite
+    values, labels that do not match the inputs) is an ``InputError`` naming it.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise InputError(f"data file {path}: no such file")
-    suffix = path.suffix
-    if suffix in (".txt", ".text", ""):
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        samples = Samples(texts=texts)
-    elif suffix == ".npy":
-        samples = Samples(inputs=torch.from_numpy(np.load(path, allow_pickle=False)))
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive:
-                raise InputError(f"data file {path}: a labelled .npz needs arrays 'x' (and 'y')")
-            labels = torch.from_numpy(archive["y"]).long() if "y" in archive else None
-            samples = Samples(inputs=torch.from_numpy(archive["x"]), labels=labels)
-    elif suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            keys = list(handle.keys())
-            if not keys:
-                raise InputError(f"data file {path}: holds no tensors")
-            samples = Samples(inputs=handle.get_tensor("inputs" if "inputs" in keys else keys[0]))
-    else:
-        raise InputError(f"data file {path}: use .txt (one sample a line), .npy, .npz (x, y) or .safetensors")
+    try:
+        samples = _read_samples(path)
+    except InputError:
+        raise
+    except UnicodeDecodeError as err:
+        raise InputError(f"data file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        # numpy's messages for truncated or pickled arrays are one line each
+        raise InputError(f"data file {path}: unreadable ({str(err).splitlines()[0]})") from err
     if len(samples) == 0:
         raise InputError(f"data file {path}: no samples in it")
+    if samples.inputs is not None:
+        _check_numeric(path, samples)
+        if samples.labels is not None:
+            samples = Samples(inputs=samples.inputs, labels=samples.labels.long())
     if count is not None and count < len(samples):
         keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:count]
         samples = _subset(samples, keep)
     return samples
+
+
+def _read_samples(path: Path) -> Samples:
+    suffix = path.suffix
+    if suffix in (".txt", ".text", ""):
+        return Samples(texts=[line.strip() for line in path.read_text().splitlines() if line.strip()])
+    if suffix == ".npy":
+        return Samples(inputs=_tensor(np.load(path, allow_pickle=False), path, "the array"))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive:
+                raise InputError(f"data file {path}: a labelled .npz needs arrays 'x' (and 'y')")
+            labels = _tensor(archive["y"], path, "'y'") if "y" in archive else None
+            return Samples(inputs=_tensor(archive["x"], path, "'x'"), labels=labels)
+    if suffix == ".safetensors":
+        tensors = open_checkpoint(path)  # checks the header before anything is read
+        keys = tensors.names()
+        if not keys:
+            raise InputError(f"data file {path}: holds no tensors")
+        return Samples(inputs=tensors.load("inputs" if "inputs" in keys else keys[0]))
+    raise InputError(f"data file {path}: use .txt (one sample a line), .npy, .npz (x, y) or .safetensors")
+
+
+def _tensor(array: np.ndarray, path: Path, what: str) -> torch.Tensor:
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"data file {path}: {what} has dtype {array.dtype}; give numbers")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _check_numeric(path: Path, samples: Samples) -> None:
+    inputs = samples.inputs
+    if inputs.dim() == 0:
+        raise InputError(f"data file {path}: a single number is no batch of samples")
+    if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
+        raise InputError(f"data file {path}: inputs hold NaN or infinite values")
+    labels = samples.labels
+    if labels is None:
+        return
+    if labels.dtype.is_floating_point or labels.dim() != 1 or len(labels) != len(inputs):
+        raise InputError(
+            f"data file {path}: 'y' must be {len(inputs)} integer labels, one per row of 'x' "
+            f"(got {tuple(labels.shape)} {labels.dtype})"
+        )
 
 
 def _subset(samples: Samples, keep: torch.Tensor) -> Samples:

@@ -17,6 +17,7 @@ prefix is accepted and ignored, for recipes written for torchao / compressed-ten
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,6 +316,13 @@ class Gates:
 
     min_recovery: float | None = None
     max_output_error: float | None = None
+
+    def __post_init__(self) -> None:
+        # recoveries are ratios to the reference: a gate above 1 could never be met by design
+        if self.min_recovery is not None and not 0 < self.min_recovery <= 1:
+            raise InputError(f"--min-recovery must be in (0, 1], got {self.min_recovery}")
+        if self.max_output_error is not None and not 0 <= self.max_output_error < math.inf:
+            raise InputError(f"--max-output-error must be a finite number >= 0, got {self.max_output_error}")
 
 
 @dataclass(frozen=True)

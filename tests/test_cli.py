@@ -149,8 +149,11 @@ def test_every_verb_reads_its_recipe_section_and_flags_win(tmp_path, ckpt, cli):
     passed = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--max-output-error", "10", "--json")
     assert passed.exit_code == 0, passed.output
     assert json.loads(passed.stdout)["gates_given"]["max_output_error"] == 10
-    only = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--task", "weights", "--json")
-    assert set(json.loads(only.stdout)["tasks"]) == {"weights"}
+    only = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--task", "outputs", "--json")
+    assert set(json.loads(only.stdout)["tasks"]) == {"outputs"}
+    # the recipe's output-error gate cannot be measured by the weights task alone: refused
+    unmeasured = cli("eval", q, "--reference", ckpt, "--recipe", recipe, "--task", "weights")
+    assert unmeasured.exit_code == 2 and "--max-output-error" in unmeasured.output
 
 
 def test_flat_recipe_still_drives_factorize_only(tmp_path, ckpt, cli):

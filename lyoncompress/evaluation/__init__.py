@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import asdict
@@ -12,7 +13,7 @@ from lyoncompress.artifact import Artifact, load_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.data import Samples, load_samples
 from lyoncompress.errors import InputError
-from lyoncompress.evaluation.tasks import FITTING, TASKS, EvalContext, TaskResult
+from lyoncompress.evaluation.tasks import FITTING, GATED_BY, TASKS, EvalContext, TaskResult
 from lyoncompress.recipe import DEFAULT_EVAL_SAMPLES, EvalConfig, Gates
 
 DEFAULT_SAMPLES = DEFAULT_EVAL_SAMPLES
@@ -61,8 +62,30 @@ def _gate(task: str, result: TaskResult, gates: Gates) -> dict[str, Any] | None:
         "metric": result.gate,
         "value": result.gate_value,
         "threshold": f"{shown} {threshold}",
-        "passed": holds(result.gate_value, threshold),
+        # NaN compares false either way, but Inf passes ">= 0.9": no non-finite value passes
+        "passed": math.isfinite(result.gate_value) and holds(result.gate_value, threshold),
     }
+
+
+def _check_gates_measurable(gates: Gates, chosen: list[str]) -> None:
+    """A gate that no selected task measures would pass without being checked: refuse it."""
+    measured = {GATED_BY[name] for name in chosen}
+    for kind, (field, _, _) in _GATE_RULES.items():
+        if getattr(gates, field) is not None and kind not in measured:
+            tasks = [name for name, gate in GATED_BY.items() if gate == kind]
+            raise InputError(
+                f"--{field.replace('_', '-')}: no selected task measures it (tasks: {', '.join(chosen)}); "
+                f"add --task {' or --task '.join(tasks)}"
+            )
+
+
+def _non_finite(results: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"{task}.{metric}"
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
 
 
 def evaluate(
@@ -105,6 +128,7 @@ def evaluate(
             raise InputError(
                 f"task {name!r} does not fit this model ({ctx.kind}); tasks that do: {', '.join(fitting)}"
             )
+    _check_gates_measurable(gates, chosen)
     results: dict[str, Any] = {}
     layer_rows: dict[str, dict[str, Any]] = {}
     checks = []
@@ -118,6 +142,11 @@ def evaluate(
             checks.append(check)
         if progress is not None:
             progress(name, index + 1, len(chosen))
+    # a model whose outputs or metrics are NaN or infinite fails every gate, and the
+    # evaluation as a whole, even where no gate was asked for
+    non_finite = _non_finite(results)
+    for check in checks:
+        check["passed"] = check["passed"] and not non_finite
     return {
         "command": "eval",
         "artifact": str(artifact),
@@ -127,7 +156,8 @@ def evaluate(
         "tasks": results,
         "layers": list(layer_rows.values()),
         "gates": checks,
-        "passed": all(check["passed"] for check in checks),
+        "non_finite": non_finite,
+        "passed": not non_finite and all(check["passed"] for check in checks),
     }
 
 

@@ -81,11 +81,25 @@ class EvalContext:
             return self.samples.texts
         return builtin_corpus(self.count, self.seed, split="eval")
 
+    def _check_fits(self, inputs: torch.Tensor) -> None:
+        """One sample through the reference model: data of the wrong width is bad input,
+        said before any task runs, not a shape error deep inside one."""
+        try:
+            with torch.no_grad():
+                self.reference_model(inputs[:1])
+        except RuntimeError as err:
+            raise InputError(
+                f"--data: samples of shape {tuple(inputs.shape[1:])} do not fit the model "
+                f"({str(err).splitlines()[0]})"
+            ) from err
+
     def tensor_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.samples is not None:
             if self.samples.inputs is None:
                 raise InputError("this task needs tensor data (.npy, .npz or .safetensors)")
-            return self.samples.inputs.float(), self.samples.labels
+            inputs = self.samples.inputs.float()
+            self._check_fits(inputs)
+            return inputs, self.samples.labels
         if self.kind != "mlp":
             raise InputError("no built-in tensor data for this model; pass --data")
         split = digits_split()
@@ -190,7 +204,9 @@ def classification_task(ctx: EvalContext) -> TaskResult:
     for model in (ctx.reference_model, ctx.compressed_model):
         with torch.no_grad():
             logits = torch.cat([model(batch.float()) for batch in inputs.split(256)])
-        accuracies.append(float((logits.argmax(-1) == labels).float().mean()))
+        # a NaN logit still has an argmax: without this a broken model would be "accurate"
+        finite = bool(torch.isfinite(logits).all())
+        accuracies.append(float((logits.argmax(-1) == labels).float().mean()) if finite else float("nan"))
     reference, compressed = accuracies
     recovery = compressed / reference if reference else 0.0
     metrics = {"reference_accuracy": reference, "compressed_accuracy": compressed, "samples": len(labels)}
@@ -263,6 +279,15 @@ TASKS: dict[str, Task] = {
     "classification": classification_task,
     "embeddings": embeddings_task,
     "perplexity": perplexity_task,
+}
+# The gate kind each task measures (TaskResult.gate), known before it runs, so that a
+# gate no selected task can measure is refused instead of silently passing.
+GATED_BY: dict[str, str | None] = {
+    "weights": None,
+    "outputs": "output_error",
+    "classification": "recovery",
+    "embeddings": "recovery",
+    "perplexity": "recovery",
 }
 # Which tasks fit which kind of model; the first ones run by default.
 FITTING: dict[str, tuple[str, ...]] = {
