@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from lyoncompress.errors import InputError
+from lyoncompress.schema import MAX_DEPTH
 
 RECIPE_VERSION = 1
 ALLOCATIONS = ("uniform", "sensitivity")
@@ -221,8 +222,8 @@ def validate(recipe: Recipe, where: str) -> None:
             raise InputError(f"budget {budget} must be a fraction in (0, 1), e.g. 0.5")
     depths = [recipe.depth] + [o.depth for o in recipe.layers if o.depth is not None]
     for depth in depths:
-        if depth < 1:
-            raise InputError(f"depth {depth} must be >= 1 (number of butterfly factors)")
+        if not 1 <= depth <= MAX_DEPTH:
+            raise InputError(f"depth {depth} must be in 1 … {MAX_DEPTH} (number of butterfly factors)")
     if recipe.calib_samples < 16:
         raise InputError(
             f"calib_samples {recipe.calib_samples} is too few; "
@@ -479,9 +480,18 @@ def load_recipe(path: str | Path) -> RecipeFile:
         raise InputError(f"recipe {path}: no such file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as err:
+        raise InputError(f"recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:
-        raise InputError(f"recipe {path}: not valid YAML ({err})") from err
+        raise InputError(f"recipe {path}: not valid YAML ({_yaml_problem(err)})") from err
     return recipe_from_dict(data, str(path))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def recipe_from_dict(data: Any, where: str) -> RecipeFile:

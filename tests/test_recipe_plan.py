@@ -203,3 +203,22 @@ def test_flags_win_over_every_section():
     assert evaluation == EvalConfig(samples=64, gates=Gates(min_recovery=0.9, max_output_error=0.1))
     search = SearchConfig(0.9, high=0.8).replace(min_recovery=0.95, low=None)
     assert search == SearchConfig(0.95, high=0.8)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\xff\xfe garbage", "not UTF-8 text"),
+        (b"method: [unclosed\n", "not valid YAML (expected ',' or ']'"),
+        (b"depth: 100000\n", "depth 100000 must be in 1"),
+        (b"depth: 0\n", "depth 0 must be in 1"),
+    ],
+)
+def test_bad_recipe_file_is_one_line(tmp_path, content, message):
+    from lyoncompress.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(message)) as refused:
+        load_recipe(path)
+    assert "\n" not in str(refused.value)
