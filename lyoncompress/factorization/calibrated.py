@@ -266,7 +266,7 @@ def distill_factors(
         train = regrouped_by_length(train, TEXT_BATCH)
     compressed = load_reference(source)
     for name, layer_factors in factors.items():
-        _swap_in_factors(compressed, name, layer_factors)
+        _swap(compressed, name, layer_factors)
     report_step = None
     if progress is not None:
 
@@ -276,17 +276,3 @@ def distill_factors(
     result = distill(load_reference(checkpoint), compressed, train, val, steps, lr, progress=report_step)
     twiddles = {name: t.detach() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")}
     return twiddles, result
-
-
-def _swap_in_factors(model: torch.nn.Module, name: str, factors: LayerFactors) -> None:
-    """Replace the ``nn.Linear`` at ``name`` by a ``ButterflyLinear`` holding ``factors``,
-    in the dense layer's dtype (the dtype the rest of the model computes in)."""
-    dense = model.get_submodule(name)
-    dtype = dense.weight.dtype
-    layer = ButterflyLinear.from_twiddles(
-        factors.chain,
-        [t.to(dtype) for t in factors.twiddles],
-        None if dense.bias is None else dense.bias.detach(),
-        [t.to(dtype) for t in factors.lowrank_twiddles] or None,
-    )
-    model.set_submodule(name, layer)
