@@ -77,7 +77,10 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: nothing was written")
+            err_console.print(
+                "[bold red]interrupted[/]: nothing was written "
+                "(factorize: rerun with --resume to keep its finished layers)"
+            )
             raise typer.Exit(130) from None
         except Exception:
             err_console.print("[bold red]internal error[/] (please report it):")
@@ -263,12 +266,21 @@ def factorize(
         ),
     ] = None,
     force: ForceOption = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from its journal (.OUT.journal, same recipe and checkpoint).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Factorize the chosen layers of CHECKPOINT into butterfly factors, written to OUT.
 
     Example:  lyoncompress factorize model.safetensors -o fact/ --method monarch --budget 0.25
+
+    After a crash or Ctrl-C:  lyoncompress factorize model.safetensors -o fact/ ... --resume
 
     Budget search:  lyoncompress factorize model/ -o fact/ --method lowrank --min-recovery 0.99
     """
@@ -302,10 +314,12 @@ def factorize(
         max_shard_size=max_shard_size,
     )
     if search is not None:
+        if resume:
+            raise InputError("--resume continues one factorize run; the budget search has none to continue")
         _factorize_searching(checkpoint, out, options, search, force, as_json, quiet)
         return
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
-        report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress)
+        report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress, resume=resume)
     _print_warnings(report)
     if as_json:
         _print_json(report)

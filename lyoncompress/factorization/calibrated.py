@@ -33,6 +33,7 @@ from lyoncompress.data import (
     split_batches,
 )
 from lyoncompress.errors import InputError
+from lyoncompress.factorization.journal import FinishedLayer
 from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
@@ -118,6 +119,8 @@ def calibrated_factors(
     layers: list[LayerPlan],
     recipe: Recipe,
     progress: Callable[[str, int, int], None] | None = None,
+    done: Mapping[str, FinishedLayer] | None = None,
+    finished: Callable[[FinishedLayer], None] | None = None,
 ) -> CalibratedFactors:
     """Factors of every planned layer, fitted on calibration data.
 
@@ -125,13 +128,23 @@ def calibrated_factors(
     "sensitivity"`` re-divides the layers' total budget by measured sensitivity;
     with ``recipe.sequential`` fits the layers in forward order, each on the inputs
     of the model whose earlier layers are already compressed.
+
+    ``done`` (a resumed run's journal) are layers already fitted: they are not fitted
+    again (sequential: they are swapped in, as if just fitted); a layer whose
+    re-measured allocated budget differs from its journaled one is an ``InputError``.
+    ``finished`` is called with each layer as soon as it is fitted.
     """
+    done = done or {}
     model = load_reference(source)  # through ``source``: permuted MLPs stay permuted
     batches = _capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     names = [layer.name for layer in layers]
     calibration: dict[str, LayerCalibration] = {}
-    if not recipe.sequential or recipe.allocate == "sensitivity":
-        calibration = capture_inputs(model, names, batches, max_samples=recipe.calib_samples)
+    if recipe.allocate == "sensitivity":
+        captured = names
+    else:  # capture stops once every captured layer is full: each one's moments are the same
+        captured = [] if recipe.sequential else [name for name in names if name not in done]
+    if captured:
+        calibration = capture_inputs(model, captured, batches, max_samples=recipe.calib_samples)
         for name, layer_calibration in calibration.items():
             _check_reached(name, layer_calibration)
     sensitivity: dict[str, float] | None = None
@@ -145,17 +158,24 @@ def calibrated_factors(
     for name in order:
         begin = time.perf_counter()
         layer = by_name[name]
-        weight = _weight(source, layer)
-        if working is not None:
-            layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
+        if name in done:
+            _check_same_budget(done[name], layer)
+            factors[name], seconds[name] = done[name].factors, done[name].seconds
         else:
-            layer_calibration = calibration[name]
-        factors[name] = calibrated_layer(
-            weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps
-        )
+            weight = _weight(source, layer)
+            if working is not None:
+                layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
+            else:
+                layer_calibration = calibration[name]
+            factors[name] = calibrated_layer(
+                weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps
+            )
         if working is not None:
             _swap(working, name, factors[name])
-        seconds[name] = time.perf_counter() - begin
+        if name not in done:
+            seconds[name] = time.perf_counter() - begin
+            if finished is not None:
+                finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
         if progress is not None:
             progress(name, len(factors), len(order))
     return CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, sensitivity, seconds)
@@ -171,6 +191,14 @@ class CalibratedFactors:
     budgets: dict[str, float]
     sensitivity: dict[str, float] | None
     seconds: dict[str, float]
+
+
+def _check_same_budget(finished: FinishedLayer, layer: LayerPlan) -> None:
+    if finished.budget != layer.budget:
+        raise InputError(
+            f"layer {layer.name}: the re-measured allocation gives budget {layer.budget:.6g}, the journal "
+            f"{finished.budget:.6g} (different threads or device?); rerun without --resume"
+        )
 
 
 def _check_reached(name: str, calibration: LayerCalibration) -> None:

@@ -14,6 +14,7 @@ from lyoncompress.artifact import companion_files, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.calibrated import CalibratedFactors, calibrated_factors, distill_factors
+from lyoncompress.factorization.journal import FinishedLayer, Journal, fingerprint, input_files
 from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
@@ -32,8 +33,12 @@ def factorize(
     recipe: Recipe | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Compress the selected layers of ``checkpoint`` into a new artifact at ``out``.
+
+    Each finished layer is journaled beside ``out`` (``.OUT.journal/``, see
+    ``factorization.journal``); the journal is removed once ``out`` is written.
 
     Args:
         checkpoint: ``.safetensors`` file, HF model folder or ``.bin``/``.pt`` state dict.
@@ -41,6 +46,9 @@ def factorize(
         recipe: options (defaults: ``Recipe()``: auto method, budget 0.5).
         force: replace an existing ``out``.
         progress: called after each compressed layer with (name, done, total).
+        resume: continue from the journal of an interrupted run with the same recipe
+            and checkpoint (else an ``InputError``); the artifact is the one an
+            uninterrupted run writes. Without it an existing journal is replaced.
 
     Returns:
         The report (also written to ``out/report.json``).
@@ -56,22 +64,35 @@ def factorize(
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
     with claim_output(out, force, [checkpoint, *data_paths(recipe.calib)]) as output:
-        report = _factorize(checkpoint, output, recipe, progress)
+        report = _factorize(checkpoint, output, recipe, progress, resume)
         report["warnings"] = [*output.notes, *report["warnings"]]
         return report
 
 
 def _factorize(
-    checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None
+    checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None, resume: bool
 ) -> dict[str, Any]:
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
+    files = [*input_files(source.path), *(f for p in data_paths(recipe.calib) for f in input_files(p))]
+    journal, notes = Journal.open(output.path, fingerprint(recipe.to_dict(), source.infos, files), resume)
+    output.notes.extend(notes)
     started = time.perf_counter()
     permutations = search_pairs(plan, source, recipe.order, progress) if recipe.permute else []
     if permutations:
         source = permuted_checkpoint(source, permutations)
+    dtypes = {layer.name: source.infos[layer.weight_name].dtype for layer in plan.layers}
+    by_name = {layer.name: layer for layer in plan.layers}
+
+    def journaled(finished: FinishedLayer) -> None:
+        layer, factors = by_name[finished.name], finished.factors
+        record = layer_record(layer, factors, dtypes[layer.name]).to_json()
+        journal.record(finished, report_row(layer, factors, finished.seconds), record)
+
     calibrated = (
-        calibrated_factors(checkpoint, source, plan.layers, recipe, progress) if recipe.calib else None
+        calibrated_factors(checkpoint, source, plan.layers, recipe, progress, journal.done, journaled)
+        if recipe.calib
+        else None
     )
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -121,7 +142,7 @@ def _factorize(
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
         }
-    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled)
+    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled, journal, journaled)
     write_artifact(
         output.path,
         stream,
@@ -132,6 +153,7 @@ def _factorize(
         output.force,
         companion_files(source.path),
     )
+    journal.remove()
     return report
 
 
@@ -150,10 +172,13 @@ def _stream(
     rows: list[dict[str, Any]],
     progress: Progress | None,
     distilled: dict[str, torch.Tensor],
+    journal: Journal,
+    journaled: Callable[[FinishedLayer], None],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Source tensors in order, each target weight replaced by its factors (computed
-    here, one layer at a time, or beforehand on calibration data); ``distilled`` twiddles
-    (by tensor name) replace the layer-wise ones, which the report rows describe."""
+    here, one layer at a time and journaled, taken from the journal, or computed
+    beforehand on calibration data); ``distilled`` twiddles (by tensor name) replace
+    the layer-wise ones, which the report rows describe."""
     by_weight = {layer.weight_name: layer for layer in plan.layers}
     for name in source.names():
         tensor = source.load(name)
@@ -163,10 +188,13 @@ def _stream(
             continue
         if calibrated is not None:
             factors, seconds = calibrated.factors[layer.name], calibrated.seconds[layer.name]
+        elif layer.name in journal.done:
+            factors, seconds = journal.done[layer.name].factors, journal.done[layer.name].seconds
         else:
             begin = time.perf_counter()
             factors = factorize_layer(tensor, layer, recipe)
             seconds = time.perf_counter() - begin
+            journaled(FinishedLayer(layer.name, factors, seconds, layer.budget))
         layers[layer.name] = layer_record(layer, factors, tensor.dtype).to_json()
         rows.append(report_row(layer, factors, seconds))
         for group, twiddles in (("factors", factors.twiddles), ("lowrank", factors.lowrank_twiddles)):

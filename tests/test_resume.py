@@ -1,0 +1,183 @@
+"""factorize --resume: a run killed after k layers continues from its journal and writes
+the artifact an uninterrupted run writes, tensor for tensor."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lyoncompress.artifact import load_artifact
+from lyoncompress.errors import InputError
+from lyoncompress.factorization import calibrated, pipeline
+from lyoncompress.factorization.journal import journal_path
+from lyoncompress.output import claim_output
+from lyoncompress.recipe import Recipe
+from tests.helpers import make_mlp_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Killed(Exception):
+    """Stands for a crash or Ctrl-C after some layers."""
+
+
+def _dying_after(monkeypatch, module, name, layers):
+    """Make ``module.name`` raise ``_Killed`` on its call number ``layers + 1`` (never
+    when None); count calls. Earlier patches are undone first."""
+    monkeypatch.undo()
+    real = getattr(module, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if layers is not None and len(calls) == layers:
+            raise _Killed
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _tensors(folder):
+    artifact = load_artifact(folder)
+    return {name: artifact.load(name) for name in artifact.tensors.names()}, artifact.layers
+
+
+def _assert_identical(left, right):
+    (tensors_left, layers_left), (tensors_right, layers_right) = _tensors(left), _tensors(right)
+    assert list(tensors_left) == list(tensors_right)
+    for name, tensor in tensors_left.items():
+        other = tensors_right[name]
+        assert tensor.dtype == other.dtype and torch.equal(tensor, other), name
+    assert layers_left == layers_right
+
+
+WEIGHT = Recipe(method="monarch")
+FAST = {"calib": "builtin", "refine_steps": 5, "calib_samples": 256}
+MODES = {
+    "weight-only": (WEIGHT, pipeline, "factorize_layer"),
+    "calibrated": (Recipe(**FAST), calibrated, "calibrated_layer"),
+    "sequential": (Recipe(**FAST, sequential=True), calibrated, "calibrated_layer"),
+    "allocated": (Recipe(**FAST, allocate="sensitivity"), calibrated, "calibrated_layer"),
+    "sequential-allocated": (
+        Recipe(**FAST, sequential=True, allocate="sensitivity"),
+        calibrated,
+        "calibrated_layer",
+    ),
+    "distilled": (Recipe(**FAST, distill_steps=4), calibrated, "calibrated_layer"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_resumed_run_writes_the_uninterrupted_artifact(tmp_path, monkeypatch, mode):
+    recipe, module, fit = MODES[mode]
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    pipeline.factorize(ckpt, tmp_path / "whole", recipe)
+    assert not journal_path(tmp_path / "whole").exists()  # removed after the write
+
+    _dying_after(monkeypatch, module, fit, layers=1)
+    with pytest.raises(_Killed):
+        pipeline.factorize(ckpt, tmp_path / "out", recipe)
+    assert not (tmp_path / "out").exists()
+    assert len(list(journal_path(tmp_path / "out").glob("layer-*.safetensors"))) == 1
+
+    calls = _dying_after(monkeypatch, module, fit, layers=None)
+    report = pipeline.factorize(ckpt, tmp_path / "out", recipe, resume=True)
+    assert len(calls) == report["totals"]["layers"] - 1  # the journaled layer is not fitted again
+    assert any("resumed from" in w and "1 layer(s)" in w for w in report["warnings"])
+    _assert_identical(tmp_path / "whole", tmp_path / "out")
+    assert not journal_path(tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_journal_of_another_recipe(tmp_path, monkeypatch, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    _dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
+    with pytest.raises(_Killed):
+        pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
+    monkeypatch.undo()
+    args = ["factorize", ckpt, "-o", tmp_path / "out", "--method", "monarch", "--budget", "0.3"]
+    result = cli(*args, "--resume")
+    assert result.exit_code == 2
+    assert "different recipe or checkpoint" in result.output and "without --resume" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert journal_path(tmp_path / "out").exists()  # left for a resume with the right recipe
+
+
+def test_resume_refuses_a_journal_of_a_changed_checkpoint(tmp_path, monkeypatch):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    _dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
+    with pytest.raises(_Killed):
+        pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
+    monkeypatch.undo()
+    make_mlp_checkpoint(tmp_path / "ckpt", seed=1)  # same names and shapes, new file
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))
+    with pytest.raises(InputError, match="different recipe or checkpoint"):
+        pipeline.factorize(ckpt, tmp_path / "out", WEIGHT, resume=True)
+
+
+def test_without_resume_an_old_journal_is_replaced_with_a_warning(tmp_path, monkeypatch, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    _dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
+    with pytest.raises(_Killed):
+        pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
+    calls = _dying_after(monkeypatch, pipeline, "factorize_layer", layers=None)
+    report = pipeline.factorize(ckpt, tmp_path / "out", WEIGHT.replace(budget=0.3))
+    assert len(calls) == report["totals"]["layers"]
+    assert any("replaced the journal" in w for w in report["warnings"])
+
+
+def test_resume_without_a_journal_starts_from_the_first_layer(tmp_path, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", "--method", "monarch", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "no journal" in result.output
+
+
+def test_resume_does_not_apply_to_the_budget_search(tmp_path, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = cli("factorize", ckpt, "-o", tmp_path / "out", "--min-recovery", "0.9", "--resume")
+    assert result.exit_code == 2 and "budget search" in result.output
+
+
+def test_stale_scratch_cleanup_leaves_the_journal(tmp_path):
+    journal = journal_path(tmp_path / "out")
+    journal.mkdir()
+    dead = tmp_path / ".out.tmp-999999999"
+    dead.mkdir()
+    with claim_output(tmp_path / "out", force=False) as output:
+        assert any("scratch" in note for note in output.notes)
+    assert journal.is_dir() and not dead.exists()
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from lyoncompress import cli
+from lyoncompress.factorization import pipeline
+real, calls = pipeline.factorize_layer, []
+def dying(*args):
+    if calls:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(1)
+    return real(*args)
+pipeline.factorize_layer = dying
+sys.argv = ["lyoncompress", "factorize", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_kill_9_then_resume(tmp_path, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    assert cli("factorize", ckpt, "-o", tmp_path / "whole", "--method", "monarch").exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "true", "OMP_NUM_THREADS": "1"}
+    args = [str(ckpt), "-o", str(tmp_path / "out"), "--method", "monarch"]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, *args], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / ".out.lock").is_symlink()  # the dead run's lock, taken over below
+    result = cli("factorize", *args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output
+    _assert_identical(tmp_path / "whole", tmp_path / "out")
