@@ -265,6 +265,10 @@ def factorize(
             help="Most factorize+eval rounds, bounds included [12].", rich_help_panel="Budget search"
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto | cpu | cuda: where the calibrated steps run (auto: cuda if available)."),
+    ] = None,
     force: ForceOption = False,
     resume: Annotated[
         bool,
@@ -312,6 +316,7 @@ def factorize(
         permute=permute,
         allocate=allocate,
         max_shard_size=max_shard_size,
+        device=device,
     )
     if search is not None:
         if resume:

@@ -13,7 +13,12 @@ import torch
 from lyoncompress.artifact import companion_files, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorization.calibrated import CalibratedFactors, calibrated_factors, distill_factors
+from lyoncompress.factorization.calibrated import (
+    CalibratedFactors,
+    calibrated_factors,
+    distill_factors,
+    resolve_device,
+)
 from lyoncompress.factorization.journal import FinishedLayer, Journal, fingerprint, input_files
 from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
@@ -61,6 +66,7 @@ def factorize(
     recipe = recipe or Recipe()
     out = Path(out)
     _check_methods(recipe)
+    resolve_device(recipe.device)  # --device cuda without a GPU fails before any work
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
     with claim_output(out, force, [checkpoint, *data_paths(recipe.calib)]) as output:
@@ -75,7 +81,10 @@ def _factorize(
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     files = [*input_files(source.path), *(f for p in data_paths(recipe.calib) for f in input_files(p))]
-    journal, notes = Journal.open(output.path, fingerprint(recipe.to_dict(), source.infos, files), resume)
+    # the device the calibrated steps run on decides their bits; weight-only fits run on the cpu
+    device = str(resolve_device(recipe.device)) if recipe.calib else "cpu"
+    stamp = fingerprint(recipe.to_dict() | {"device": device}, source.infos, files)
+    journal, notes = Journal.open(output.path, stamp, resume)
     output.notes.extend(notes)
     started = time.perf_counter()
     permutations = search_pairs(plan, source, recipe.order, progress) if recipe.permute else []
@@ -134,6 +143,7 @@ def _factorize(
             recipe.distill_steps,
             recipe.distill_lr,
             progress,
+            recipe.device,
         )
         distill_section = {
             "objective": result.objective,
