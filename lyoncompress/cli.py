@@ -17,7 +17,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from lyoncompress import tables
@@ -105,6 +112,8 @@ class _LayerProgress:
                 MofNCompleteColumn(),
                 TextColumn("{task.description}"),
                 TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
                 console=err_console,
                 transient=True,
             )
@@ -112,6 +121,7 @@ class _LayerProgress:
             else None
         )
         self.task = None
+        self.done, self.total = 0, 0
 
     def __enter__(self) -> _LayerProgress:
         if self.progress:
@@ -127,7 +137,11 @@ class _LayerProgress:
             return
         if self.task is None:
             self.task = self.progress.add_task(name, total=total)
-        # one bar serves several phases (permutation search, then layers): total may change
+        # one bar serves several phases (permutation search, layers, distillation steps):
+        # a new phase starts the count, and the speed behind the ETA, again
+        if done < self.done or total != self.total:
+            self.progress.reset(self.task, total=total)
+        self.done, self.total = done, total
         self.progress.update(self.task, completed=done, total=total, description=name)
 
 

@@ -26,6 +26,7 @@ from lyoncompress.factorization.projection import ORDERS
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.report import Phases
 from lyoncompress.schema import DType, LayerRecord, Structure
 from lyoncompress.structures import check_method
 
@@ -78,6 +79,7 @@ def factorize(
 def _factorize(
     checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None, resume: bool
 ) -> dict[str, Any]:
+    phases = Phases()
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
     files = [*input_files(source.path), *(f for p in data_paths(recipe.calib) for f in input_files(p))]
@@ -87,9 +89,12 @@ def _factorize(
     journal, notes = Journal.open(output.path, stamp, resume)
     output.notes.extend(notes)
     started = time.perf_counter()
+    phases.done("plan")
     permutations = search_pairs(plan, source, recipe.order, progress) if recipe.permute else []
     if permutations:
         source = permuted_checkpoint(source, permutations)
+    if recipe.permute:
+        phases.done("permute")
     dtypes = {layer.name: source.infos[layer.weight_name].dtype for layer in plan.layers}
     by_name = {layer.name: layer for layer in plan.layers}
 
@@ -103,12 +108,15 @@ def _factorize(
         if recipe.calib
         else None
     )
+    if calibrated is not None:
+        phases.done("calibrated fits")
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
 
     def finish_report() -> dict[str, Any]:
         # called by the writer once every layer has been factorized
+        phases.done("write" if calibrated is not None else "fit and write")
         report.update(
             command="factorize",
             source=str(source.path),
@@ -118,6 +126,7 @@ def _factorize(
             layers=rows,
             totals=totals(rows, source),
             seconds=round(time.perf_counter() - started, 3),
+            phases=phases.rows,
         )
         if recipe.permute:
             report["permutations"] = permutation_report(permutations)
@@ -152,6 +161,7 @@ def _factorize(
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
         }
+        phases.done("distill")
     stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled, journal, journaled)
     write_artifact(
         output.path,
