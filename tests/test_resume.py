@@ -1,6 +1,7 @@
 """factorize --resume: a run killed after k layers continues from its journal and writes
 the artifact an uninterrupted run writes, tensor for tensor."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError
 from lyoncompress.factorization import calibrated, pipeline
+from lyoncompress.factorization import journal as journal_module
 from lyoncompress.factorization.journal import journal_path
 from lyoncompress.output import claim_output
 from lyoncompress.recipe import Recipe
@@ -180,4 +182,36 @@ def test_kill_9_then_resume(tmp_path, cli):
     result = cli("factorize", *args, "--resume")
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output
+    _assert_identical(tmp_path / "whole", tmp_path / "out")
+
+
+def test_bad_input_found_after_some_layers_leaves_no_journal(tmp_path):
+    ckpt, model = make_mlp_checkpoint(tmp_path / "ckpt")
+    state = model.state_dict()
+    last = [name for name in state if name.endswith(".weight")][-2]  # a compressed, later layer
+    state[last][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.bin")
+    with pytest.raises(InputError, match="NaN"):
+        pipeline.factorize(tmp_path / "nan.bin", tmp_path / "out", WEIGHT)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_full_disk_keeps_the_journal_for_resume(tmp_path, monkeypatch):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    pipeline.factorize(ckpt, tmp_path / "whole", WEIGHT)
+    real, written = journal_module._write_atomic, []
+
+    def full_after_one_layer(path, data):
+        if path.name.startswith("layer-"):
+            if written:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(journal_module, "_write_atomic", full_after_one_layer)
+    with pytest.raises(InputError, match="No space left"):
+        pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
+    monkeypatch.undo()
+    assert len(list(journal_path(tmp_path / "out").glob("layer-*.safetensors"))) == 1
+    pipeline.factorize(ckpt, tmp_path / "out", WEIGHT, resume=True)
     _assert_identical(tmp_path / "whole", tmp_path / "out")

@@ -30,6 +30,7 @@ from safetensors.torch import load, save
 from lyoncompress.butterfly import Chain
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.methods import Candidate, LayerFactors
+from lyoncompress.output import file_system_error
 
 JOURNAL_VERSION = 1
 _HEADER_KEY = "lyoncompress.journal"
@@ -134,11 +135,14 @@ class Journal:
             "record": record,
         }
         data = save(tensors, metadata={_HEADER_KEY: json.dumps(entry)})
-        if not self.folder.exists():
-            self.folder.mkdir()
-            header = {"version": JOURNAL_VERSION, "fingerprint": self.stamp}
-            _write_atomic(self.folder / "journal.json", json.dumps(header).encode())
-        _write_atomic(self.folder / f"layer-{len(self.done):05d}.safetensors", data)
+        try:
+            if not self.folder.exists():
+                self.folder.mkdir()
+                header = {"version": JOURNAL_VERSION, "fingerprint": self.stamp}
+                _write_atomic(self.folder / "journal.json", json.dumps(header).encode())
+            _write_atomic(self.folder / f"layer-{len(self.done):05d}.safetensors", data)
+        except OSError as err:
+            raise file_system_error(err, self.folder) from err
         self.done[finished.name] = finished
 
     def remove(self) -> None:

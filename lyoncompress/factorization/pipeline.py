@@ -88,6 +88,27 @@ def _factorize(
     stamp = fingerprint(recipe.to_dict() | {"device": device}, source.infos, files)
     journal, notes = Journal.open(output.path, stamp, resume)
     output.notes.extend(notes)
+    try:
+        return _run(checkpoint, output, recipe, progress, source, plan, journal, phases)
+    except InputError as err:
+        # bad input (a NaN weight, data that never reaches a layer) must change before a
+        # rerun, which the journal's fingerprint would then refuse: nothing is kept. A full
+        # disk or a permission problem is fixed outside the input: its journal stays
+        if not isinstance(err.__cause__, OSError):
+            journal.remove()
+        raise
+
+
+def _run(
+    checkpoint: str | Path,
+    output: Output,
+    recipe: Recipe,
+    progress: Progress | None,
+    source: Checkpoint,
+    plan: Plan,
+    journal: Journal,
+    phases: Phases,
+) -> dict[str, Any]:
     started = time.perf_counter()
     phases.done("plan")
     permutations = search_pairs(plan, source, recipe.order, progress) if recipe.permute else []
