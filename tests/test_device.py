@@ -11,7 +11,7 @@ from lyoncompress.factorization import calibrated
 from lyoncompress.factorization.calibrated import DEVICE_RESOLVERS, resolve_device
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.recipe import DEVICES, Recipe, recipe_from_dict
-from tests.helpers import make_mlp_checkpoint
+from tests.helpers import Killed, assert_same_artifact, dying_after, make_mlp_checkpoint
 
 FAST = {"calib": "builtin", "refine_steps": 5, "calib_samples": 256}
 
@@ -83,3 +83,18 @@ def test_cuda_matches_cpu_closely(tmp_path, options):
     json.dumps(reports["cuda"])  # nothing on the GPU leaked into the report
     for name in load_artifact(tmp_path / "cuda").tensors.names():
         assert load_artifact(tmp_path / "cuda").load(name).device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_run_resumes_to_the_uninterrupted_artifact(tmp_path, monkeypatch):
+    """Resumed on the same GPU, a sequential run writes the uninterrupted artifact (the
+    remaining fits see the journaled factors swapped in, as the uninterrupted run did)."""
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    recipe = Recipe(**FAST, sequential=True, device="cuda")
+    factorize(ckpt, tmp_path / "whole", recipe)
+    dying_after(monkeypatch, calibrated, "calibrated_layer", layers=1)
+    with pytest.raises(Killed):
+        factorize(ckpt, tmp_path / "out", recipe)
+    monkeypatch.undo()
+    factorize(ckpt, tmp_path / "out", recipe, resume=True)
+    assert_same_artifact(tmp_path / "whole", tmp_path / "out")

@@ -11,51 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lyoncompress.artifact import load_artifact
 from lyoncompress.errors import InputError
 from lyoncompress.factorization import calibrated, pipeline
 from lyoncompress.factorization import journal as journal_module
 from lyoncompress.factorization.journal import journal_path
 from lyoncompress.output import claim_output
 from lyoncompress.recipe import Recipe
-from tests.helpers import make_mlp_checkpoint
+from tests.helpers import Killed, assert_same_artifact, dying_after, make_mlp_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _Killed(Exception):
-    """Stands for a crash or Ctrl-C after some layers."""
-
-
-def _dying_after(monkeypatch, module, name, layers):
-    """Make ``module.name`` raise ``_Killed`` on its call number ``layers + 1`` (never
-    when None); count calls. Earlier patches are undone first."""
-    monkeypatch.undo()
-    real = getattr(module, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        if layers is not None and len(calls) == layers:
-            raise _Killed
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapped)
-    return calls
-
-
-def _tensors(folder):
-    artifact = load_artifact(folder)
-    return {name: artifact.load(name) for name in artifact.tensors.names()}, artifact.layers
-
-
-def _assert_identical(left, right):
-    (tensors_left, layers_left), (tensors_right, layers_right) = _tensors(left), _tensors(right)
-    assert list(tensors_left) == list(tensors_right)
-    for name, tensor in tensors_left.items():
-        other = tensors_right[name]
-        assert tensor.dtype == other.dtype and torch.equal(tensor, other), name
-    assert layers_left == layers_right
 
 
 WEIGHT = Recipe(method="monarch")
@@ -71,6 +35,8 @@ MODES = {
         "calibrated_layer",
     ),
     "distilled": (Recipe(**FAST, distill_steps=4), calibrated, "calibrated_layer"),
+    "permuted": (WEIGHT.replace(permute=True), pipeline, "factorize_layer"),
+    "permuted-calibrated": (Recipe(**FAST, permute=True), calibrated, "calibrated_layer"),
 }
 
 
@@ -81,24 +47,24 @@ def test_resumed_run_writes_the_uninterrupted_artifact(tmp_path, monkeypatch, mo
     pipeline.factorize(ckpt, tmp_path / "whole", recipe)
     assert not journal_path(tmp_path / "whole").exists()  # removed after the write
 
-    _dying_after(monkeypatch, module, fit, layers=1)
-    with pytest.raises(_Killed):
+    dying_after(monkeypatch, module, fit, layers=1)
+    with pytest.raises(Killed):
         pipeline.factorize(ckpt, tmp_path / "out", recipe)
     assert not (tmp_path / "out").exists()
     assert len(list(journal_path(tmp_path / "out").glob("layer-*.safetensors"))) == 1
 
-    calls = _dying_after(monkeypatch, module, fit, layers=None)
+    calls = dying_after(monkeypatch, module, fit, layers=None)
     report = pipeline.factorize(ckpt, tmp_path / "out", recipe, resume=True)
     assert len(calls) == report["totals"]["layers"] - 1  # the journaled layer is not fitted again
     assert any("resumed from" in w and "1 layer(s)" in w for w in report["warnings"])
-    _assert_identical(tmp_path / "whole", tmp_path / "out")
+    assert_same_artifact(tmp_path / "whole", tmp_path / "out")
     assert not journal_path(tmp_path / "out").exists()
 
 
 def test_resume_refuses_a_journal_of_another_recipe(tmp_path, monkeypatch, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    _dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
-    with pytest.raises(_Killed):
+    dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
+    with pytest.raises(Killed):
         pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
     monkeypatch.undo()
     args = ["factorize", ckpt, "-o", tmp_path / "out", "--method", "monarch", "--budget", "0.3"]
@@ -111,8 +77,8 @@ def test_resume_refuses_a_journal_of_another_recipe(tmp_path, monkeypatch, cli):
 
 def test_resume_refuses_a_journal_of_a_changed_checkpoint(tmp_path, monkeypatch):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    _dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
-    with pytest.raises(_Killed):
+    dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
+    with pytest.raises(Killed):
         pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
     monkeypatch.undo()
     make_mlp_checkpoint(tmp_path / "ckpt", seed=1)  # same names and shapes, new file
@@ -123,10 +89,10 @@ def test_resume_refuses_a_journal_of_a_changed_checkpoint(tmp_path, monkeypatch)
 
 def test_without_resume_an_old_journal_is_replaced_with_a_warning(tmp_path, monkeypatch, cli):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
-    _dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
-    with pytest.raises(_Killed):
+    dying_after(monkeypatch, pipeline, "factorize_layer", layers=1)
+    with pytest.raises(Killed):
         pipeline.factorize(ckpt, tmp_path / "out", WEIGHT)
-    calls = _dying_after(monkeypatch, pipeline, "factorize_layer", layers=None)
+    calls = dying_after(monkeypatch, pipeline, "factorize_layer", layers=None)
     report = pipeline.factorize(ckpt, tmp_path / "out", WEIGHT.replace(budget=0.3))
     assert len(calls) == report["totals"]["layers"]
     assert any("replaced the journal" in w for w in report["warnings"])
@@ -182,7 +148,7 @@ def test_kill_9_then_resume(tmp_path, cli):
     result = cli("factorize", *args, "--resume")
     assert result.exit_code == 0, result.output
     assert "resumed from" in result.output
-    _assert_identical(tmp_path / "whole", tmp_path / "out")
+    assert_same_artifact(tmp_path / "whole", tmp_path / "out")
 
 
 def test_bad_input_found_after_some_layers_leaves_no_journal(tmp_path):
@@ -214,4 +180,12 @@ def test_a_full_disk_keeps_the_journal_for_resume(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert len(list(journal_path(tmp_path / "out").glob("layer-*.safetensors"))) == 1
     pipeline.factorize(ckpt, tmp_path / "out", WEIGHT, resume=True)
-    _assert_identical(tmp_path / "whole", tmp_path / "out")
+    assert_same_artifact(tmp_path / "whole", tmp_path / "out")
+
+
+def test_a_journal_killed_before_its_first_entry_resumes_from_the_start(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    journal_path(tmp_path / "out").mkdir()  # journal.json never written
+    report = pipeline.factorize(ckpt, tmp_path / "out", WEIGHT, resume=True)
+    assert any("0 layer(s)" in w for w in report["warnings"])
+    assert not journal_path(tmp_path / "out").exists()

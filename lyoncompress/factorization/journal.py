@@ -154,6 +154,8 @@ def _read(folder: Path, stamp: str) -> dict[str, FinishedLayer]:
         header = json.loads((folder / "journal.json").read_text())
     except (OSError, ValueError):
         header = {}
+    if not header and not any(folder.glob("layer-*.safetensors")):
+        return {}  # killed while making the journal, before its first entry
     if header.get("fingerprint") != stamp:
         raise InputError(
             f"{folder} was written by a run with a different recipe or checkpoint; "
