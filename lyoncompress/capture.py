@@ -8,6 +8,9 @@ of one layer in a reference and a partly compressed model (``capture_paired``,
 sequential factorize); every input row of a plain pass (``recorded_inputs``, eval);
 and the order the forward pass reaches the layers (``forward_order``).
 
+Moments are accumulated in float64 on the device of the model's parameters (the
+batches must be there too); kept rows as well.
+
 A moment costs ``n × n`` per layer however much data flows through. Whole batches are
 held out, by ``data.held_out``; positions a tokenizer's attention mask marks as
 padding are left out (``input_rows``).
@@ -99,6 +102,11 @@ def _mask(batch: Batch) -> torch.Tensor | None:
     return batch.get("attention_mask") if isinstance(batch, Mapping) else None
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes (its first parameter's device; cpu without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _check_period(val_every: int) -> None:
     if val_every < 2:
         raise InputError(f"val_every={val_every} leaves no batch for training; use 2 or more")
@@ -109,15 +117,15 @@ class _Inputs:
     Held-out rows are summed into their moment; fitting rows too, or kept as they
     are when ``keep_rows``."""
 
-    def __init__(self, n: int, max_rows: int, keep_rows: bool) -> None:
-        self.grams = [torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)]
+    def __init__(self, n: int, max_rows: int, keep_rows: bool, device: torch.device) -> None:
+        self.grams = [torch.zeros(n, n, dtype=torch.float64, device=device) for _ in range(2)]
         self.rows = [0, 0]
         self.kept: list[torch.Tensor] = []
         self.max_rows = max_rows
         self.keep_rows = keep_rows
 
     def add(self, split: int, rows: torch.Tensor) -> None:
-        rows = rows[: self.max_rows - self.rows[split]].cpu()  # (k, n) float64
+        rows = rows[: self.max_rows - self.rows[split]]  # (k, n) float64, on the model's device
         if split == 0 and self.keep_rows:
             self.kept.append(rows)
         else:
@@ -142,7 +150,8 @@ def _stream(
     _check_period(val_every)
     modules = dict(model.named_modules())
     layers = {name: modules[name] for name in names}
-    inputs = {name: _Inputs(layer.in_features, max_rows, keep_rows) for name, layer in layers.items()}
+    device = _device(model)
+    inputs = {name: _Inputs(layer.in_features, max_rows, keep_rows, device) for name, layer in layers.items()}
     current: dict[str, Any] = {"split": 0, "mask": None}
 
     def record(name: str, x: torch.Tensor) -> None:
@@ -252,8 +261,10 @@ def capture_paired(
 
     n = modules[0].in_features
 
+    device = _device(working)
+
     def zeros() -> torch.Tensor:
-        return torch.zeros(n, n, dtype=torch.float64)
+        return torch.zeros(n, n, dtype=torch.float64, device=device)
 
     grams, crosses, rows = [zeros(), zeros()], [zeros(), zeros()], [0, 0]
     reference_val = zeros()

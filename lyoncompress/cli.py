@@ -17,7 +17,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from lyoncompress import tables
@@ -77,7 +84,10 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: nothing was written")
+            err_console.print(
+                "[bold red]interrupted[/]: nothing was written "
+                "(factorize: rerun with --resume to keep its finished layers)"
+            )
             raise typer.Exit(130) from None
         except Exception:
             err_console.print("[bold red]internal error[/] (please report it):")
@@ -102,6 +112,8 @@ class _LayerProgress:
                 MofNCompleteColumn(),
                 TextColumn("{task.description}"),
                 TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
                 console=err_console,
                 transient=True,
             )
@@ -109,6 +121,7 @@ class _LayerProgress:
             else None
         )
         self.task = None
+        self.done, self.total = 0, 0
 
     def __enter__(self) -> _LayerProgress:
         if self.progress:
@@ -124,7 +137,11 @@ class _LayerProgress:
             return
         if self.task is None:
             self.task = self.progress.add_task(name, total=total)
-        # one bar serves several phases (permutation search, then layers): total may change
+        # one bar serves several phases (permutation search, layers, distillation steps):
+        # a new phase starts the count, and the speed behind the ETA, again
+        if done < self.done or total != self.total:
+            self.progress.reset(self.task, total=total)
+        self.done, self.total = done, total
         self.progress.update(self.task, completed=done, total=total, description=name)
 
 
@@ -262,13 +279,26 @@ def factorize(
             help="Most factorize+eval rounds, bounds included [12].", rich_help_panel="Budget search"
         ),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="auto | cpu | cuda: where the calibrated steps run (auto: cuda if available)."),
+    ] = None,
     force: ForceOption = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from its journal (.OUT.journal, same recipe and checkpoint).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Factorize the chosen layers of CHECKPOINT into butterfly factors, written to OUT.
 
     Example:  lyoncompress factorize model.safetensors -o fact/ --method monarch --budget 0.25
+
+    After a crash or Ctrl-C:  lyoncompress factorize model.safetensors -o fact/ ... --resume
 
     Budget search:  lyoncompress factorize model/ -o fact/ --method lowrank --min-recovery 0.99
     """
@@ -300,12 +330,15 @@ def factorize(
         permute=permute,
         allocate=allocate,
         max_shard_size=max_shard_size,
+        device=device,
     )
     if search is not None:
+        if resume:
+            raise InputError("--resume continues one factorize run; the budget search has none to continue")
         _factorize_searching(checkpoint, out, options, search, force, as_json, quiet)
         return
     with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
-        report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress)
+        report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress, resume=resume)
     _print_warnings(report)
     if as_json:
         _print_json(report)

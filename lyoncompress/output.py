@@ -8,7 +8,10 @@ instead of silently replacing the first. The lock is a symlink ``.OUT.lock`` who
 target is the owner's ``pid@start-time``: creating a symlink is atomic, and the target
 tells a later run whether its owner is still alive. Scratch folders beside OUT carry
 the pid in their name (``.OUT.tmp-PID`` …), so the next run removes those of dead
-processes. Every refusal is an ``InputError`` (exit 2) raised before anything is written.
+processes. The resume journal of ``factorize`` (``.OUT.journal``, see
+``factorization.journal``) has no pid in its name and is never cleaned up here: it
+outlives the run that wrote it, on purpose. Every refusal is an ``InputError`` (exit 2)
+raised before anything is written.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lyoncompress.errors import InputError
 
 QUANT_METHOD = "lyoncompress"
 # the scratch folders a run makes beside OUT: staging, a replaced OUT, distillation, search
+# (not the resume journal ``.OUT.journal``: it must survive the run that wrote it)
 SCRATCH_KINDS = ("tmp", "old", "stage", "search")
 # errors of the file system, not of lyoncompress: the user fixes them (space, permissions)
 USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

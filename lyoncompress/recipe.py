@@ -30,6 +30,8 @@ from lyoncompress.schema import MAX_DEPTH
 
 RECIPE_VERSION = 1
 ALLOCATIONS = ("uniform", "sensitivity")
+# where the calibrated steps run: ``auto`` is cuda when torch sees a GPU, else cpu
+DEVICES = ("auto", "cpu", "cuda")
 # Input rows per layer and per split (fitting, held out) captured from calibration data,
 # by ``factorize`` and ``quantize`` alike.
 DEFAULT_CALIB_SAMPLES = 4096
@@ -102,6 +104,9 @@ class Recipe:
             on the final output; needs ``calib``).
         max_shard_size: largest artifact shard, e.g. ``5GB`` or ``200MB``.
         layers: per-layer overrides, first match wins.
+        device: where the calibrated steps run (capture, structure fits, allocation,
+            distillation): ``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``.
+            Weight-only fits run on the CPU.
     """
 
     version: int = RECIPE_VERSION
@@ -122,6 +127,7 @@ class Recipe:
     allocate: str = "uniform"
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         validate(self, "recipe")
@@ -159,6 +165,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "allocate": (str,),
     "max_shard_size": (str,),
     "layers": (dict,),
+    "device": (str,),
 }
 _OVERRIDE_KEYS = {"method": (str,), "budget": (float, int), "depth": (int,)}
 
@@ -235,6 +242,8 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
+    if recipe.device not in DEVICES:
+        raise InputError(f"device {recipe.device!r} is unknown; choose one of {', '.join(DEVICES)}")
     if recipe.allocate not in ALLOCATIONS:
         raise InputError(f"allocate {recipe.allocate!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
     for option, used in (

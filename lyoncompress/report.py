@@ -1,13 +1,47 @@
-"""Reports kept beside an artifact: adding a section to ``report.json``, plotting errors."""
+"""Reports kept beside an artifact: adding a section to ``report.json``, plotting errors,
+and the time and memory of each phase of a run (``Phases``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lyoncompress.errors import InputError
+
+
+class Phases:
+    """The seconds of each phase of a run and the process's peak memory when it ended.
+
+    ``peak_rss_mb`` is ``getrusage``'s high-water mark of the process so far (it never
+    goes down: the phase where it grows is the one that needed the memory);
+    ``peak_cuda_mb`` is torch's peak of allocated CUDA memory so far, when CUDA is in use.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._begin = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        row: dict[str, Any] = {"phase": phase, "seconds": round(now - self._begin, 3)}
+        row["peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        if torch.cuda.is_initialized():
+            row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        self.rows.append(row)
+        self._begin = now
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def add_to_report(artifact: str | Path, key: str, document: dict[str, Any]) -> Path:

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lyoncompress.artifact import load_artifact
 from lyoncompress.models import DEMO_MODEL_TYPE, DemoMLP
 
 SIZES = [64, 128, 128, 10]
@@ -38,3 +39,40 @@ def random_llama(**config):
     } | config
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
+
+
+class Killed(Exception):
+    """Stands for a crash or Ctrl-C after some layers."""
+
+
+def dying_after(monkeypatch, module, name, layers):
+    """Make ``module.name`` raise ``Killed`` on its call number ``layers + 1`` (never
+    when None); count calls. Earlier patches are undone first."""
+    monkeypatch.undo()
+    real = getattr(module, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        if layers is not None and len(calls) == layers:
+            raise Killed
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _tensors(folder):
+    artifact = load_artifact(folder)
+    return {name: artifact.load(name) for name in artifact.tensors.names()}, artifact.layers
+
+
+def assert_same_artifact(left, right):
+    """Both artifacts hold the same tensors, byte for byte (dtype and ``torch.equal``),
+    and the same layer records."""
+    (tensors_left, layers_left), (tensors_right, layers_right) = _tensors(left), _tensors(right)
+    assert list(tensors_left) == list(tensors_right)
+    for name, tensor in tensors_left.items():
+        other = tensors_right[name]
+        assert tensor.dtype == other.dtype and torch.equal(tensor, other), name
+    assert layers_left == layers_right

@@ -55,6 +55,7 @@ LAYERS = {
     "lyoncompress.recipe": 2,
     "lyoncompress.data": 2,
     "lyoncompress.capture": 2,
+    "lyoncompress.factorization.journal": 2,
     "lyoncompress.evaluation": 3,
     "lyoncompress.evaluation.tasks": 3,
     "lyoncompress.inspection": 3,

@@ -33,6 +33,7 @@ from lyoncompress.data import (
     split_batches,
 )
 from lyoncompress.errors import InputError
+from lyoncompress.factorization.journal import FinishedLayer
 from lyoncompress.factorization.methods import Candidate, LayerFactors, prepared_weight
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DEMO_MODEL_TYPE, load_reference
@@ -44,10 +45,45 @@ from lyoncompress.refine.distill import DistillResult, distill
 from lyoncompress.refine.gram import corrected_target, output_error, paired_output_error
 from lyoncompress.structures import calibrated_candidates, choose_structure, rank_for_budget
 
+# ``--device``: where capture, structure fits, allocation and distillation run
+DEVICE_RESOLVERS: dict[str, Callable[[], torch.device]] = {
+    "cpu": lambda: torch.device("cpu"),
+    "cuda": lambda: torch.device("cuda"),
+    "auto": lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+}
 ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
 # held-out batches that judge distillation (each is run through both models at every
 # check); the later ones train too: the built-in text has ~760 batches, not 58
 DISTILL_VAL_BATCHES = 16
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``--device NAME`` (``auto``: cuda if torch sees a GPU, else cpu);
+    ``cuda`` without a GPU is an ``InputError``."""
+    if name not in DEVICE_RESOLVERS:
+        raise InputError(f"device {name!r} is unknown; choose one of {', '.join(DEVICE_RESOLVERS)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    return DEVICE_RESOLVERS[name]()
+
+
+def _on_device(batch: Any, device: torch.device) -> Any:
+    """A calibration batch (a tensor, or a tokenizer's mapping of tensors) on ``device``;
+    on its own device it is returned as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        moved = {key: _on_device(value, device) for key, value in batch.items()}
+        return batch if all(moved[key] is value for key, value in batch.items()) else moved
+    return batch
+
+
+def _on_cpu(factors: LayerFactors) -> LayerFactors:
+    return dataclasses.replace(
+        factors,
+        twiddles=[t.cpu() for t in factors.twiddles],
+        lowrank_twiddles=[t.cpu() for t in factors.lowrank_twiddles],
+    )
 
 
 def _capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> list[Any]:
@@ -118,6 +154,8 @@ def calibrated_factors(
     layers: list[LayerPlan],
     recipe: Recipe,
     progress: Callable[[str, int, int], None] | None = None,
+    done: Mapping[str, FinishedLayer] | None = None,
+    finished: Callable[[FinishedLayer], None] | None = None,
 ) -> CalibratedFactors:
     """Factors of every planned layer, fitted on calibration data.
 
@@ -125,13 +163,25 @@ def calibrated_factors(
     "sensitivity"`` re-divides the layers' total budget by measured sensitivity;
     with ``recipe.sequential`` fits the layers in forward order, each on the inputs
     of the model whose earlier layers are already compressed.
+
+    ``done`` (a resumed run's journal) are layers already fitted: they are not fitted
+    again (sequential: they are swapped in, as if just fitted); a layer whose
+    re-measured allocated budget differs from its journaled one is an ``InputError``.
+    ``finished`` is called with each layer as soon as it is fitted.
     """
-    model = load_reference(source)  # through ``source``: permuted MLPs stay permuted
+    done = done or {}
+    device = resolve_device(recipe.device)
+    model = load_reference(source).to(device)  # through ``source``: permuted MLPs stay permuted
     batches = _capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
+    batches = [_on_device(batch, device) for batch in batches]
     names = [layer.name for layer in layers]
     calibration: dict[str, LayerCalibration] = {}
-    if not recipe.sequential or recipe.allocate == "sensitivity":
-        calibration = capture_inputs(model, names, batches, max_samples=recipe.calib_samples)
+    if recipe.allocate == "sensitivity":
+        captured = names
+    else:  # capture stops once every captured layer is full: each one's moments are the same
+        captured = [] if recipe.sequential else [name for name in names if name not in done]
+    if captured:
+        calibration = capture_inputs(model, captured, batches, max_samples=recipe.calib_samples)
         for name, layer_calibration in calibration.items():
             _check_reached(name, layer_calibration)
     sensitivity: dict[str, float] | None = None
@@ -145,17 +195,24 @@ def calibrated_factors(
     for name in order:
         begin = time.perf_counter()
         layer = by_name[name]
-        weight = _weight(source, layer)
-        if working is not None:
-            layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
+        if name in done:
+            _check_same_budget(done[name], layer)
+            factors[name], seconds[name] = done[name].factors, done[name].seconds
         else:
-            layer_calibration = calibration[name]
-        factors[name] = calibrated_layer(
-            weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps
-        )
+            weight = _weight(source, layer).to(device)
+            if working is not None:
+                layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
+            else:
+                layer_calibration = calibration[name]
+            factors[name] = _on_cpu(
+                calibrated_layer(weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps)
+            )
         if working is not None:
             _swap(working, name, factors[name])
-        seconds[name] = time.perf_counter() - begin
+        if name not in done:
+            seconds[name] = time.perf_counter() - begin
+            if finished is not None:
+                finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
         if progress is not None:
             progress(name, len(factors), len(order))
     return CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, sensitivity, seconds)
@@ -171,6 +228,14 @@ class CalibratedFactors:
     budgets: dict[str, float]
     sensitivity: dict[str, float] | None
     seconds: dict[str, float]
+
+
+def _check_same_budget(finished: FinishedLayer, layer: LayerPlan) -> None:
+    if finished.budget != layer.budget:
+        raise InputError(
+            f"layer {layer.name}: the re-measured allocation gives budget {layer.budget:.6g}, the journal "
+            f"{finished.budget:.6g} (different threads or device?); rerun without --resume"
+        )
 
 
 def _check_reached(name: str, calibration: LayerCalibration) -> None:
@@ -193,7 +258,7 @@ def _swap(model: torch.nn.Module, name: str, factors: LayerFactors) -> None:
         [t.to(dtype) for t in factors.lowrank_twiddles] or None,
     )
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to(linear.weight.device))
 
 
 def _allocate(
@@ -210,9 +275,9 @@ def _allocate(
     """
     curves, shapes, replacements, floors = {}, {}, {}, {}
     for layer in layers:
-        weight = _weight(source, layer).to(torch.float64)
-        m, n = weight.shape
         gram = calibration[layer.name].gram_train
+        weight = _weight(source, layer).to(torch.float64).to(gram.device)
+        m, n = weight.shape
         rank = max(1, rank_for_budget(m, n, layer.budget))
         u, v = activation_aware_lowrank(weight, gram, rank)
         approx = u[0, 0] @ v[0, 0]
@@ -242,11 +307,12 @@ def distill_factors(
     steps: int,
     lr: float | None,
     progress: Callable[[str, int, int], None] | None = None,
+    device: str = "auto",
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
     """Distil the layer-wise ``factors`` against the reference model, in memory: they are
     swapped into the model of ``source`` (the checkpoint, permuted when ``--permute``
-    permuted it) and trained there; ``progress`` gets (description, steps done, steps)
-    after each step.
+    permuted it) and trained there, on ``device`` (see ``resolve_device``); ``progress``
+    gets (description, steps done, steps) after each step.
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
     The held-out batches (``data.held_out``, as in layer-wise calibration), up to
@@ -264,15 +330,21 @@ def distill_factors(
         )
     if isinstance(train[0], Mapping):
         train = regrouped_by_length(train, TEXT_BATCH)
+    target = resolve_device(device)
+    train, val = ([_on_device(b, target) for b in part] for part in (train, val))
     compressed = load_reference(source)
     for name, layer_factors in factors.items():
         _swap(compressed, name, layer_factors)
+    compressed = compressed.to(target)
     report_step = None
     if progress is not None:
 
         def report_step(done: int, total: int, best: float) -> None:
             progress(f"distilling, best held-out error {best:.4f}", done, total)
 
-    result = distill(load_reference(checkpoint), compressed, train, val, steps, lr, progress=report_step)
-    twiddles = {name: t.detach() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")}
+    reference = load_reference(checkpoint).to(target)
+    result = distill(reference, compressed, train, val, steps, lr, progress=report_step)
+    twiddles = {
+        name: t.detach().cpu() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")
+    }
     return twiddles, result

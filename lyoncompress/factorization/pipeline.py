@@ -13,13 +13,20 @@ import torch
 from lyoncompress.artifact import companion_files, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorization.calibrated import CalibratedFactors, calibrated_factors, distill_factors
+from lyoncompress.factorization.calibrated import (
+    CalibratedFactors,
+    calibrated_factors,
+    distill_factors,
+    resolve_device,
+)
+from lyoncompress.factorization.journal import FinishedLayer, Journal, fingerprint, input_files
 from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
+from lyoncompress.report import Phases
 from lyoncompress.schema import DType, LayerRecord, Structure
 from lyoncompress.structures import check_method
 
@@ -32,8 +39,12 @@ def factorize(
     recipe: Recipe | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Compress the selected layers of ``checkpoint`` into a new artifact at ``out``.
+
+    Each finished layer is journaled beside ``out`` (``.OUT.journal/``, see
+    ``factorization.journal``); the journal is removed once ``out`` is written.
 
     Args:
         checkpoint: ``.safetensors`` file, HF model folder or ``.bin``/``.pt`` state dict.
@@ -41,6 +52,9 @@ def factorize(
         recipe: options (defaults: ``Recipe()``: auto method, budget 0.5).
         force: replace an existing ``out``.
         progress: called after each compressed layer with (name, done, total).
+        resume: continue from the journal of an interrupted run with the same recipe
+            and checkpoint (else an ``InputError``); the artifact is the one an
+            uninterrupted run writes. Without it an existing journal is replaced.
 
     Returns:
         The report (also written to ``out/report.json``).
@@ -53,32 +67,77 @@ def factorize(
     recipe = recipe or Recipe()
     out = Path(out)
     _check_methods(recipe)
+    resolve_device(recipe.device)  # --device cuda without a GPU fails before any work
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
     with claim_output(out, force, [checkpoint, *data_paths(recipe.calib)]) as output:
-        report = _factorize(checkpoint, output, recipe, progress)
+        report = _factorize(checkpoint, output, recipe, progress, resume)
         report["warnings"] = [*output.notes, *report["warnings"]]
         return report
 
 
 def _factorize(
-    checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None
+    checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None, resume: bool
 ) -> dict[str, Any]:
+    phases = Phases()
     source = open_checkpoint(checkpoint)
     plan = make_plan(source, recipe)
+    files = [*input_files(source.path), *(f for p in data_paths(recipe.calib) for f in input_files(p))]
+    # the device the calibrated steps run on decides their bits; weight-only fits run on the cpu
+    device = str(resolve_device(recipe.device)) if recipe.calib else "cpu"
+    stamp = fingerprint(recipe.to_dict() | {"device": device}, source.infos, files)
+    journal, notes = Journal.open(output.path, stamp, resume)
+    output.notes.extend(notes)
+    try:
+        return _run(checkpoint, output, recipe, progress, source, plan, journal, phases)
+    except InputError as err:
+        # bad input (a NaN weight, data that never reaches a layer) must change before a
+        # rerun, which the journal's fingerprint would then refuse: nothing is kept. A full
+        # disk or a permission problem is fixed outside the input: its journal stays
+        if not isinstance(err.__cause__, OSError):
+            journal.remove()
+        raise
+
+
+def _run(
+    checkpoint: str | Path,
+    output: Output,
+    recipe: Recipe,
+    progress: Progress | None,
+    source: Checkpoint,
+    plan: Plan,
+    journal: Journal,
+    phases: Phases,
+) -> dict[str, Any]:
     started = time.perf_counter()
+    phases.done("plan")
     permutations = search_pairs(plan, source, recipe.order, progress) if recipe.permute else []
     if permutations:
         source = permuted_checkpoint(source, permutations)
+    if recipe.permute:
+        phases.done("permute")
+    dtypes = {layer.name: source.infos[layer.weight_name].dtype for layer in plan.layers}
+    by_name = {layer.name: layer for layer in plan.layers}
+
+    def journaled(finished: FinishedLayer) -> None:
+        layer, factors = by_name[finished.name], finished.factors
+        record = layer_record(layer, factors, dtypes[layer.name]).to_json()
+        journal.record(finished, report_row(layer, factors, finished.seconds), record)
+
     calibrated = (
-        calibrated_factors(checkpoint, source, plan.layers, recipe, progress) if recipe.calib else None
+        calibrated_factors(checkpoint, source, plan.layers, recipe, progress, journal.done, journaled)
+        if recipe.calib
+        else None
     )
+    if calibrated is not None:
+        phases.done("calibrated fits")
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
 
     def finish_report() -> dict[str, Any]:
         # called by the writer once every layer has been factorized
+        phases.done("write" if calibrated is not None else "fit and write")
         report.update(
             command="factorize",
             source=str(source.path),
@@ -88,6 +147,7 @@ def _factorize(
             layers=rows,
             totals=totals(rows, source),
             seconds=round(time.perf_counter() - started, 3),
+            phases=phases.rows,
         )
         if recipe.permute:
             report["permutations"] = permutation_report(permutations)
@@ -113,6 +173,7 @@ def _factorize(
             recipe.distill_steps,
             recipe.distill_lr,
             progress,
+            recipe.device,
         )
         distill_section = {
             "objective": result.objective,
@@ -121,7 +182,8 @@ def _factorize(
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
         }
-    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled)
+        phases.done("distill")
+    stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled, journal, journaled)
     write_artifact(
         output.path,
         stream,
@@ -132,6 +194,7 @@ def _factorize(
         output.force,
         companion_files(source.path),
     )
+    journal.remove()
     return report
 
 
@@ -150,10 +213,13 @@ def _stream(
     rows: list[dict[str, Any]],
     progress: Progress | None,
     distilled: dict[str, torch.Tensor],
+    journal: Journal,
+    journaled: Callable[[FinishedLayer], None],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Source tensors in order, each target weight replaced by its factors (computed
-    here, one layer at a time, or beforehand on calibration data); ``distilled`` twiddles
-    (by tensor name) replace the layer-wise ones, which the report rows describe."""
+    here, one layer at a time and journaled, taken from the journal, or computed
+    beforehand on calibration data); ``distilled`` twiddles (by tensor name) replace
+    the layer-wise ones, which the report rows describe."""
     by_weight = {layer.weight_name: layer for layer in plan.layers}
     for name in source.names():
         tensor = source.load(name)
@@ -163,10 +229,13 @@ def _stream(
             continue
         if calibrated is not None:
             factors, seconds = calibrated.factors[layer.name], calibrated.seconds[layer.name]
+        elif layer.name in journal.done:
+            factors, seconds = journal.done[layer.name].factors, journal.done[layer.name].seconds
         else:
             begin = time.perf_counter()
             factors = factorize_layer(tensor, layer, recipe)
             seconds = time.perf_counter() - begin
+            journaled(FinishedLayer(layer.name, factors, seconds, layer.budget))
         layers[layer.name] = layer_record(layer, factors, tensor.dtype).to_json()
         rows.append(report_row(layer, factors, seconds))
         for group, twiddles in (("factors", factors.twiddles), ("lowrank", factors.lowrank_twiddles)):

@@ -292,7 +292,9 @@ class _Problem:
             normal = design_g @ design.transpose(-1, -2)  # (a, d, c + r, c + r)
             rhs = target @ design_g.transpose(-1, -2)  # (a, d, b, c + r)
             ridge = 1e-8 * torch.diagonal(normal, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
-            normal = normal + ridge[..., None, None] * torch.eye(normal.shape[-1], dtype=torch.float64)
+            normal = normal + ridge[..., None, None] * torch.eye(
+                normal.shape[-1], dtype=torch.float64, device=normal.device
+            )
             # normal is SPD (ridged): Cholesky, also sidesteps a batched-LU failure seen in MKL
             factor = torch.linalg.cholesky(normal)
             coef = torch.cholesky_solve(rhs.transpose(-1, -2).contiguous(), factor).transpose(
@@ -326,17 +328,19 @@ class _Problem:
         m, n = self.weight.shape
         with torch.no_grad():
             head = Chain(self.chain.patterns[:-1]).to_dense(twiddles[:-1]).to(torch.float64)  # (m, p)
-            mask = last.support().to(torch.float64)  # (p, n)
+            mask = last.support().to(self.weight.device, torch.float64)  # (p, n)
             z = last.to_dense(twiddles[-1]).to(torch.float64)
             if low:
                 head = torch.cat([head, low[0].reshape(m, -1).to(torch.float64)], dim=1)  # (m, p + r)
-                mask = torch.cat([mask, torch.ones(low[1].shape[-2], n, dtype=torch.float64)])
+                mask = torch.cat(
+                    [mask, torch.ones(low[1].shape[-2], n, dtype=torch.float64, device=mask.device)]
+                )
                 z = torch.cat([z, low[1].reshape(-1, n).to(torch.float64)])  # (p + r, n)
             h = head.T @ head
             # ridged for the preconditioner only: [X_1…, U] can have more columns than rows
             ridge = 1e-8 * float(torch.diagonal(h).mean().clamp_min(1e-300))
             h_inverse = torch.cholesky_inverse(
-                torch.linalg.cholesky(h + ridge * torch.eye(len(h), dtype=h.dtype))
+                torch.linalg.cholesky(h + ridge * torch.eye(len(h), dtype=h.dtype, device=h.device))
             )
             g, g_inverse = self.gram, self.gram_inverse
 

@@ -1,0 +1,208 @@
+"""The resume journal of ``factorize``: every finished layer, on disk beside OUT.
+
+A run writes each layer it finishes into ``.OUT.journal/`` (a stable name, unlike the
+pid-named scratch folders that ``output`` cleans up): one safetensors file per layer
+holding its twiddles, with the layer's factors description, report row and layer
+record as JSON in the header. Each file is written under a temporary name, fsynced
+and renamed, so a crash leaves only whole entries. ``journal.json`` holds the run's
+fingerprint (the recipe, the checkpoint's tensor names/shapes/dtypes and the sizes and
+mtimes of its files and of the calibration data); ``factorize --resume`` reuses the
+entries only when the fingerprint matches. The journal is removed once the artifact
+is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from lyoncompress.butterfly import Chain
+from lyoncompress.errors import InputError
+from lyoncompress.factorization.methods import Candidate, LayerFactors
+from lyoncompress.output import file_system_error
+
+JOURNAL_VERSION = 1
+_HEADER_KEY = "lyoncompress.journal"
+
+
+@dataclass(frozen=True)
+class FinishedLayer:
+    """A layer whose factors are final: its name, factors, the seconds it took and the
+    budget it was fitted at (allocation may have changed the planned one)."""
+
+    name: str
+    factors: LayerFactors
+    seconds: float
+    budget: float
+
+
+def journal_path(out: Path) -> Path:
+    """``.OUT.journal`` beside ``out``."""
+    return out.parent / f".{out.name}.journal"
+
+
+def fingerprint(recipe: dict[str, Any], infos: dict[str, Any], files: Iterable[Path]) -> str:
+    """sha256 of what decides a run's result: the recipe (``to_dict``, device resolved),
+    the checkpoint's tensors (name, shape, dtype) and the size and mtime of each input file."""
+    stats = []
+    for path in sorted({Path(p).resolve() for p in files}):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            stats.append([str(path), stat.st_size, stat.st_mtime_ns])
+    document = {
+        "version": JOURNAL_VERSION,
+        "torch": torch.__version__,
+        "recipe": recipe,
+        "tensors": [[name, list(info.shape), str(info.dtype)] for name, info in infos.items()],
+        "files": stats,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files of a checkpoint (a file, or the files of a folder) or of a data option."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    return [path]
+
+
+class Journal:
+    """The finished layers of a run (``done``, by layer name) and where new ones go."""
+
+    def __init__(self, folder: Path, stamp: str, done: dict[str, FinishedLayer]) -> None:
+        self.folder = folder
+        self.stamp = stamp
+        self.done = done
+
+    @classmethod
+    def open(cls, out: Path, stamp: str, resume: bool) -> tuple[Journal, list[str]]:
+        """The journal beside ``out`` for a run with fingerprint ``stamp``.
+
+        With ``resume`` an existing journal's entries are kept (a different
+        fingerprint is an ``InputError``); without it an existing journal is replaced.
+
+        Returns:
+            The journal and the warnings to report.
+        """
+        folder = journal_path(out)
+        notes: list[str] = []
+        if folder.exists() and resume:
+            done = _read(folder, stamp)
+            notes.append(f"resumed from {folder.name}: {len(done)} layer(s) already done")
+            return cls(folder, stamp, done), notes
+        if folder.exists():
+            shutil.rmtree(folder)
+            notes.append(f"replaced the journal of an earlier run ({folder.name}); --resume continues one")
+        elif resume:
+            notes.append(f"--resume: no journal {folder.name} beside {out.name}; starting at layer 1")
+        return cls(folder, stamp, {}), notes  # the folder is made with its first entry
+
+    def record(self, finished: FinishedLayer, row: dict[str, Any], record: dict[str, Any]) -> None:
+        """Write one finished layer (its report ``row`` and layer ``record`` beside its factors)."""
+        factors = finished.factors
+        tensors = {
+            f"{group}.{i}": t.detach().cpu().contiguous()
+            for group, twiddles in (("twiddles", factors.twiddles), ("lowrank", factors.lowrank_twiddles))
+            for i, t in enumerate(twiddles)
+        }
+        entry = {
+            "name": finished.name,
+            "seconds": finished.seconds,
+            "budget": finished.budget,
+            "factors": {
+                "structure": factors.structure,
+                "chain": factors.chain.to_json(),
+                "rel_error": factors.rel_error,
+                "candidates": [asdict(c) for c in factors.candidates],
+                "output_error": factors.output_error,
+                "reference_error": factors.reference_error,
+                "fit": factors.fit,
+                "twiddles": len(factors.twiddles),
+                "lowrank": len(factors.lowrank_twiddles),
+            },
+            "row": row,
+            "record": record,
+        }
+        data = save(tensors, metadata={_HEADER_KEY: json.dumps(entry)})
+        try:
+            if not self.folder.exists():
+                self.folder.mkdir()
+                header = {"version": JOURNAL_VERSION, "fingerprint": self.stamp}
+                _write_atomic(self.folder / "journal.json", json.dumps(header).encode())
+            _write_atomic(self.folder / f"layer-{len(self.done):05d}.safetensors", data)
+        except OSError as err:
+            raise file_system_error(err, self.folder) from err
+        self.done[finished.name] = finished
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read(folder: Path, stamp: str) -> dict[str, FinishedLayer]:
+    try:
+        header = json.loads((folder / "journal.json").read_text())
+    except (OSError, ValueError):
+        header = {}
+    if not header and not any(folder.glob("layer-*.safetensors")):
+        return {}  # killed while making the journal, before its first entry
+    if header.get("fingerprint") != stamp:
+        raise InputError(
+            f"{folder} was written by a run with a different recipe or checkpoint; "
+            "rerun without --resume to start over (the journal is then replaced)"
+        )
+    done: dict[str, FinishedLayer] = {}
+    for path in sorted(folder.glob("layer-*.safetensors")):
+        finished = _entry(path)
+        done[finished.name] = finished
+    for leftover in folder.glob("*.tmp"):
+        leftover.unlink()
+    return done
+
+
+def _entry(path: Path) -> FinishedLayer:
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        header_size = int.from_bytes(data[:8], "little")
+        entry = json.loads(json.loads(data[8 : 8 + header_size])["__metadata__"][_HEADER_KEY])
+    except (SafetensorError, ValueError, KeyError) as err:
+        raise InputError(f"{path}: unreadable journal entry ({err}); rerun without --resume") from err
+    spec = entry["factors"]
+    factors = LayerFactors(
+        structure=spec["structure"],
+        chain=Chain(tuple(tuple(p) for p in spec["chain"])),
+        twiddles=[tensors[f"twiddles.{i}"] for i in range(spec["twiddles"])],
+        rel_error=spec["rel_error"],
+        candidates=[Candidate(**c) for c in spec["candidates"]],
+        lowrank_twiddles=[tensors[f"lowrank.{i}"] for i in range(spec["lowrank"])],
+        output_error=spec["output_error"],
+        reference_error=spec["reference_error"],
+        fit=spec["fit"],
+    )
+    return FinishedLayer(entry["name"], factors, entry["seconds"], entry["budget"])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: written beside it, fsynced, renamed."""
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
