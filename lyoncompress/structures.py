@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lyoncompress.butterfly import Chain, budget_chains, lowrank, monarch
+from lyoncompress.butterfly import Chain, budget_patterns, lowrank, monarch
 from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorization.projection import check_matrix, project
 from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
@@ -185,13 +185,11 @@ def butterfly_chains(m: int, n: int, budget: float, depth: int) -> list[Chain]:
     """Chains of ``depth`` factors with a uniform rank that fill the budget: the few with
     the most parameters and the most balanced blocks."""
     try:
-        chains = budget_chains(m, n, depth, max_params(m, n, budget))
+        full = [patterns for _, patterns in budget_patterns(m, n, depth, max_params(m, n, budget), fill=0.9)]
     except PatternError as err:
         raise InputError(str(err)) from err
-    most = chains[0].params
-    full = [c for c in chains if c.params >= 0.9 * most]
-    full.sort(key=lambda c: max(max(p.b, p.c) for p in c.patterns))
-    return full[:CANDIDATES_PER_METHOD]
+    full.sort(key=lambda patterns: max(max(b, c) for _, b, c, _ in patterns))  # stable
+    return [Chain.of(*patterns) for patterns in full[:CANDIDATES_PER_METHOD]]
 
 
 def hybrid_chains(m: int, n: int, budget: float, depth: int) -> list[Chain]:
