@@ -20,7 +20,10 @@ at most ``int(β · m · n)``):
 * ``hybrid`` ``X_1 X_2 + U V``: a share of the budget (half by default) to a
   low-rank term fitted to what the Monarch part misses. Weight space: project onto
   the Monarch chain, SVD of the residual, a few alternations; calibrated:
-  activation-aware starts (``hybrid_start``), refined jointly.
+  activation-aware starts (``hybrid_start``), refined jointly. A second calibrated
+  fit, ``hybrid-search``, searches the geometry (input/output block counts, KS rank
+  against low rank at the layer's budget) and fits it by variable projection +
+  L-BFGS (``refine.varpro``); its report row lists every geometry tried.
 
 In a calibrated candidate table each fit has a label: ``Structure.labels`` gives
 (weight-space fit, calibrated fit), e.g. ``lowrank`` / ``lowrank-aware`` and
@@ -30,6 +33,7 @@ structure and fit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from lyoncompress.factorization.projection import check_matrix, project
 from lyoncompress.refine.aware import activation_aware_lowrank, activation_aware_projection
 from lyoncompress.refine.gram import Whitening, check_gram, output_energy, output_error
 from lyoncompress.refine.layerwise import least_squares_error, refine_layer
+from lyoncompress.refine.varpro import search_geometry
 
 CANDIDATES_PER_METHOD = 6  # weight-space candidate chains per structure
 HYBRID_ALTERNATIONS = 8  # weight-space hybrid: projection / residual-SVD rounds after the start
@@ -100,6 +105,7 @@ class Fitted:
     lowrank_twiddles: list[torch.Tensor]
     params: int
     val_error: float
+    tried: tuple[tuple[str, int, float], ...] = ()  # a search's (what, params, val_error)
 
     @property
     def lowrank_rank(self) -> int:
@@ -136,6 +142,18 @@ Start = tuple[Chain, list[torch.Tensor], list[torch.Tensor]]  # chain, twiddles,
 
 
 @dataclass(frozen=True)
+class Searched:
+    """What a searching calibrated fit returns: the winner and what it tried
+    (``(description, params, held-out error)``, best first)."""
+
+    start: Start
+    tried: tuple[tuple[str, int, float], ...]
+
+
+CalibratedFit = Callable[["FitContext", list[Chain]], "Start | Searched | None"]
+
+
+@dataclass(frozen=True)
 class Structure:
     """A registered structure.
 
@@ -150,14 +168,17 @@ class Structure:
             fitted on calibration data (None when no chain fits), or None when the
             structure has no calibrated fit.
         labels: (weight-space fit, calibrated fit) labels in a calibrated candidate table.
+        more_fits: further calibrated fits as ``(label, fit)``, called like
+            ``calibrated_fit``; a fit may return ``Searched`` to report what it tried.
     """
 
     name: str
     chains: Callable[[int, int, float, int], list[Chain]]
     weight_fit: Callable[[torch.Tensor, Chain, int, str], WeightFit]
     calibrated_chains: Callable[[FitContext], list[Chain]]
-    calibrated_fit: Callable[[FitContext, list[Chain]], Start | None] | None
+    calibrated_fit: CalibratedFit | None
     labels: tuple[str, str]
+    more_fits: tuple[tuple[str, CalibratedFit], ...] = ()
 
 
 # ---- candidate chains -----------------------------------------------------------------
@@ -376,6 +397,25 @@ def _refined_hybrid(context: FitContext, chains: list[Chain]) -> Start | None:
     return _refined(context, starts)
 
 
+def _searched_hybrid(context: FitContext, chains: list[Chain]) -> Searched | None:
+    """``search_geometry``: Monarch + low-rank geometries at the layer's whole budget,
+    ranked by a short variable-projection fit, the best fitted with ``context.steps``
+    L-BFGS iterations (``chains`` is not used: the search makes its own)."""
+    found = search_geometry(
+        context.weight,
+        context.gram_train,
+        context.gram_val,
+        context.max_params,
+        iterations=context.steps,
+        whitening=context.whitening,
+    )
+    if found is None:
+        return None
+    fit = found.best
+    tried = tuple((f"{t.geometry} ({t.iterations} it)", t.params, t.val_error) for t in found.tried)
+    return Searched((fit.chain, fit.twiddles, fit.lowrank_twiddles), tried)
+
+
 STRUCTURES: dict[str, Structure] = {
     s.name: s
     for s in (
@@ -393,17 +433,20 @@ STRUCTURES: dict[str, Structure] = {
         ),
         Structure(
             "hybrid", hybrid_chains, hybrid_weight_fit, _hybrid_calibrated_chains, _refined_hybrid,
-            ("hybrid-projection", "hybrid"),
+            ("hybrid-projection", "hybrid"), (("hybrid-search", _searched_hybrid),),
         ),
     )
 }  # fmt: skip
 
-# calibrated candidate label -> (structure, fit): "weight" or "calibrated"
+# calibrated candidate label -> (structure, fit): "weight", "calibrated" or a ``more_fits`` label
 CANDIDATES: dict[str, tuple[str, str]] = {
-    label: (s.name, fit)
-    for s in STRUCTURES.values()
-    for label, fit in zip(s.labels, ("weight", "calibrated"))
-    if fit == "weight" or s.calibrated_fit is not None
+    **{
+        label: (s.name, fit)
+        for s in STRUCTURES.values()
+        for label, fit in zip(s.labels, ("weight", "calibrated"))
+        if fit == "weight" or s.calibrated_fit is not None
+    },
+    **{label: (s.name, label) for s in STRUCTURES.values() for label, _ in s.more_fits},
 }
 
 
@@ -411,10 +454,12 @@ CANDIDATES: dict[str, tuple[str, str]] = {
 class Auto:
     """What ``method: auto`` tries: ``weight`` the structures compared by weight error
     (no calibration data), ``calibrated`` the candidate labels compared by held-out
-    output error. They are what ``auto`` tried before the one registry, so its results
-    are unchanged: the refined butterfly and both weight-space fits of butterfly and
-    hybrid are not in the calibrated set, the hybrid not in the weight-space set;
-    ``--method`` names any of them."""
+    output error. They are what ``auto`` tried before the one registry, plus the
+    geometry-searched hybrid (issue 16: it beats the activation-aware SVD where the
+    other structured fits did not, so ``auto`` now picks it on many layers): the refined
+    butterfly and both weight-space fits of butterfly and hybrid are not in the
+    calibrated set, the hybrid not in the weight-space set; ``--method`` names any of
+    them."""
 
     weight: tuple[str, ...]
     calibrated: tuple[str, ...]
@@ -422,7 +467,7 @@ class Auto:
 
 AUTO = Auto(
     weight=("butterfly", "monarch", "lowrank"),
-    calibrated=("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
+    calibrated=("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid", "hybrid-search"),
 )
 METHODS = ("auto", *STRUCTURES)  # what a recipe's ``method`` may name
 
@@ -518,10 +563,17 @@ def _candidate(context: FitContext, label: str) -> Fitted | None:
     name, fit = CANDIDATES[label]
     structure = STRUCTURES[name]
     chains = structure.calibrated_chains(context)
+    tried: tuple[tuple[str, int, float], ...] = ()
     if fit == "calibrated":
         start = structure.calibrated_fit(context, chains)
+    elif fit != "weight":
+        start = dict(structure.more_fits)[fit](context, chains)
+        if isinstance(start, Searched):
+            start, tried = start.start, start.tried
     else:  # the weight-space fit with the lowest weight error, judged on outputs
         fits = [structure.weight_fit(context.weight, c, context.max_params, "left-to-right") for c in chains]
         best = min(fits, key=lambda f: f.rel_error, default=None)
         start = None if best is None else (best.chain, best.twiddles, best.lowrank_twiddles)
-    return None if start is None else _fitted(context, label, name, *start)
+    if start is None:
+        return None
+    return dataclasses.replace(_fitted(context, label, name, *start), tried=tried)
