@@ -259,7 +259,8 @@ def search_main(args) -> None:
     print("| budget | matrix | AA-SVD | hybrid-search | ratio | geometry | params | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for budget, name, aware, found, seconds in rows:
-        geometry = found.tried[0][0] if found.tried else str(found.chain)
+        first, last = found.chain.patterns  # (1, m/q, p·r, q) (p, q·r, n/p, 1)
+        geometry = f"{last.a}x{first.d} blocks, KS rank {first.c // last.a} + low rank {found.lowrank_rank}"
         print(
             f"| {budget:.0%} | {name.removeprefix('encoder.')} | {aware:.4f} | {found.val_error:.4f} | "
             f"{found.val_error / aware:.3f} | {geometry} | {found.params} | {seconds:.0f} |"
