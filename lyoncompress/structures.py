@@ -412,10 +412,11 @@ def _searched_hybrid(context: FitContext, chains: list[Chain]) -> Searched | Non
     if found is None:
         return None
     fit = found.best
-    # the winner's own full fit is the candidate row itself (judged there in the layer's dtype)
-    winner = next(t for t in found.tried if t.geometry == found.geometry and t.val_error == fit.err_after)
+    # the winning geometry is the candidate row itself (judged there in the layer's dtype)
     tried = tuple(
-        (f"{t.geometry} ({t.iterations} it)", t.params, t.val_error) for t in found.tried if t is not winner
+        (f"{t.geometry} ({t.iterations} it)", t.params, t.val_error)
+        for t in found.tried
+        if t.geometry != found.geometry
     )
     return Searched((fit.chain, fit.twiddles, fit.lowrank_twiddles), tried)
 

@@ -131,3 +131,4 @@ def test_hybrid_search_is_a_registered_auto_candidate_and_lists_what_it_tried():
     assert by["hybrid-search"].val_error < by["lowrank-aware"].val_error
     assert by["hybrid-search"].params <= 0.5 * 48 * 32
     assert by["hybrid-search"].tried and "blocks, KS rank" in by["hybrid-search"].tried[0][0]
+    assert all(error >= by["hybrid-search"].val_error for _, _, error in by["hybrid-search"].tried)

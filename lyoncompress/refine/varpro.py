@@ -334,10 +334,21 @@ def search_geometry(
         chain, twiddles, low = hybrid_start(weight, geometry, gram_train)
         return varpro_fit(weight, chain, twiddles, low, gram_val, whitening, steps, val_energy=energy)
 
-    screened = [(fit(g, screen_iterations), g) for g in grid] if len(grid) > finalists else []
-    tried = [Tried(g, g.params(m, n), r.err_after, r.iterations) for r, g in screened]
-    ranked = [g for _, g in sorted(screened, key=lambda item: item[0].err_after)] or grid
-    full = [(fit(g, iterations), g) for g in ranked[:finalists]]
+    def resume(start: VarProResult) -> VarProResult:  # the screened state goes on: never worse
+        rest = max(0, iterations - start.iterations)
+        chain, twiddles, low = start.chain, start.twiddles, start.lowrank_twiddles
+        more = varpro_fit(weight, chain, twiddles, low, gram_val, whitening, rest, val_energy=energy)
+        return VarProResult(
+            more.chain, more.twiddles, more.lowrank_twiddles, start.err_before, more.err_after,
+            start.iterations + more.iterations,
+        )  # fmt: skip
+
+    if len(grid) > finalists:
+        screened = sorted(((fit(g, screen_iterations), g) for g in grid), key=lambda item: item[0].err_after)
+        tried = [Tried(g, g.params(m, n), r.err_after, r.iterations) for r, g in screened]
+        full = [(resume(r), g) for r, g in screened[:finalists]]
+    else:
+        tried, full = [], [(fit(g, iterations), g) for g in grid]
     tried += [Tried(g, g.params(m, n), r.err_after, r.iterations) for r, g in full]
     best, geometry = min(full, key=lambda item: item[0].err_after)
     return SearchResult(best, geometry, sorted(tried, key=lambda t: t.val_error))
