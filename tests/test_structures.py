@@ -116,8 +116,9 @@ def test_candidates_cover_every_fit_and_auto_is_registered():
     assert all(label in CANDIDATES for label in AUTO.calibrated)
     assert all(name in STRUCTURES for name in AUTO.weight)
     for name, structure in STRUCTURES.items():
-        (label,) = calibrated_candidates(name)
-        assert CANDIDATES[label] == (name, "calibrated" if structure.calibrated_fit else "weight")
+        first, *more = calibrated_candidates(name)
+        assert CANDIDATES[first] == (name, "calibrated" if structure.calibrated_fit else "weight")
+        assert more == [label for label, _ in structure.more_fits]
 
 
 def test_unknown_structure_lists_registered_methods():

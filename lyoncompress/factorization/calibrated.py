@@ -128,6 +128,10 @@ def calibrated_layer(
         approx = approx + best.lowrank_twiddles[0][0, 0] @ best.lowrank_twiddles[1][0, 0]
     weight_error = float((weight - approx).norm() / weight.norm().clamp_min(1e-30))
     candidates = [Candidate(s.name, str(s.chain), s.params, s.val_error) for s in choice.candidates]
+    # a searching fit's row is followed by one row per geometry it tried
+    candidates += [
+        Candidate(s.name, what, params, error) for s in choice.candidates for what, params, error in s.tried
+    ]
     reference_error = (
         paired_output_error(
             weight, approx, calibration.reference_gram_val, calibration.cross_val, calibration.gram_val
