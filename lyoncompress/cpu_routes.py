@@ -97,8 +97,9 @@ def _run_columns(patterns, twiddles, x, bias):
     a, b, c, d = patterns[0].as_tuple()
     if a == 1 and d > 1:  # last factor strided (Monarch's left one): one copy to (B, m)
         rows = h.shape[-1]
-        y = torch.matmul(twiddles[0][0], h.reshape(c, d, rows).transpose(0, 1))  # (d, b, B)
-        y = y.permute(2, 1, 0).reshape(rows, b * d)  # (B, b, d)
+        x = h.reshape(c, d, rows).permute(1, 2, 0)  # (d, B, c), a view BLAS reads as is
+        y = torch.bmm(x, twiddles[0][0].transpose(1, 2))  # (d, B, b)
+        y = y.permute(1, 2, 0).reshape(rows, b * d)  # (B, b, d): reads d contiguous rows per output row
     else:
         # (B, m): elementwise ops downstream want batch-major memory
         y = _columns_factor(patterns[0], twiddles[0], h).T.contiguous()
