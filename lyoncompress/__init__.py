@@ -8,7 +8,7 @@ from lyoncompress.factorization import Projection, project
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.hf_integration import register_with_transformers
 from lyoncompress.inspection import inspect_artifact
-from lyoncompress.layers import ButterflyLinear, apply_artifact
+from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear, apply_artifact
 from lyoncompress.models import load_compressed
 from lyoncompress.quantization.pipeline import quantize
 from lyoncompress.recipe import (
@@ -29,6 +29,7 @@ register_with_transformers()
 
 __all__ = [
     "ButterflyLinear",
+    "QuantizedButterflyLinear",
     "EvalConfig",
     "Gates",
     "QuantizeConfig",

@@ -127,14 +127,7 @@ def _classes() -> tuple[type, type]:
         quantization_config: LyoncompressConfig
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            layers = self.quantization_config.records
-            quantized = sorted(name for name, record in layers.items() if record.quantization is not None)
-            if quantized:
-                raise InputError(
-                    f"this artifact has quantized layers ({', '.join(quantized[:3])}"
-                    f"{' …' if len(quantized) > 3 else ''}), which from_pretrained cannot load yet; "
-                    "use lyoncompress.load_compressed(path) instead"
-                )
+            self.quantization_config.records  # noqa: B018 (the layer table parses)
 
         def _process_model_before_weight_loading(
             self,
@@ -146,7 +139,8 @@ def _classes() -> tuple[type, type]:
             for name, record in self.quantization_config.records.items():
                 root, local = _locate(model, name)
                 layer = swap_in(root, local, record)
-                # the artifact's dtype would clash with a `dtype=` given to from_pretrained
+                # the artifact's dtype would clash with a `dtype=` given to from_pretrained;
+                # a quantized layer's codes and scales keep their storage dtypes
                 layer.to(model.dtype)
                 expected += [f"{name}.{key}" for key in layer.state_dict()]
             _check_tensors(expected, checkpoint_files or [])

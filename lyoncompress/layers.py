@@ -4,8 +4,15 @@ State dict layout (the artifact uses the same names): ``factors.{ℓ}.twiddle`` 
 shape ``(a, d, b, c)`` for ``ℓ = 0 … L-1``, optionally ``lowrank.0.twiddle``
 ``(1, 1, m, r)`` and ``lowrank.1.twiddle`` ``(1, 1, r, n)`` for a rank-``r`` term
 ``U V`` added to the chain (the butterfly + low-rank hybrid), and ``bias``. The
-forward pass is ``y = x @ (X_1 … X_L + U V).T + bias`` through the reference
-einsum product in ``butterfly.py``; the CUDA kernels plug in there when available.
+forward pass is ``y = x @ (X_1 … X_L + U V).T + bias``: on CPU through the measured
+fastest route of ``cpu_routes`` (GEMMs and batched matmuls), on CUDA through the
+kernels when available, else the reference einsum product of ``butterfly.py``
+(``LYONCOMPRESS_KERNELS=torch`` forces the einsum everywhere).
+
+``QuantizedButterflyLinear`` is the same layer with its factors kept quantized: each
+factor holds its payload (``factors.{ℓ}.qdata`` and ``.scale``, or ``.values``) as
+buffers under the artifact's own names, and is dequantized on the fly in each forward
+pass, one layer's float factors at a time, so a quantized artifact stays small in memory.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from torch import nn
 
 from lyoncompress.artifact import Artifact, load_artifact
 from lyoncompress.butterfly import Chain, lowrank
+from lyoncompress.cpu_routes import chain_apply, lowrank_accumulate
 from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorization import project
-from lyoncompress.kernels import ks_chain_apply, use_cuda_kernels
-from lyoncompress.quantization.payloads import check_finite, dequantize_state
+from lyoncompress.kernels import backend, ks_chain_apply, use_cuda_kernels
+from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.payloads import check_finite, dequantize_payload, dequantize_state
 from lyoncompress.schema import LayerRecord
 
 
@@ -134,12 +143,29 @@ class ButterflyLinear(nn.Module):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.twiddles, self.lowrank_twiddles)
+
+    def _product(self, x: torch.Tensor, twiddles: list[torch.Tensor], lowrank_twiddles: list[torch.Tensor]):
+        """``x @ (X_1 … X_L + U V).T + bias`` for the given (float) twiddles."""
+        if x.device.type == "cpu" and backend() is None:
+            if x.shape[-1] != self.in_features:
+                raise PatternError(
+                    f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
+                )
+            self.chain.check_twiddles(twiddles)
+            bias = self.bias if self.lowrank_chain is None else None
+            y = chain_apply(self.chain.patterns, twiddles, x, bias)
+            if self.lowrank_chain is not None:
+                u, v = (t[0, 0] for t in lowrank_twiddles)  # (m, r), (r, n)
+                y = lowrank_accumulate(y, u, v, x)
+                y = y if self.bias is None else y + self.bias
+            return y
         if use_cuda_kernels(x):
-            y = ks_chain_apply(self.chain.patterns, self.twiddles, x)
+            y = ks_chain_apply(self.chain.patterns, twiddles, x)
         else:
-            y = self.chain.apply(self.twiddles, x)
+            y = self.chain.apply(twiddles, x)
         if self.lowrank_chain is not None:
-            y = y + self.lowrank_chain.apply(self.lowrank_twiddles, x)
+            y = y + self.lowrank_chain.apply(lowrank_twiddles, x)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -148,6 +174,111 @@ class ButterflyLinear(nn.Module):
             f"chain={self.chain}, lowrank={self.lowrank_chain.patterns[0].c if self.lowrank_chain else 0}, "
             f"params={self.params}, bias={self.bias is not None}"
         )
+
+
+class _QuantFactor(nn.Module):
+    """Holds one factor's payload as buffers (``factors.{ℓ}.qdata``, ``.scale`` …) of the
+    dtypes and shapes of the format's layout."""
+
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], device) -> None:
+        super().__init__()
+        for field, (dtype, shape) in layout.items():
+            self.register_buffer(field, torch.zeros(shape, dtype=dtype, device=device))
+
+    def payload(self) -> dict[str, torch.Tensor]:
+        return {key: buffer for key, buffer in self._buffers.items() if buffer is not None}
+
+    def _apply(self, fn, recurse=True):
+        # codes and scales keep their storage dtype through model.to(dtype) / .half():
+        # only the device may change
+        for key, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[key] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
+
+
+class QuantizedButterflyLinear(ButterflyLinear):
+    """A ``ButterflyLinear`` whose twiddles stay quantized in memory.
+
+    Every factor keeps its payload (codes and scales, see ``quantization.formats``) as
+    buffers named as in the artifact; ``forward`` dequantizes the factors to the input's
+    dtype (``quantization.payloads.dequantize_payload``), runs the float product, and
+    drops them. ``twiddles`` returns the dequantized float twiddles (no parameters: the
+    layer is for inference).
+
+    Args:
+        in_features, out_features, chain, bias, lowrank_rank: as in ``ButterflyLinear``.
+        format: a storage format name (``int8``, ``int4``, ``fp8-e4m3`` …).
+        group_size: entries per scale along ``c``, or None.
+        dtype: of the bias and of ``twiddles``; device: of every tensor.
+
+    Example:
+        >>> layer = QuantizedButterflyLinear(384, 1536, chain, "int8", None)
+        >>> layer.load_state_dict(payload_tensors)  # factors.0.qdata, factors.0.scale, …
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        chain: Chain,
+        format: str,
+        group_size: int | None,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        lowrank_rank: int = 0,
+    ) -> None:
+        nn.Module.__init__(self)
+        if chain.shape != (out_features, in_features):
+            raise PatternError(
+                f"chain {chain} has shape {chain.shape}, but the layer maps "
+                f"{in_features} -> {out_features} features (needs ({out_features}, {in_features}))"
+            )
+        fmt = get_format(format)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.chain = chain
+        self.format = fmt.name
+        self.group_size = group_size
+        self.dtype = dtype or torch.get_default_dtype()
+        self.factors = _payload_list(chain, fmt, group_size, device)
+        self.lowrank_chain = lowrank(out_features, in_features, lowrank_rank) if lowrank_rank else None
+        self.lowrank = _payload_list(self.lowrank_chain, fmt, group_size, device) if lowrank_rank else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def _float(self, factors: nn.ModuleList | None, chain: Chain | None, dtype: torch.dtype):
+        if factors is None:
+            return []
+        return [
+            dequantize_payload(factor.payload(), pattern.twiddle_shape, dtype)
+            for factor, pattern in zip(factors, chain.patterns)
+        ]
+
+    @property
+    def twiddles(self) -> list[torch.Tensor]:
+        return self._float(self.factors, self.chain, self._float_dtype())
+
+    @property
+    def lowrank_twiddles(self) -> list[torch.Tensor]:
+        return self._float(self.lowrank, self.lowrank_chain, self._float_dtype())
+
+    def _float_dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        twiddles = self._float(self.factors, self.chain, x.dtype)
+        return self._product(x, twiddles, self._float(self.lowrank, self.lowrank_chain, x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.format}, group_size={self.group_size}"
+
+
+def _payload_list(chain: Chain, fmt, group_size: int | None, device) -> nn.ModuleList:
+    return nn.ModuleList(
+        _QuantFactor(fmt.layout(shape, group_size), device) for shape in chain.twiddle_shapes
+    )
 
 
 def _factor_list(chain: Chain, dtype: torch.dtype | None, device: torch.device | str | None) -> nn.ModuleList:
@@ -160,9 +291,10 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     """Swap the artifact's compressed layers into ``model`` and load every tensor, strictly.
 
     Each compressed layer must be an ``nn.Linear`` of the recorded shape in ``model``;
-    it becomes a ``ButterflyLinear`` (quantized payloads are dequantized). Then the
-    whole state dict is loaded: a missing or an extra tensor is an ``InputError``, a
-    non-finite twiddle (after dequantization) a ``FormatError``.
+    it becomes a ``ButterflyLinear``, or a ``QuantizedButterflyLinear`` that keeps the
+    quantized payloads as they are stored. Then the whole state dict is loaded: a
+    missing or an extra tensor is an ``InputError``, a non-finite twiddle (after
+    dequantization, checked one layer at a time) a ``FormatError``.
 
     Args:
         model: the architecture the artifact was made from (weights may be on ``meta``).
@@ -174,8 +306,12 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     for name, record in art.layers.items():
         swap_in(model, name, record)
-    state = dequantize_state({name: art.load(name) for name in art.tensors.names()}, art.layers)
+    state = {name: art.load(name) for name in art.tensors.names()}
     check_finite(state, art.layers, str(art.path))
+    for name, record in art.layers.items():
+        if record.quantization is not None:  # the float twiddles exist only for the check
+            own = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
+            check_finite(dequantize_state(own, {name: record}), {name: record}, str(art.path))
     # a tied parameter (lm_head = embeddings) is stored once, under its first name
     tied = _tied_aliases(model)
     expected = set(model.state_dict()) - tied
@@ -207,7 +343,8 @@ def _tied_aliases(model: nn.Module) -> set[str]:
 
 def swap_in(model: nn.Module, name: str, record: LayerRecord) -> ButterflyLinear:
     """Replace the ``nn.Linear`` at ``name`` by an empty (meta) ``ButterflyLinear`` shaped
-    as the artifact's layer ``record`` says; returns the new layer."""
+    as the artifact's layer ``record`` says (a ``QuantizedButterflyLinear`` for a
+    quantized record); returns the new layer."""
     try:
         module = model.get_submodule(name)
     except AttributeError as err:
@@ -217,15 +354,15 @@ def swap_in(model: nn.Module, name: str, record: LayerRecord) -> ButterflyLinear
         raise InputError(
             f"layer {name!r} is {module!r} in the model, the artifact expects Linear{shape[::-1]}"
         )
-    layer = ButterflyLinear(
-        record.in_features,
-        record.out_features,
-        record.chains["factors"],
-        bias=record.bias,
-        dtype=record.dtype.torch,
-        device="meta",
-        lowrank_rank=record.lowrank_rank,
-    )
+    common = dict(bias=record.bias, dtype=record.dtype.torch, device="meta", lowrank_rank=record.lowrank_rank)
+    chain = record.chains["factors"]
+    if record.quantization is None:
+        layer = ButterflyLinear(record.in_features, record.out_features, chain, **common)
+    else:
+        quant = record.quantization
+        layer = QuantizedButterflyLinear(
+            record.in_features, record.out_features, chain, quant.format, quant.group_size, **common
+        )
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, layer)

@@ -23,6 +23,7 @@ LAYERS = {
     "lyoncompress.errors": 0,
     "lyoncompress.butterfly": 0,
     "lyoncompress.kernels": 0,
+    "lyoncompress.cpu_routes": 0,
     "lyoncompress.schema": 0,
     "lyoncompress.artifact": 1,
     "lyoncompress.checkpoint": 1,

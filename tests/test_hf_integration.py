@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lyoncompress.errors import InputError
 from lyoncompress.hf_integration import register_with_transformers
-from lyoncompress.layers import ButterflyLinear
+from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
 from lyoncompress.models import load_compressed
 
 transformers = pytest.importorskip("transformers")
@@ -91,18 +91,20 @@ def test_from_pretrained_with_head_and_dtype(artifact):
     torch.testing.assert_close(_embeddings(model.bert), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_quantized_layers_refused(artifact, tmp_path):
-    copy = shutil.copytree(artifact, tmp_path / "quantized")
-    config = json.loads((copy / "config.json").read_text())
-    config["quantization_config"]["layers"][MLP[0]]["quantization"] = {
-        "format": "int8",
-        "rescale": "none",
-        "group_size": None,
-        "bits_per_weight": 8.25,
-    }
-    (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match="load_compressed"):
-        transformers.AutoModel.from_pretrained(copy)
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8-e4m3"])
+def test_from_pretrained_quantized_vs_load_compressed(artifact, tmp_path, fmt, cli):
+    # quantized artifacts load too, and stay quantized (codes and scales as buffers)
+    out = tmp_path / fmt
+    result = cli("quantize", artifact, "-o", out, "--format", fmt, "--rescale", "none", "--quiet")
+    assert result.exit_code == 0, result.output
+    model = transformers.AutoModel.from_pretrained(out)
+    layer = model.get_submodule(MLP[0])
+    assert isinstance(layer, QuantizedButterflyLinear)
+    codes = {"int8": torch.int8, "int4": torch.uint8, "fp8-e4m3": torch.float8_e4m3fn}[fmt]
+    assert layer.factors[0].qdata.dtype == codes
+    assert layer.factors[0].scale.dtype == torch.float32
+    expected = _embeddings(load_compressed(out))
+    assert float((_embeddings(model) - expected).abs().max()) <= 1e-5
 
 
 def test_missing_twiddle_refused(artifact, tmp_path):

@@ -147,8 +147,8 @@ def _standalone_layer(artifact: Artifact, name: str, record: LayerRecord) -> But
         "layer", nn.Linear(record.in_features, record.out_features, bias=record.bias, device="meta")
     )
     layer = swap_in(holder, "layer", record)
-    tensors = dequantize_state(_layer_tensors(artifact, name), {name: record})
-    check_finite(tensors, {name: record}, str(artifact.path))
+    tensors = _layer_tensors(artifact, name)  # a quantized layer keeps its payloads
+    check_finite(dequantize_state(tensors, {name: record}), {name: record}, str(artifact.path))
     state = {k.removeprefix(f"{name}."): v for k, v in tensors.items()}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer

@@ -2,6 +2,12 @@
 
 The runtime (``layers``, ``evaluation``) reads quantized artifacts through this module
 only, so that it never imports the ``quantize`` verb (``quantization.pipeline``).
+
+``dequantize_payload`` is the runtime's fast twin of ``QuantFormat.dequantize``: it
+works in the target dtype instead of float64 (codes and float32 scales are exact in
+float32 and their product has at most 48 significant bits, so a float32 or float64
+result is bit-identical to the format's), which is what a ``QuantizedButterflyLinear``
+runs on every forward pass.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lyoncompress.errors import FormatError, InputError
-from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.formats import Payload, get_format
 from lyoncompress.schema import LayerRecord
 
 
@@ -40,3 +46,39 @@ def check_finite(state: dict[str, torch.Tensor], layers: dict[str, LayerRecord],
             tensor = f"{name}.{key}.twiddle"
             if tensor in state and not bool(torch.isfinite(state[tensor]).all()):
                 raise FormatError("holds NaN or infinite values", f"tensor {tensor}", name, source)
+
+
+def dequantize_payload(payload: Payload, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The float twiddle of ``shape`` that a payload stores, computed in ``dtype``.
+
+    The payload's fields say its layout (``quantization.formats``): ``values`` (a cast
+    or rounded float, no scale), or ``qdata`` (int8, fp8, or uint8 holding two int4
+    codes per byte, low nibble first) times ``scale`` of shape ``()`` (per tensor),
+    ``(a, d, b, 1)`` (per row of block) or ``(a, d, b, c // G)`` (groups of ``G`` along c).
+
+    Example:
+        >>> twiddle = dequantize_payload({"qdata": codes, "scale": scale}, (1, 1, 64, 32), torch.float32)
+    """
+    if "values" in payload:
+        return payload["values"].reshape(shape).to(dtype)
+    codes, scale = payload["qdata"], payload["scale"]
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    # a fresh float tensor of the codes, scaled in place (one pass fewer than a promoting multiply)
+    values = _unpack_int4(codes, shape[-1], work) if codes.dtype == torch.uint8 else codes.to(work)
+    values = values.reshape(shape) if values.shape != shape else values
+    scale = scale.to(work)
+    if scale.ndim == 0 or scale.shape[-1] == 1:  # per tensor, or per row of block: broadcasts
+        return values.mul_(scale).to(dtype)
+    groups = scale.shape[-1]
+    grouped = values.contiguous().view(*shape[:-1], groups, shape[-1] // groups)  # (a, d, b, c // G, G)
+    return grouped.mul_(scale.unsqueeze(-1)).view(shape).to(dtype)
+
+
+def _unpack_int4(packed: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 ``(..., ceil(c/2))`` -> codes ``(..., c)`` in ``dtype`` (``formats.unpack_int4``'s
+    layout); for an odd ``c`` a view that skips the padding code."""
+    signed = packed.view(torch.int8)
+    out = torch.empty(*packed.shape, 2, dtype=dtype, device=packed.device)  # (..., ceil(c/2), 2)
+    out[..., 0] = (signed << 4) >> 4  # arithmetic shifts sign-extend the low nibble
+    out[..., 1] = signed >> 4
+    return out.flatten(-2)[..., :c]

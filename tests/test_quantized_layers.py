@@ -1,0 +1,123 @@
+"""Quantized layers that stay quantized: forward vs dequantize-then-float, memory, loading."""
+
+import pytest
+import torch
+from torch import nn
+
+from lyoncompress.artifact import load_artifact
+from lyoncompress.butterfly import lowrank, monarch, square_butterfly
+from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
+from lyoncompress.models import load_compressed
+from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.payloads import dequantize_payload
+from tests.helpers import make_mlp_checkpoint
+
+FORMATS = [("int8", None), ("int8", 2), ("int4", None), ("int4", 2), ("fp8-e4m3", None), ("bf16", None)]
+CHAINS = [monarch(12, 8, 4, rank=2), lowrank(10, 6, 3), square_butterfly(8)]
+
+
+def _quantized(chain, fmt_name, group_size, rank, generator):
+    """A quantized layer and the float layer of its dequantized twiddles."""
+    fmt = get_format(fmt_name)
+    m, n = chain.shape
+    hybrid = lowrank(m, n, rank) if rank else None
+    shapes = chain.twiddle_shapes + (hybrid.twiddle_shapes if hybrid else [])
+    payloads = [
+        fmt.quantize(torch.randn(s, dtype=torch.float64, generator=generator), group_size) for s in shapes
+    ]
+    bias = torch.randn(m, generator=generator)
+    layer = QuantizedButterflyLinear(n, m, chain, fmt_name, group_size, lowrank_rank=rank)
+    state = {"bias": bias}
+    for index, payload in enumerate(payloads):
+        group, local = ("factors", index) if index < len(chain) else ("lowrank", index - len(chain))
+        state |= {f"{group}.{local}.{field}": value for field, value in payload.items()}
+    layer.load_state_dict(state, strict=True)
+    floats = [fmt.dequantize(p, s, torch.float32) for p, s in zip(payloads, shapes)]
+    lowrank_floats = floats[len(chain) :] or None
+    reference = ButterflyLinear.from_twiddles(chain, floats[: len(chain)], bias, lowrank_floats)
+    return layer, reference
+
+
+@pytest.mark.parametrize("fmt,group_size", FORMATS)
+@pytest.mark.parametrize("chain", CHAINS, ids=str)
+@pytest.mark.parametrize("rank", [0, 2])
+def test_quantized_forward_vs_dequantized_float(chain, fmt, group_size, rank, rng):
+    if group_size and any(s[-1] % group_size for s in chain.twiddle_shapes):
+        pytest.skip("group size does not divide c")
+    layer, reference = _quantized(chain, fmt, group_size, rank, rng)
+    x = torch.randn(3, 4, chain.shape[1], generator=rng)
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-6, atol=1e-6)
+    for got, expected in zip(
+        layer.twiddles + layer.lowrank_twiddles, reference.twiddles + reference.lowrank_twiddles
+    ):
+        assert torch.equal(got, expected)
+    assert not list(layer.parameters())[:-1]  # the bias is the only parameter
+
+
+@pytest.mark.parametrize("fmt,group_size", FORMATS)
+def test_dequantize_payload_vs_format(fmt, group_size, rng):
+    shape = (2, 3, 5, 6)
+    payload = get_format(fmt).quantize(torch.randn(shape, dtype=torch.float64, generator=rng), group_size)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(
+            dequantize_payload(payload, shape, dtype), get_format(fmt).dequantize(payload, shape, dtype)
+        )
+
+
+def test_payloads_keep_their_dtype_through_module_casts(rng):
+    layer, reference = _quantized(monarch(12, 8, 4), "int8", None, 0, rng)
+    layer.double()
+    assert layer.factors[0].qdata.dtype == torch.int8 and layer.factors[0].scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.float64 and layer.twiddles[0].dtype == torch.float64
+    x = torch.randn(5, 8, dtype=torch.float64, generator=rng)
+    fmt, shapes = get_format("int8"), reference.chain.twiddle_shapes
+    exact = [fmt.dequantize(f.payload(), s, torch.float64) for f, s in zip(layer.factors, shapes)]
+    dense = reference.chain.to_dense(exact)
+    expected = x @ dense.T + reference.bias.double()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
+def _resident(module: nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, cli):
+    root = tmp_path_factory.mktemp("ql")
+    ckpt, _ = make_mlp_checkpoint(root / "ckpt")
+    assert cli("factorize", ckpt, "-o", root / "fact", "--method", "lowrank").exit_code == 0
+    for fmt in ("int8", "int4", "fp8-e4m3"):
+        result = cli("quantize", root / "fact", "-o", root / fmt, "--format", fmt, "--rescale", "none")
+        assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8-e4m3"])
+def test_load_compressed_keeps_the_stored_bytes(artifacts, fmt):
+    art = load_artifact(artifacts / fmt)
+    model = load_compressed(artifacts / fmt)
+    float_model = load_compressed(artifacts / "fact")
+    for name in art.layers:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantizedButterflyLinear)
+        for key, tensor in layer.state_dict().items():
+            stored = art.load(f"{name}.{key}")
+            assert tensor.dtype == stored.dtype and torch.equal(tensor, stored)
+        stored_bytes = sum(art.load(f"{name}.{key}").nbytes for key in layer.state_dict())
+        assert _resident(layer) == stored_bytes  # nothing dequantized is kept
+        # small demo layers: scales and the float32 bias weigh more than in MiniLM
+        ratio = _resident(layer) / _resident(float_model.get_submodule(name))
+        assert ratio < {"int8": 0.4, "int4": 0.25, "fp8-e4m3": 0.4}[fmt]
+    x = torch.randn(7, 64)
+    dequantized = load_compressed(artifacts / fmt)
+    for name in art.layers:  # the same model with the dequantized twiddles as float parameters
+        layer = dequantized.get_submodule(name)
+        bias = layer.bias.detach() if layer.bias is not None else None
+        float_layer = ButterflyLinear.from_twiddles(
+            layer.chain, layer.twiddles, bias, layer.lowrank_twiddles or None
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(dequantized.get_submodule(parent) if parent else dequantized, child, float_layer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dequantized(x), rtol=1e-6, atol=1e-6)
