@@ -421,6 +421,14 @@ def quantize(
     dense: Annotated[
         bool, typer.Option("--dense", help="Quantize plain weights of a non-factorized model.")
     ] = False,
+    include_dense: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Regex (re.fullmatch, optional re: prefix) of module names whose plain 2-D weights "
+            "are quantized too: Linear layers left dense and embedding tables; 're:.*' = every "
+            "weight; repeatable."
+        ),
+    ] = None,
     calib: Annotated[
         str | None,
         typer.Option(
@@ -450,12 +458,15 @@ def quantize(
     Example:  lyoncompress quantize fact/ -o q/ --format int4 --calib builtin
 
     With a recipe:  lyoncompress quantize fact/ -o q/ --recipe recipe.yaml  (its quantize section)
+
+    Every weight, embeddings included:  lyoncompress quantize fact/ -o q/ --include-dense 're:.*'
     """
     options = _recipe_file(recipe).quantize.replace(
         format=format,
         rescale=rescale,
         group_size=group_size,
         dense=dense or None,
+        include_dense=tuple(include_dense or ()),
         calib=calib,
         calib_samples=calib_samples,
         max_shard_size=max_shard_size,

@@ -173,7 +173,8 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     for name, record in art.layers.items():
-        swap_in(model, name, record)
+        if not record.is_embedding:  # an embedding stays nn.Embedding; its table is dequantized
+            swap_in(model, name, record)
     state = dequantize_state({name: art.load(name) for name in art.tensors.names()}, art.layers)
     check_finite(state, art.layers, str(art.path))
     # a tied parameter (lm_head = embeddings) is stored once, under its first name
