@@ -135,6 +135,11 @@ def test_frontier_reuses_measured_points_and_refuses_other_settings(swept, cli):
     again = cli(*args)
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["points"] == json.loads(swept[3].stdout)["points"]
+    more = cli(*[a if a != "0.5" else "0.75" for a in args])
+    assert more.exit_code == 0, more.output
+    labels = [p["label"] for p in json.loads(more.stdout)["points"]]
+    assert labels[-3:] == ["lowrank 0.5 int4", "lowrank 0.75 int8", "lowrank 0.75 int4"]
+    assert len(labels) == 11  # the earlier part's points kept, the new budget's added
     other = cli(*[a if a != "64" else "32" for a in args])
     assert other.exit_code == 2
     assert "other settings" in other.output
