@@ -264,6 +264,14 @@ def factorize(
             help="Most factorize+eval rounds, bounds included [12].", rich_help_panel="Budget search"
         ),
     ] = None,
+    max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="Refuse (exit 1, nothing written) when the smallest passing budget's artifact holds "
+            "more tensor bytes than this, e.g. 40MB.",
+            rich_help_panel="Budget search",
+        ),
+    ] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -285,6 +293,7 @@ def factorize(
         max_budget=max_budget,
         search_tolerance=search_tolerance,
         search_steps=search_steps,
+        max_bytes=max_bytes,
     )
     options = sections.factorize.replace(
         targets=tuple(target or ()),
@@ -337,6 +346,7 @@ def _budget_search(
         "max_budget": "high",
         "search_tolerance": "tolerance",
         "search_steps": "max_steps",
+        "max_bytes": "max_bytes",
     }
     options = {fields[name]: value for name, value in flags.items()}
     if recipe is None:
@@ -374,6 +384,16 @@ def _factorize_searching(
             _print_factorized(report)
         err_console.print(tables.search_table(found))
     target = f"{found['task']} {found['metric']} >= {found['min_recovery']}"
+    if found.get("too_large_budget") is not None:
+        err_console.print(
+            Text.assemble(
+                ("gate failed: ", "bold red"),
+                f"the smallest budget reaching {target}, {found['too_large_budget']}, writes "
+                f"{found['smallest_passing_bytes']:,} tensor bytes, over --max-bytes "
+                f"{found['max_bytes']:,}; nothing written to {out}",
+            )
+        )
+        raise typer.Exit(EXIT_GATE_FAILED)
     if not found["passed"]:
         best = max(found["curve"], key=lambda step: step["metric"])
         err_console.print(

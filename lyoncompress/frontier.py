@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lyoncompress.checkpoint import open_checkpoint
+from lyoncompress.checkpoint import tensor_bytes
 from lyoncompress.data import load_samples
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation import evaluate
@@ -115,12 +115,6 @@ class _Job:
     structure: str | None = None
     budget: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def tensor_bytes(path: str | Path) -> int:
-    """Bytes of tensor data in every shard of a checkpoint or artifact (headers excluded)."""
-    infos = open_checkpoint(path).infos
-    return sum(math.prod(info.shape) * info.dtype.itemsize for info in infos.values())
 
 
 def file_bytes(path: str | Path) -> int:

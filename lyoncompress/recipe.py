@@ -378,6 +378,9 @@ class SearchConfig:
         tolerance: stop when the smallest passing and largest failing budgets are
             this close (absolute budget).
         max_steps: most factorize + evaluate rounds, the two bounds included.
+        max_bytes: largest tensor data of the written artifact (e.g. ``40MB``); the
+            smallest passing budget gives the smallest artifact, so when it is larger
+            no budget meets both and nothing is written. None: no size limit.
     """
 
     min_recovery: float
@@ -388,8 +391,16 @@ class SearchConfig:
     high: float = 0.95  # a recipe budget must be < 1 (a budget of 1 compresses nothing)
     tolerance: float = 0.01
     max_steps: int = 12
+    max_bytes: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_bytes is not None:
+            try:
+                parse_size(self.max_bytes)
+            except InputError:
+                raise InputError(
+                    f"--max-bytes {self.max_bytes!r} is not a size like 40MB or 512KiB"
+                ) from None
         if not 0.0 < self.min_recovery <= 1.0:
             raise InputError(f"--min-recovery {self.min_recovery} must be in (0, 1], e.g. 0.99")
         if not 0.0 < self.low < self.high < 1.0:
@@ -465,6 +476,7 @@ _SEARCH_TYPES: dict[str, tuple[type, ...]] = {
     "high": _NUMBER,
     "tolerance": _NUMBER,
     "max_steps": (int,),
+    "max_bytes": (str, type(None)),
 }
 
 
