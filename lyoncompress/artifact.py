@@ -29,7 +29,13 @@ from lyoncompress.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, 
 from lyoncompress.errors import FormatError, InputError
 from lyoncompress.output import QUANT_METHOD, check_replaceable, file_system_error
 from lyoncompress.quantization.formats import FORMATS
-from lyoncompress.schema import FORMAT_VERSION, LayerRecord, Structure, check_format_version, layer_table
+from lyoncompress.schema import (
+    FORMAT_VERSION,
+    PLAIN_STRUCTURES,
+    LayerRecord,
+    check_format_version,
+    layer_table,
+)
 
 METADATA_KEY = "lyoncompress"
 INDEX_NAME = "model.safetensors.index.json"
@@ -362,8 +368,12 @@ def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo])
     expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
     quantization = record.quantization
     if quantization is None:
-        if record.structure is Structure.DENSE:
-            raise FormatError("a dense layer is only written quantized (quantize --dense)", "quantization")
+        if record.structure in PLAIN_STRUCTURES:
+            raise FormatError(
+                f"a {record.structure.value} layer is only written quantized (quantize --dense / "
+                "--include-dense)",
+                "quantization",
+            )
         for key, shape in record.factor_shapes.items():
             expected[f"{name}.{key}.twiddle"] = (record.dtype.torch, shape)
     else:

@@ -99,6 +99,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
+def tensor_bytes(path: str | Path) -> int:
+    """Bytes of tensor data in every shard of a checkpoint or artifact (headers excluded):
+    what its weights take, whatever they are stored as."""
+    infos = open_checkpoint(path).infos.values()
+    return sum(_numel(info.shape) * info.dtype.itemsize for info in infos)
+
+
 def _read_config(folder: Path) -> dict | None:
     config_path = folder / "config.json"
     if not config_path.exists():

@@ -32,6 +32,8 @@ from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluation import evaluate as evaluate_artifact
 from lyoncompress.factorization.budget_search import SearchStep, gated_metric, search_budget
 from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
+from lyoncompress.frontier import FrontierConfig
+from lyoncompress.frontier import frontier as measure_frontier
 from lyoncompress.inspection import inspect_artifact
 from lyoncompress.quantization.pipeline import quantize as quantize_artifact
 from lyoncompress.recipe import (
@@ -283,6 +285,14 @@ def factorize(
         str | None,
         typer.Option(help="auto | cpu | cuda: where the calibrated steps run (auto: cuda if available)."),
     ] = None,
+    max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="Refuse (exit 1, nothing written) when the smallest passing budget's artifact holds "
+            "more tensor bytes than this, e.g. 40MB.",
+            rich_help_panel="Budget search",
+        ),
+    ] = None,
     force: ForceOption = False,
     resume: Annotated[
         bool,
@@ -313,6 +323,7 @@ def factorize(
         max_budget=max_budget,
         search_tolerance=search_tolerance,
         search_steps=search_steps,
+        max_bytes=max_bytes,
     )
     options = sections.factorize.replace(
         targets=tuple(target or ()),
@@ -368,6 +379,7 @@ def _budget_search(
         "max_budget": "high",
         "search_tolerance": "tolerance",
         "search_steps": "max_steps",
+        "max_bytes": "max_bytes",
     }
     options = {fields[name]: value for name, value in flags.items()}
     if recipe is None:
@@ -405,6 +417,16 @@ def _factorize_searching(
             _print_factorized(report)
         err_console.print(tables.search_table(found))
     target = f"{found['task']} {found['metric']} >= {found['min_recovery']}"
+    if found.get("too_large_budget") is not None:
+        err_console.print(
+            Text.assemble(
+                ("gate failed: ", "bold red"),
+                f"the smallest budget reaching {target}, {found['too_large_budget']}, writes "
+                f"{found['smallest_passing_bytes']:,} tensor bytes, over --max-bytes "
+                f"{found['max_bytes']:,}; nothing written to {out}",
+            )
+        )
+        raise typer.Exit(EXIT_GATE_FAILED)
     if not found["passed"]:
         best = max(found["curve"], key=lambda step: step["metric"])
         err_console.print(
@@ -454,6 +476,14 @@ def quantize(
     dense: Annotated[
         bool, typer.Option("--dense", help="Quantize plain weights of a non-factorized model.")
     ] = False,
+    include_dense: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Regex (re.fullmatch, optional re: prefix) of module names whose plain 2-D weights "
+            "are quantized too: Linear layers left dense and embedding tables; 're:.*' = every "
+            "weight; repeatable."
+        ),
+    ] = None,
     calib: Annotated[
         str | None,
         typer.Option(
@@ -483,12 +513,15 @@ def quantize(
     Example:  lyoncompress quantize fact/ -o q/ --format int4 --calib builtin
 
     With a recipe:  lyoncompress quantize fact/ -o q/ --recipe recipe.yaml  (its quantize section)
+
+    Every weight, embeddings included:  lyoncompress quantize fact/ -o q/ --include-dense 're:.*'
     """
     options = _recipe_file(recipe).quantize.replace(
         format=format,
         rescale=rescale,
         group_size=group_size,
         dense=dense or None,
+        include_dense=tuple(include_dense or ()),
         calib=calib,
         calib_samples=calib_samples,
         max_shard_size=max_shard_size,
@@ -503,6 +536,79 @@ def quantize(
     else:
         err_console.print(tables.quantize_table(report))
         err_console.print(f"wrote {out}")
+
+
+@app.command()
+@_reports_errors
+def frontier(
+    checkpoint: Annotated[Path, typer.Argument(help="Runnable model folder (config.json with model_type).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for frontier.json/.png; points there are reused.")
+    ],
+    recipe: RecipeOption = None,
+    task: Annotated[
+        str | None, typer.Option(help="Gated task: classification | embeddings | perplexity | outputs.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Held-out evaluation data, as eval --data (default: built-in).")
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(help="Samples drawn (seeded) from the data.")
+    ] = DEFAULT_EVAL_SAMPLES,
+    calib: Annotated[
+        str | None, typer.Option(help="Calibration data of every factorize (as factorize).")
+    ] = None,
+    calib_samples: Annotated[int | None, typer.Option(help="Input rows per layer to capture.")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="Regex of module names to factorize.")] = None,
+    refine_steps: Annotated[int | None, typer.Option(help="Adam steps of each layer's refinement.")] = None,
+    structure: Annotated[
+        list[str] | None,
+        typer.Option(help="Structure to factorize with; repeatable [lowrank monarch butterfly]."),
+    ] = None,
+    budget: Annotated[
+        list[float] | None, typer.Option(help="Global budget; repeatable [0.25 0.5 0.75].")
+    ] = None,
+    format: Annotated[
+        list[str] | None, typer.Option("--format", help="Storage format; repeatable [fp16 int8 int4].")
+    ] = None,
+    group_size: Annotated[int, typer.Option(help="int4 entries per scale of the dense baselines.")] = 64,
+    include_dense: Annotated[
+        list[str] | None, typer.Option(help="Plain weights quantized with every point ['re:.*': all].")
+    ] = None,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw frontier.png (plot extra).")] = True,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Measure the gated metric against whole-artifact bytes: dense-quantized baselines
+    (round-to-nearest and feedback) and factorized budgets x formats; Pareto points marked.
+
+    Example:  lyoncompress frontier model/ -o rd/ --calib builtin --task embeddings --budget 0.5
+    """
+    given = {
+        "task": task,
+        "data": data,
+        "samples": samples,
+        "group_size": group_size,
+        "structures": tuple(structure or ()),
+        "budgets": tuple(budget or ()),
+        "formats": tuple(format or ()),
+        "include_dense": tuple(include_dense or ()),
+    }
+    config = FrontierConfig(**{k: v for k, v in given.items() if v != ()})
+    options = _recipe_file(recipe).factorize.replace(
+        calib=calib, calib_samples=calib_samples, targets=tuple(target or ()), refine_steps=refine_steps
+    )
+    with _LayerProgress(_show_progress(quiet, as_json), "measuring") as progress:
+        document = measure_frontier(checkpoint, out, config, options, plot=plot, progress=progress)
+    if as_json:
+        _print_json(document)
+        return
+    err_console.print(tables.frontier_table(document))
+    wins = document["verdict"]["factorized_wins"]
+    err_console.print(
+        f"factorized points strictly better than every dense-quantized point as large or larger: "
+        f"{', '.join(wins) if wins else 'none'}; wrote {out / 'frontier.json'}"
+    )
 
 
 @app.command()

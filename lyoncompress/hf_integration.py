@@ -127,7 +127,14 @@ def _classes() -> tuple[type, type]:
         quantization_config: LyoncompressConfig
 
         def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-            self.quantization_config.records  # noqa: B018 (the layer table parses)
+            embeddings = sorted(n for n, r in self.quantization_config.records.items() if r.is_embedding)
+            if embeddings:
+                # transformers would load the codes into nn.Embedding by name and leave the
+                # table uninitialised: refuse instead of returning a silently wrong model
+                raise InputError(
+                    f"this artifact has quantized embedding tables ({', '.join(embeddings[:3])}), "
+                    "which from_pretrained cannot load; use lyoncompress.load_compressed(path)"
+                )
 
         def _process_model_before_weight_loading(
             self,

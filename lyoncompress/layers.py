@@ -305,11 +305,14 @@ def apply_artifact(model: nn.Module, artifact: Artifact | str | Path) -> nn.Modu
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     for name, record in art.layers.items():
-        swap_in(model, name, record)
+        if not record.is_embedding:  # an embedding stays nn.Embedding; its table is dequantized
+            swap_in(model, name, record)
     state = {name: art.load(name) for name in art.tensors.names()}
+    # nn.Embedding holds a float table, not codes: only embeddings are dequantized here
+    state = dequantize_state(state, {n: r for n, r in art.layers.items() if r.is_embedding})
     check_finite(state, art.layers, str(art.path))
     for name, record in art.layers.items():
-        if record.quantization is not None:  # the float twiddles exist only for the check
+        if record.quantization is not None and not record.is_embedding:  # floats only for the check
             own = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
             check_finite(dequantize_state(own, {name: record}), {name: record}, str(art.path))
     # a tied parameter (lm_head = embeddings) is stored once, under its first name

@@ -284,7 +284,14 @@ class QuantizeConfig:
         rescale: a name from ``quantization.RESCALINGS``; None: ``left-to-right``, for
             integer formats ``equalize+auto`` (``auto`` with ``calib``).
         group_size: one scale per this many entries along a block row; None: per row.
-        dense: quantize the plain weights of a checkpoint that was not factorized.
+        dense: quantize the plain weights of a checkpoint that was not factorized (every
+            2-D ``*.weight`` except embeddings and output heads, as ``factorize`` selects).
+        include_dense: regexes (``re.fullmatch`` on module names, optional ``re:`` prefix)
+            of plain 2-D weights to quantize as well: the Linear layers a factorized
+            artifact left dense (structure ``dense``) and embedding tables (structure
+            ``embedding``); e.g. ``re:.*`` quantizes every weight of the model. A pattern
+            that matches no plain weight is a warning; a match that is neither an
+            ``nn.Linear`` nor an ``nn.Embedding`` an error.
         calib: calibration data (``builtin`` or a file as ``eval --data`` takes); each
             layer's rescaling then minimises its output error on the captured inputs.
         calib_samples: input rows per layer to fit on (as many are held out); the same
@@ -296,11 +303,18 @@ class QuantizeConfig:
     rescale: str | None = None
     group_size: int | None = None
     dense: bool = False
+    include_dense: tuple[str, ...] = ()
     calib: str | None = None
     calib_samples: int = DEFAULT_CALIB_SAMPLES
     max_shard_size: str = "5GB"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.include_dense, tuple) or not all(
+            isinstance(p, str) for p in self.include_dense
+        ):
+            raise InputError(f"include_dense must be a list of regexes, got {self.include_dense!r}")
+        for pattern in self.include_dense:
+            compile_pattern(pattern, "--include-dense")
         if self.group_size is not None and self.group_size < 1:
             raise InputError(f"--group-size must be >= 1, got {self.group_size}")
         if self.calib_samples < 1:
@@ -382,6 +396,9 @@ class SearchConfig:
         tolerance: stop when the smallest passing and largest failing budgets are
             this close (absolute budget).
         max_steps: most factorize + evaluate rounds, the two bounds included.
+        max_bytes: largest tensor data of the written artifact (e.g. ``40MB``); the
+            smallest passing budget gives the smallest artifact, so when it is larger
+            no budget meets both and nothing is written. None: no size limit.
     """
 
     min_recovery: float
@@ -392,8 +409,16 @@ class SearchConfig:
     high: float = 0.95  # a recipe budget must be < 1 (a budget of 1 compresses nothing)
     tolerance: float = 0.01
     max_steps: int = 12
+    max_bytes: str | None = None
 
     def __post_init__(self) -> None:
+        if self.max_bytes is not None:
+            try:
+                parse_size(self.max_bytes)
+            except InputError:
+                raise InputError(
+                    f"--max-bytes {self.max_bytes!r} is not a size like 40MB or 512KiB"
+                ) from None
         if not 0.0 < self.min_recovery <= 1.0:
             raise InputError(f"--min-recovery {self.min_recovery} must be in (0, 1], e.g. 0.99")
         if not 0.0 < self.low < self.high < 1.0:
@@ -444,6 +469,7 @@ _QUANTIZE_TYPES: dict[str, tuple[type, ...]] = {
     "rescale": (str, type(None)),
     "group_size": (int, type(None)),
     "dense": (bool,),
+    "include_dense": (list, tuple),
     "calib": (str, type(None)),
     "calib_samples": (int,),
     "max_shard_size": (str,),
@@ -468,6 +494,7 @@ _SEARCH_TYPES: dict[str, tuple[type, ...]] = {
     "high": _NUMBER,
     "tolerance": _NUMBER,
     "max_steps": (int,),
+    "max_bytes": (str, type(None)),
 }
 
 
@@ -536,6 +563,7 @@ def recipe_from_dict(data: Any, where: str) -> RecipeFile:
 def _section(cls: type, data: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> Any:
     _check_types(data, types, where)
     kwargs = {k: float(v) if types[k] == _NUMBER else v for k, v in data.items()}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         return cls(**kwargs)
     except InputError as err:

@@ -68,13 +68,7 @@ def add_to_report(artifact: str | Path, key: str, document: dict[str, Any]) -> P
     return path
 
 
-def plot_layer_errors(report: dict[str, Any], path: str | Path) -> None:
-    """Write a PNG of each layer's error against its compression ratio.
-
-    Args:
-        report: an ``evaluate`` report (its ``layers`` rows).
-        path: the PNG to write.
-    """
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -82,6 +76,17 @@ def plot_layer_errors(report: dict[str, Any], path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise InputError("--plot needs matplotlib: pip install 'lyoncompress[plot]'") from err
+    return plt
+
+
+def plot_layer_errors(report: dict[str, Any], path: str | Path) -> None:
+    """Write a PNG of each layer's error against its compression ratio.
+
+    Args:
+        report: an ``evaluate`` report (its ``layers`` rows).
+        path: the PNG to write.
+    """
+    plt = _pyplot()
     rows = [r for r in report["layers"] if "compression" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, marker in (("rel_error", "o"), ("output_error", "s")):
@@ -92,6 +97,48 @@ def plot_layer_errors(report: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("relative error")
     ax.set_title("per-layer error vs compression")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+_FORMAT_MARKERS = {"fp16": "o", "bf16": "o", "int8": "s", "int4": "^"}
+
+
+def plot_frontier(document: dict[str, Any], path: str | Path) -> None:
+    """Write a PNG of a ``frontier`` report: metric against whole-artifact megabytes, one
+    colour per structure, dense-quantized baselines as black stars (labelled), the
+    Pareto-optimal points ringed and joined.
+
+    Args:
+        document: the report ``frontier`` returns.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    points = document["points"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    structures = sorted({p["structure"] for p in points if p["kind"] == "factorized"})
+    colours = plt.get_cmap("tab10")
+    for index, structure in enumerate(structures):
+        for fmt, marker in _FORMAT_MARKERS.items():
+            chosen = [p for p in points if p["structure"] == structure and p["format"] == fmt]
+            if chosen:
+                xs, ys = [p["bytes"] / 1e6 for p in chosen], [p["metric"] for p in chosen]
+                ax.scatter(xs, ys, color=colours(index), marker=marker, label=f"{structure} {fmt}")
+    for p in (p for p in points if p["kind"] != "factorized"):
+        ax.scatter(p["bytes"] / 1e6, p["metric"], color="black", marker="*", s=90)
+        ax.annotate(p["label"], (p["bytes"] / 1e6, p["metric"]), fontsize=7, xytext=(4, -8),
+                    textcoords="offset points")  # fmt: skip
+    front = sorted((p["bytes"] / 1e6, p["metric"]) for p in points if p["pareto"])
+    if front:
+        ax.plot(*zip(*front), color="grey", linewidth=1, drawstyle="steps-post", zorder=0)
+        ax.scatter(*zip(*front), facecolors="none", edgecolors="red", s=160, label="Pareto-optimal")
+    settings = document["settings"]
+    ax.set_xscale("log")
+    ax.set_xlabel("whole-artifact tensor bytes (MB, log scale)")
+    ax.set_ylabel(f"{settings['task']} {settings['metric']} (held out)")
+    ax.set_title("rate-distortion: dense-quantized (stars) vs factorized + quantized")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -49,6 +49,14 @@ class Structure(StrEnum):
     """A chain plus a low-rank term ``U V`` (``lowrank_rank > 0``), fitted on calibration data."""
     DENSE = "dense"
     """The weight itself as the one-factor chain ``(1, m, n, 1)`` (``quantize --dense``)."""
+    EMBEDDING = "embedding"
+    """An ``nn.Embedding`` table ``(num_embeddings, dim)`` as the one-factor chain
+    ``(1, num_embeddings, dim, 1)`` (``quantize --include-dense``); always quantized, no
+    bias. Loading dequantizes it into the embedding's ``P.weight`` (no module is swapped)."""
+
+
+# structures whose one-factor chain is the stored matrix itself, written quantized only
+PLAIN_STRUCTURES = (Structure.DENSE, Structure.EMBEDDING)
 
 
 class DType(StrEnum):
@@ -161,6 +169,19 @@ class LayerRecord:
         _member(self.dtype, DType, "dtype")
         if self.quantization is not None and not isinstance(self.quantization, QuantRecord):
             raise FormatError(f"{self.quantization!r} is not a quantization record or null", "quantization")
+        if self.structure is Structure.EMBEDDING:
+            table = ((1, self.out_features, self.in_features, 1),)
+            if self.chain != table or self.lowrank_rank or self.bias:
+                raise FormatError(
+                    f"an embedding is the one-factor chain {[list(p) for p in table]} with "
+                    "lowrank_rank 0 and no bias",
+                    "structure",
+                )
+
+    @property
+    def is_embedding(self) -> bool:
+        """An embedding table: loaded into ``P.weight``, not swapped in as a layer."""
+        return self.structure is Structure.EMBEDDING
 
     @classmethod
     def from_json(cls, data: Any) -> LayerRecord:

@@ -143,3 +143,21 @@ def layer_error_table(report: dict[str, Any]) -> Table:
     for row in report["layers"]:
         table.add_row(row["name"], *(f"{row[c]:.4f}" if c in row else "" for c in columns))
     return table
+
+
+def frontier_table(document: dict[str, Any]) -> Table:
+    settings = document["settings"]
+    table = Table(title=f"rate-distortion ({settings['task']} {settings['metric']})", title_justify="left")
+    for column in ("point", "kind", "MB", "kept", settings["metric"], "Pareto"):
+        table.add_column(column, justify="left" if column in ("point", "kind") else "right")
+    for p in sorted(document["points"], key=lambda p: p["bytes"]):
+        kept = "" if p["params_ratio"] is None else f"{p['params_ratio']:.1%}"
+        table.add_row(
+            p["label"],
+            p["kind"],
+            f"{p['bytes'] / 1e6:.4g}",
+            kept,
+            f"{p['metric']:.4f}",
+            "*" if p["pareto"] else "",
+        )
+    return table

@@ -67,6 +67,7 @@ LAYERS = {
     "lyoncompress.quantization.calibration": 3,
     "lyoncompress.quantization.pipeline": 3,
     "lyoncompress.factorization.budget_search": 4,
+    "lyoncompress.frontier": 4,
     "lyoncompress.hf_integration": 4,
     "lyoncompress.demo": 4,
     "lyoncompress.cli": 4,

@@ -125,10 +125,14 @@ def weights_task(ctx: EvalContext) -> TaskResult:
     rows = []
     for name, record in ctx.artifact.layers.items():
         reference = ctx.reference.load(f"{name}.weight").double()
-        layer = _standalone_layer(ctx.artifact, name, record)
-        approx = layer.to_dense().detach().double()
+        if record.is_embedding:
+            tensors = dequantize_state(_layer_tensors(ctx.artifact, name), {name: record})
+            approx, params = tensors[f"{name}.weight"].double(), reference.numel()
+        else:
+            layer = _standalone_layer(ctx.artifact, name, record)
+            approx, params = layer.to_dense().detach().double(), layer.params
         error = float((reference - approx).norm() / reference.norm().clamp_min(1e-30))
-        rows.append({"name": name, "rel_error": error, "compression": reference.numel() / layer.params})
+        rows.append({"name": name, "rel_error": error, "compression": reference.numel() / params})
     mean = sum(r["rel_error"] for r in rows) / len(rows)
     return TaskResult(
         {"mean_rel_error": mean, "max_rel_error": max(r["rel_error"] for r in rows)}, layers=rows
@@ -178,7 +182,9 @@ def _embed(model: nn.Module, ctx: EvalContext) -> torch.Tensor:
 def outputs_task(ctx: EvalContext) -> TaskResult:
     """Per-layer ``‖(W - Ŵ) X‖ / ‖W X‖`` on the reference model's activations, and the
     relative error and cosine of the final outputs."""
-    with recorded_inputs(ctx.reference_model, ctx.artifact.layers) as captured:
+    # an embedding's inputs are token ids: its error shows in the final outputs only
+    linear = [name for name, record in ctx.artifact.layers.items() if not record.is_embedding]
+    with recorded_inputs(ctx.reference_model, linear) as captured:
         reference_out = _run(ctx.reference_model, ctx).double()
     compressed_out = _run(ctx.compressed_model, ctx).double()
     rows = []

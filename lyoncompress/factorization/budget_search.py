@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lyoncompress.checkpoint import open_checkpoint
+from lyoncompress.checkpoint import open_checkpoint, tensor_bytes
 from lyoncompress.data import load_samples
 from lyoncompress.errors import InputError
 from lyoncompress.evaluation import evaluate
 from lyoncompress.evaluation.tasks import FITTING, model_kind
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.output import Output, check_replaceable, claim_output, data_paths
-from lyoncompress.recipe import SEARCH_METRICS, EvalConfig, Recipe, SearchConfig
+from lyoncompress.recipe import SEARCH_METRICS, EvalConfig, Recipe, SearchConfig, parse_size
 
 # Model kind -> the task searched when none is named: the kind's own recovery task.
 DEFAULT_TASKS: dict[str, str] = {
@@ -153,6 +153,13 @@ def _search(
             "passed": best is not None,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        if search.max_bytes is not None:
+            # bytes grow with the budget: the smallest pass is the smallest passing artifact
+            size = None if best is None else tensor_bytes(best[1])
+            section.update(max_bytes=parse_size(search.max_bytes), smallest_passing_bytes=size)
+            if size is not None and size > section["max_bytes"]:
+                section.update(passed=False, too_large_budget=best[0], chosen_budget=None)
+                return {**high_report, "budget_search": section}
         if best is None:
             return {**high_report, "budget_search": section}
         _, folder, report, evaluation = best

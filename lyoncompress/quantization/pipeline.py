@@ -16,21 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lyoncompress.artifact import Artifact, companion_files, load_artifact, write_artifact
 from lyoncompress.butterfly import Chain
 from lyoncompress.capture import CapturedRows as QuantCalibration
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import FormatError, InputError
+from lyoncompress.models import build_model
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import make_plan
 from lyoncompress.quantization.calibration import calibrate
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.rescale import resolve
-from lyoncompress.recipe import QuantizeConfig, Recipe, parse_size
+from lyoncompress.recipe import QuantizeConfig, Recipe, compile_pattern, parse_size
 from lyoncompress.refine.gram import output_error
-from lyoncompress.schema import DType, LayerRecord, QuantRecord, Structure
+from lyoncompress.schema import PLAIN_STRUCTURES, DType, LayerRecord, QuantRecord, Structure
 
 Progress = Callable[[str, int, int], None]
 # Integer grids waste most of their range unless the factors' ranges are equalised first;
@@ -48,11 +50,14 @@ def default_rescale(fmt: str, calibrated: bool = False) -> str:
     return "auto" if calibrated else "equalize+auto"
 
 
-def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, LayerRecord], dict[str, Any]]:
-    """The tensors to read, the layer records to quantize, and the config to carry.
+def _sources(
+    path: Path, dense: bool, include: tuple[str, ...] = ()
+) -> tuple[Checkpoint, dict[str, LayerRecord], dict[str, Any], list[str]]:
+    """The tensors to read, the layer records to quantize, the config to carry, warnings.
 
     With ``dense``, a plain weight becomes the one-factor chain ``(1, m, n, 1)``: its
     twiddle is the matrix itself, so it is stored and loaded like any other chain.
+    ``include`` adds the plain 2-D weights whose module names match (``--include-dense``).
     """
     checkpoint = open_checkpoint(path)
     try:
@@ -66,35 +71,93 @@ def _sources(path: Path, dense: bool) -> tuple[Checkpoint, dict[str, LayerRecord
                 f"{path} is already quantized ({already[0]} …); quantize the factorized artifact"
             )
         config = {k: v for k, v in artifact.config.items() if k != "quantization_config"}
-        return checkpoint, dict(artifact.layers), config
-    if not dense:
+        layers = dict(artifact.layers)
+    elif not dense:
         raise InputError(
             f"{path} is not a factorized artifact; run `lyoncompress factorize` first, "
             "or pass --dense to quantize its dense weights as they are"
         )
-    layers = {}
-    for layer in make_plan(checkpoint, Recipe()).layers:
-        m, n = layer.shape
-        try:
-            layers[layer.name] = LayerRecord(
-                structure=Structure.DENSE,
-                in_features=n,
-                out_features=m,
-                chain=((1, m, n, 1),),
-                lowrank_rank=0,
-                bias=layer.has_bias,
-                dtype=DType.of(checkpoint.infos[layer.weight_name].dtype),
-                quantization=None,
+    else:
+        config = dict(checkpoint.config or {})
+        names = [layer.name for layer in make_plan(checkpoint, Recipe()).layers]
+        layers = {name: _plain_record(checkpoint, name, Structure.DENSE) for name in names}
+    extra, warnings = select_plain(checkpoint, layers, include)
+    kinds = plain_kinds(config, checkpoint.path, extra)
+    layers.update({name: _plain_record(checkpoint, name, kinds[name]) for name in extra})
+    return checkpoint, layers, config, warnings
+
+
+def select_plain(
+    checkpoint: Checkpoint, layers: dict[str, LayerRecord], include: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """Module names of the plain 2-D float ``*.weight`` tensors that ``include`` matches
+    (``re.fullmatch``), those already in ``layers`` left out; and a warning per pattern
+    that matched no such weight."""
+    plain = [
+        name.removesuffix(".weight")
+        for name, info in checkpoint.infos.items()
+        if name.endswith(".weight") and len(info.shape) == 2 and info.dtype.is_floating_point
+    ]
+    plain = [name for name in plain if name not in layers]
+    patterns = [(p, compile_pattern(p, "--include-dense")) for p in include]
+    chosen = [name for name in plain if any(regex.fullmatch(name) for _, regex in patterns)]
+    warnings = [
+        f"--include-dense {p!r} matched no plain 2-D weight"
+        for p, regex in patterns
+        if not any(regex.fullmatch(name) for name in plain)
+    ]
+    return chosen, warnings
+
+
+def plain_kinds(config: dict[str, Any], where: Path, names: list[str]) -> dict[str, Structure]:
+    """``dense`` for an ``nn.Linear``, ``embedding`` for an ``nn.Embedding``, found on the
+    model built on the meta device; a checkpoint without a ``model_type`` (weights only)
+    has no modules to tell, so each weight is ``dense``. Any other module is refused."""
+    if not names:
+        return {}
+    if not config.get("model_type"):
+        return dict.fromkeys(names, Structure.DENSE)
+    with torch.device("meta"):
+        model = build_model(config, where)
+    modules = dict(model.named_modules())
+    kinds = {}
+    for name in names:
+        module = modules.get(name)
+        if isinstance(module, nn.Embedding):
+            kinds[name] = Structure.EMBEDDING
+        elif isinstance(module, nn.Linear):
+            kinds[name] = Structure.DENSE
+        else:
+            raise InputError(
+                f"--include-dense selects {name}.weight, whose module is {type(module).__name__}; "
+                "only nn.Linear and nn.Embedding weights can be quantized: narrow the pattern"
             )
-        except FormatError as err:
-            raise err.at(str(path), layer.name) from None
-    return checkpoint, layers, dict(checkpoint.config or {})
+    return kinds
+
+
+def _plain_record(checkpoint: Checkpoint, name: str, structure: Structure) -> LayerRecord:
+    info = checkpoint.infos[f"{name}.weight"]
+    m, n = info.shape
+    embedding = structure is Structure.EMBEDDING
+    try:
+        return LayerRecord(
+            structure=structure,
+            in_features=n,
+            out_features=m,
+            chain=((1, m, n, 1),),
+            lowrank_rank=0,
+            bias=not embedding and f"{name}.bias" in checkpoint.infos,
+            dtype=DType.of(info.dtype),
+            quantization=None,
+        )
+    except FormatError as err:
+        raise err.at(str(checkpoint.path), name) from None
 
 
 def _twiddles(checkpoint: Checkpoint, name: str, record: LayerRecord) -> dict[str, list[torch.Tensor]]:
     """The layer's float twiddles by group: ``factors`` (and ``lowrank``); all finite, since
     a NaN would be rounded into payloads that quietly poison every output."""
-    if record.structure is Structure.DENSE:
+    if record.structure in PLAIN_STRUCTURES:
         names = {"factors": [f"{name}.weight"]}
     else:
         names = {"factors": [f"{name}.factors.{i}.twiddle" for i in range(len(record.chain))]}
@@ -106,7 +169,7 @@ def _twiddles(checkpoint: Checkpoint, name: str, record: LayerRecord) -> dict[st
             if not bool(torch.isfinite(twiddle).all()):
                 where = str(checkpoint.path)
                 raise FormatError("holds NaN or infinite values", f"tensor {tensor}", name, where)
-    if record.structure is Structure.DENSE:
+    if record.structure in PLAIN_STRUCTURES:
         groups["factors"] = [groups["factors"][0].reshape(1, 1, record.out_features, record.in_features)]
     return groups
 
@@ -151,7 +214,7 @@ def quantize(
     resolve(rescale)
     with claim_output(out, force, [artifact, *data_paths(reference, config.calib)]) as output:
         report = _quantize(Path(artifact), output, config, rescale, reference, progress)
-        report["warnings"] = output.notes
+        report["warnings"] = [*output.notes, *report.get("warnings", [])]
         return report
 
 
@@ -164,19 +227,22 @@ def _quantize(
     progress: Progress | None,
 ) -> dict[str, Any]:
     fmt, group_size, calib = config.format, config.group_size, config.calib
-    source, records, model_config = _sources(artifact, config.dense)
+    source, records, model_config, warnings = _sources(artifact, config.dense, config.include_dense)
     calibration = None
     if calib is not None:
+        # an embedding's inputs are token ids: it is rounded on its weights alone
+        linear = [name for name, record in records.items() if not record.is_embedding]
         calibration = calibrate(
-            artifact, list(records), calib, config.calib_samples, Path(reference) if reference else None
+            artifact, linear, calib, config.calib_samples, Path(reference) if reference else None
         )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"warnings": warnings}
 
     def finish_report() -> dict[str, Any]:
         report.update(
             command="quantize",
+            include_dense=list(config.include_dense),
             source=str(artifact),
             format=fmt,
             rescale=rescale,
@@ -216,16 +282,16 @@ def _stream(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # the tensor that starts each layer's group; the rest of the group is skipped
     first = {
-        (f"{n}.weight" if r.structure is Structure.DENSE else f"{n}.factors.0.twiddle"): n
+        (f"{n}.weight" if r.structure in PLAIN_STRUCTURES else f"{n}.factors.0.twiddle"): n
         for n, r in layers.items()
     }
     replaced = tuple(f"{n}.{group}." for n in layers for group in ("factors", "lowrank")) + tuple(
-        f"{n}.weight" for n, r in layers.items() if r.structure is Structure.DENSE
+        f"{n}.weight" for n, r in layers.items() if r.structure in PLAIN_STRUCTURES
     )
     for tensor_name in source.names():
         if tensor_name in first:
             layer = first[tensor_name]
-            inputs = None if calibration is None else calibration[layer]
+            inputs = None if calibration is None else calibration.get(layer)
             quantized = _quantize_layer(source, layer, layers[layer], fmt, rescale, group_size, rows, inputs)
             table[layer] = yield from quantized
             if progress is not None:

@@ -1,0 +1,336 @@
+"""The rate-distortion report: the gated metric against whole-artifact bytes.
+
+``frontier`` answers "was factorizing worth it?": it measures, on one held-out set,
+
+* the dense model quantized as it is (``quantize --dense``), per format, with plain
+  round-to-nearest (``none``) and with ``feedback`` for the integer formats, and
+* the model factorized at several budgets for each structure, then quantized,
+
+every artifact carrying the same plain weights quantized alongside (``include_dense``,
+by default every matrix: embeddings, attention, heads), so that its bytes are the
+whole file's. ``bytes`` is the sum of the tensor data of the written artifact
+(safetensors headers excluded). A point is Pareto-optimal when no other point is at
+most as large and at least as good, one of the two strictly.
+
+The points are kept in ``OUT/frontier.json``; a later call with the same settings
+reuses the points it finds there, so a long sweep can be run in parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lyoncompress.checkpoint import tensor_bytes
+from lyoncompress.data import load_samples
+from lyoncompress.errors import InputError
+from lyoncompress.evaluation import evaluate
+from lyoncompress.factorization.budget_search import gated_metric
+from lyoncompress.factorization.pipeline import factorize
+from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.pipeline import INTEGER_FORMATS, default_rescale, quantize
+from lyoncompress.recipe import DEFAULT_EVAL_SAMPLES, EvalConfig, QuantizeConfig, Recipe, SearchConfig
+from lyoncompress.report import plot_frontier
+from lyoncompress.structures import get_structure
+
+FRONTIER_VERSION = 1
+Progress = Callable[[str, int, int], None]  # (point label, done, total)
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """What ``frontier`` measures.
+
+    Attributes:
+        task: evaluation task gated on (a key of ``SEARCH_METRICS``); None: the model
+            kind's recovery task, as for the budget search.
+        data: held-out evaluation data (as ``eval --data``); None: the built-in
+            evaluation split, disjoint from the built-in calibration text.
+        samples: samples drawn (seeded) from the data.
+        structures: structures (``structures.STRUCTURES``) to factorize with.
+        budgets: global budgets (fractions of the factorized layers' parameters).
+        formats: storage formats of every point, dense and factorized.
+        group_size: int4 entries per scale of the dense baselines (their rows admit it;
+            factorized int4 keeps a scale per block row, since low ranks admit no group).
+        include_dense: plain weights quantized with every point (``--include-dense``).
+    """
+
+    task: str | None = None
+    data: str | Path | None = None
+    samples: int = DEFAULT_EVAL_SAMPLES
+    structures: tuple[str, ...] = ("lowrank", "monarch", "butterfly")
+    budgets: tuple[float, ...] = (0.25, 0.5, 0.75)
+    formats: tuple[str, ...] = ("fp16", "int8", "int4")
+    group_size: int | None = 64
+    include_dense: tuple[str, ...] = ("re:.*",)
+
+    def __post_init__(self) -> None:
+        for name in self.structures:
+            get_structure(name)
+        for fmt in self.formats:
+            get_format(fmt)
+        for budget in self.budgets:
+            if not 0.0 < budget < 1.0:
+                raise InputError(f"--budget {budget} must be a fraction in (0, 1), e.g. 0.5")
+        if not (self.structures and self.budgets and self.formats):
+            raise InputError("frontier needs at least one structure, budget and format")
+        if self.samples < 1:
+            raise InputError(f"--samples must be >= 1, got {self.samples}")
+        if self.group_size is not None and self.group_size < 1:
+            raise InputError(f"--group-size must be >= 1, got {self.group_size}")
+        QuantizeConfig(include_dense=self.include_dense)  # validates the patterns
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured artifact (or the reference itself)."""
+
+    label: str
+    kind: str  # "reference" | "dense" | "factorized"
+    format: str | None
+    rescale: str | None
+    group_size: int | None
+    structure: str | None
+    budget: float | None
+    bytes: int
+    file_bytes: int
+    metric: float
+    params_ratio: float | None = None
+    seconds: float = 0.0
+    pareto: bool = False
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A point to measure: the quantize options, and the factorized source if any."""
+
+    label: str
+    quantize: QuantizeConfig
+    structure: str | None = None
+    budget: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def file_bytes(path: str | Path) -> int:
+    """Bytes of the ``*.safetensors`` files (headers included); 0 for other formats."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+
+
+def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
+    """For ``(size, metric)`` pairs, whether each is Pareto-optimal: no other pair has a
+    size ``<=`` and a metric ``>=``, one of them strictly (equal pairs are both optimal)."""
+    best_below = -math.inf  # the best metric of every strictly smaller size seen so far
+    flags = [False] * len(points)
+    order = sorted(range(len(points)), key=lambda i: points[i][0])
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order) and points[order[end]][0] == points[order[start]][0]:
+            end += 1
+        same_size = order[start:end]
+        top = max(points[i][1] for i in same_size)
+        for i in same_size:
+            flags[i] = points[i][1] == top and top > best_below
+        best_below = max(best_below, top)
+        start = end
+    return flags
+
+
+def verdict(points: list[Point]) -> dict[str, Any]:
+    """Whether factorizing paid: the factorized points strictly better than every
+    dense-quantized point of equal or larger size, and for the others the smallest
+    dense-quantized point that is at least as good and no larger."""
+    dense = [p for p in points if p.kind == "dense"]
+    wins, beaten, unmatched = [], {}, []
+    for point in (p for p in points if p.kind == "factorized"):
+        rivals = [d for d in dense if d.bytes >= point.bytes]
+        better = [d for d in dense if d.bytes <= point.bytes and d.metric >= point.metric]
+        if rivals and all(point.metric > d.metric for d in rivals):
+            wins.append(point.label)
+        elif not rivals:
+            unmatched.append(point.label)
+        if better:
+            beaten[point.label] = min(better, key=lambda d: d.bytes).label
+    return {
+        "factorized_wins": wins,
+        "no_dense_point_as_large": unmatched,
+        "dominated_by_dense": beaten,
+        "pareto": [p.label for p in points if p.pareto],
+    }
+
+
+def frontier(
+    checkpoint: str | Path,
+    out: str | Path,
+    config: FrontierConfig | None = None,
+    recipe: Recipe | None = None,
+    plot: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure the gated metric against whole-artifact bytes; write ``OUT/frontier.json``
+    (and ``OUT/frontier.png`` with ``plot``).
+
+    Args:
+        checkpoint: a runnable model folder (a ``config.json`` with ``model_type``).
+        out: folder for the report; points already in its ``frontier.json`` with the
+            same settings are reused, others measured and added.
+        config: what to measure (default ``FrontierConfig()``).
+        recipe: every factorize option but ``method`` and ``budget`` (e.g. ``calib``,
+            ``targets``); default ``Recipe()``.
+        plot: draw the curve (needs the ``plot`` extra).
+        progress: called after each point with (label, done, total).
+
+    Returns:
+        ``{"settings", "points", "verdict", "seconds"}``; each point has ``bytes``,
+        ``metric`` and ``pareto``.
+
+    Example:
+        >>> report = frontier("model/", "rd/", FrontierConfig(formats=("int8",)))
+        >>> report["verdict"]["factorized_wins"]
+        []
+    """
+    config = config or FrontierConfig()
+    recipe = recipe or Recipe()
+    checkpoint, out = Path(checkpoint), Path(out)
+    search = SearchConfig(min_recovery=1.0, task=config.task, data=config.data, samples=config.samples)
+    task, metric = gated_metric(checkpoint, search)
+    if config.data is not None:
+        load_samples(config.data, config.samples, 0)  # a bad data file fails before any work
+    settings = {
+        "version": FRONTIER_VERSION,
+        "checkpoint": str(checkpoint.resolve()),
+        "task": task,
+        "metric": metric,
+        "data": None if config.data is None else str(Path(config.data).resolve()),
+        "samples": config.samples,
+        "include_dense": list(config.include_dense),
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("method", "budget")},
+    }
+    settings = json.loads(json.dumps(settings))  # tuples as lists: as read back from the file
+    known = _known_points(out / "frontier.json", settings)
+    started = time.perf_counter()
+    eval_config = EvalConfig(tasks=(task,), data=config.data, samples=config.samples)
+    jobs = _jobs(config)
+    reference = Point(
+        "dense float (reference)", "reference", None, None, None, None, None,
+        tensor_bytes(checkpoint), file_bytes(checkpoint), 1.0,
+    )  # fmt: skip
+    measured = dict(known)  # points of earlier parts stay in the report
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / ".frontier-scratch"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        factorized: dict[tuple[str, float], tuple[Path, float]] = {}
+        for done, job in enumerate(jobs, 1):
+            if job.label not in known:
+                begin = time.perf_counter()
+                source, ratio = checkpoint, None
+                if job.structure is not None:
+                    key = (job.structure, job.budget)
+                    if key not in factorized:
+                        for folder, _ in factorized.values():  # its formats are all measured
+                            shutil.rmtree(folder)
+                        factorized.clear()
+                        folder = stage / f"fact-{done}"
+                        report = factorize(checkpoint, folder, recipe.replace(method=key[0], budget=key[1]))
+                        factorized[key] = (folder, report["totals"]["ratio"])
+                    source, ratio = factorized[key]
+                target = stage / f"point-{done}"
+                quantize(source, target, job.quantize)
+                value = float(evaluate(target, checkpoint, eval_config)["tasks"][task][metric])
+                q = job.quantize
+                measured[job.label] = Point(
+                    label=job.label,
+                    kind="dense" if job.structure is None else "factorized",
+                    format=q.format,
+                    rescale=q.rescale or default_rescale(q.format),
+                    group_size=q.group_size,
+                    structure=job.structure,
+                    budget=job.budget,
+                    bytes=tensor_bytes(target),
+                    file_bytes=file_bytes(target),
+                    metric=value,
+                    params_ratio=ratio,
+                    seconds=round(time.perf_counter() - begin, 3),
+                )
+                shutil.rmtree(target)
+                # written after every point: an interrupted sweep resumes where it stopped
+                _write(out, settings, [reference, *measured.values()], started)
+            if progress is not None:
+                progress(job.label, done, len(jobs))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    document = _write(out, settings, [reference, *measured.values()], started)
+    if plot:
+        plot_frontier(document, out / "frontier.png")
+    return document
+
+
+def _jobs(config: FrontierConfig) -> list[_Job]:
+    include = config.include_dense
+    jobs = []
+    for fmt in config.formats:
+        integer = fmt in INTEGER_FORMATS
+        group = config.group_size if fmt == "int4" else None
+        for rescale in ("none", "feedback") if integer else ("none",):
+            shown = {"none": "rtn"}.get(rescale, rescale)
+            label = f"dense {fmt}" + (f" g{group}" if group else "") + (f" {shown}" if integer else "")
+            options = QuantizeConfig(
+                format=fmt, rescale=rescale, group_size=group, dense=True, include_dense=include
+            )
+            jobs.append(_Job(label, options))
+    for structure in config.structures:
+        for budget in config.budgets:
+            for fmt in config.formats:
+                label = f"{structure} {budget:g} {fmt}"
+                # float formats round to nearest: an 11-bit significand leaves nothing for a
+                # rescaling to win, and its search on a 1536-row factor takes gigabytes
+                rescale = None if fmt in INTEGER_FORMATS else "none"
+                options = QuantizeConfig(format=fmt, rescale=rescale, include_dense=include)
+                jobs.append(_Job(label, options, structure, budget))
+    return jobs
+
+
+def _known_points(path: Path, settings: dict[str, Any]) -> dict[str, Point]:
+    if not path.exists():
+        return {}
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not JSON ({err}); remove it to start a new frontier") from err
+    if document.get("settings") != settings:
+        raise InputError(
+            f"{path} was measured with other settings (checkpoint, task, data, samples, "
+            "include_dense or factorize options); use another --out or remove it"
+        )
+    fields = Point.__dataclass_fields__
+    return {
+        p["label"]: Point(**{k: v for k, v in p.items() if k in fields})
+        for p in document["points"]
+        if p["kind"] != "reference"
+    }
+
+
+def _write(out: Path, settings: dict[str, Any], points: list[Point], started: float) -> dict[str, Any]:
+    flags = pareto_flags([(p.bytes, p.metric) for p in points])
+    points = [Point(**{**asdict(p), "pareto": flag}) for p, flag in zip(points, flags)]
+    document = {
+        "command": "frontier",
+        "settings": settings,
+        "points": [asdict(p) for p in points],
+        "verdict": verdict(points),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    staging = out / ".frontier.json.tmp"
+    staging.write_text(json.dumps(document, indent=2) + "\n")
+    staging.replace(out / "frontier.json")
+    return document
