@@ -20,7 +20,7 @@ from torch import nn
 
 from lyoncompress.artifact import Artifact, companion_files, load_artifact, write_artifact
 from lyoncompress.butterfly import Chain
-from lyoncompress.capture import CapturedRows as QuantCalibration
+from lyoncompress.capture import CapturedRows
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
 from lyoncompress.errors import FormatError, InputError
 from lyoncompress.models import build_model
@@ -278,7 +278,7 @@ def _stream(
     group_size: int | None,
     rows: list[dict[str, Any]],
     progress: Progress | None,
-    calibration: dict[str, QuantCalibration] | None = None,
+    calibration: dict[str, CapturedRows] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # the tensor that starts each layer's group; the rest of the group is skipped
     first = {
@@ -308,7 +308,7 @@ def _quantize_layer(
     rescale: str,
     group_size: int | None,
     rows: list[dict[str, Any]],
-    calibration: QuantCalibration | None = None,
+    calibration: CapturedRows | None = None,
 ) -> Generator[tuple[str, torch.Tensor], None, dict[str, Any]]:
     """Yields the layer's payload tensors; returns its JSON record with the ``quantization``."""
     begin = time.perf_counter()
