@@ -16,7 +16,7 @@ def ckpt(tmp_path):
 
 
 def test_help_for_every_command(cli):
-    for command in ([], ["factorize"], ["inspect"], ["eval"], ["demo"], ["quantize"]):
+    for command in ([], ["factorize"], ["inspect"], ["eval"], ["demo"], ["quantize"], ["frontier"]):
         result = cli(*command, "--help")
         assert result.exit_code == 0, result.output
         assert "Example" in result.output
