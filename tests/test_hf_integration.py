@@ -107,6 +107,16 @@ def test_from_pretrained_quantized_vs_load_compressed(artifact, tmp_path, fmt, c
     assert float((_embeddings(model) - expected).abs().max()) <= 1e-5
 
 
+def test_from_pretrained_refuses_quantized_embeddings(artifact, tmp_path, cli):
+    # nn.Embedding has no place for codes: transformers would leave the table random
+    out = tmp_path / "all"
+    args = ["quantize", artifact, "-o", out, "--format", "int8", "--include-dense", "re:.*embeddings$"]
+    assert cli(*args, "--rescale", "none", "--quiet").exit_code == 0
+    with pytest.raises(InputError, match="quantized embedding tables"):
+        transformers.AutoModel.from_pretrained(out)
+    assert _embeddings(load_compressed(out)).isfinite().all()  # lyoncompress loads it
+
+
 def test_missing_twiddle_refused(artifact, tmp_path):
     copy = shutil.copytree(artifact, tmp_path / "incomplete")
     tensors = load_file(copy / "model.safetensors")
