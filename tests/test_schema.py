@@ -1,5 +1,6 @@
 """The artifact's records (``schema``) and ``load_artifact``'s validation of forged artifacts."""
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -210,10 +211,8 @@ def _check_corrupted(cli, base: Path, edit) -> None:
         folder = Path(shutil.copytree(base, Path(scratch) / "a"))
         path = folder / "model.safetensors"
         path.write_bytes(edit(path.read_bytes()))
-        try:
+        with contextlib.suppress(LyoncompressError):  # refusing is fine, anything else fails
             load_artifact(folder)
-        except LyoncompressError:
-            pass
         result = cli("inspect", folder)
         assert result.exit_code in (0, 2), result.output
 
