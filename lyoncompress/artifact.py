@@ -4,7 +4,8 @@ Layout (specified in docs/FORMAT.md): a folder with ``model.safetensors`` (or
 ``model-0000i-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``),
 ``config.json`` with a ``quantization_config`` (``quant_method: "lyoncompress"``) and
 ``report.json``. Every shard's header metadata carries the layer table as JSON
-under the key ``lyoncompress``.
+under the key ``lyoncompress``. Since version 2, each layer's original ``P.weight``
+holds an empty placeholder, so that a loader that does not know the format fails.
 
 Writing streams one tensor at a time: tensor bytes go to a per-shard data file as
 they are produced, and a shard is closed (header + data) once it is full, so memory
@@ -14,11 +15,12 @@ temporary folder beside the output and renamed into place only when complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +42,30 @@ from lyoncompress.schema import (
 METADATA_KEY = "lyoncompress"
 INDEX_NAME = "model.safetensors.index.json"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# Version 2: the tensor every layer P keeps under its original name P.weight. A loader
+# that does not know lyoncompress (transformers without `import lyoncompress`, torch's
+# load_state_dict) finds P.weight, cannot fit an empty tensor into the layer's weight and
+# refuses the artifact, where it would otherwise leave that weight randomly initialised.
+PLACEHOLDER = TensorInfo(shape=(0,), dtype=torch.uint8)
+PLACEHOLDER_SINCE = 2
+
+
+def placeholder_name(layer: str) -> str:
+    """Where a layer's placeholder is stored: the name of the weight it replaces."""
+    return f"{layer}.weight"
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """A loaded, validated artifact: its layer records, config, report and lazily readable tensors."""
+    """A loaded, validated artifact: its layer records, config, report and lazily readable
+    tensors (every tensor but the placeholders, which carry no data)."""
 
     path: Path
     layers: dict[str, LayerRecord]
     config: dict[str, Any]
     report: dict[str, Any]
     tensors: Checkpoint
+    format_version: int
 
     def load(self, name: str) -> torch.Tensor:
         return self.tensors.load(name)
@@ -117,8 +132,9 @@ def write_artifact(
 
     ``tensors`` is consumed lazily; ``layers`` may be filled while it is consumed
     and ``report()`` is called after the last tensor, so both can describe work
-    done during the stream. ``companions`` (e.g. ``companion_files(source)``) are
-    copied beside the weights. On any error or Ctrl-C the temporary folder is
+    done during the stream. The writer adds each layer's placeholder
+    (``placeholder_name``) itself; ``tensors`` must not hold one. ``companions`` (e.g.
+    ``companion_files(source)``) are copied beside the weights. On any error or Ctrl-C the temporary folder is
     removed and ``out`` is left as it was; a full disk, a read-only folder or missing
     permissions are an ``InputError``. ``out`` is claimed by the caller (``claim_output``).
     """
@@ -155,12 +171,13 @@ def _write_into(
 ) -> None:
     shards: list[_ShardWriter] = []
     seen: set[str] = set()
-    for name, tensor in tensors:
+    for name, tensor in itertools.chain(tensors, _placeholders(layers)):
         if name in seen:
             raise ValueError(f"tensor {name} written twice")
         seen.add(name)
         size = tensor.numel() * tensor.element_size()
-        if not shards or (shards[-1].size and shards[-1].size + size > max_shard_size):
+        # an empty tensor (a placeholder) fits in any shard: it never opens one of its own
+        if not shards or (size and shards[-1].size and shards[-1].size + size > max_shard_size):
             shards.append(_ShardWriter(folder / f".shard-{len(shards)}.data"))
         shards[-1].add(name, tensor)
     if not shards:
@@ -189,6 +206,12 @@ def _write_into(
     }
     _write_json(folder / "config.json", config)
     _write_json(folder / "report.json", report())
+
+
+def _placeholders(layers: dict[str, dict[str, Any]]) -> Iterable[tuple[str, torch.Tensor]]:
+    # a generator: `layers` is read once the stream before it has filled it in
+    for name in list(layers):
+        yield placeholder_name(name), torch.empty(PLACEHOLDER.shape, dtype=PLACEHOLDER.dtype)
 
 
 class _ShardWriter:
@@ -264,14 +287,15 @@ def load_artifact(path: str | Path) -> Artifact:
     any tensor data is read: the metadata's JSON and format version, each layer record
     (``schema.LayerRecord``), config.json's copy of the table, and that each record's
     tensors are present with the dtypes and shapes its chain implies (and nothing else
-    under its name). Tensor values are checked when they are loaded (``apply_artifact``).
+    under its name, but the version-2 placeholder). Tensor values are checked when they
+    are loaded (``apply_artifact``).
 
     Args:
         path: the artifact folder.
 
     Returns:
         ``Artifact`` with the per-layer records, the config, the report, and tensors
-        readable one at a time.
+        readable one at a time (the placeholders left out).
 
     Raises:
         InputError: ``path`` is not a lyoncompress artifact at all.
@@ -294,18 +318,20 @@ def load_artifact(path: str | Path) -> Artifact:
     try:
         if any(table != tables[0] for table in tables):
             raise FormatError("the shards' headers carry different layer tables", "'lyoncompress' metadata")
-        layers = _header_layers(tables[0])
+        version, layers = _header_layers(tables[0])
         config = tensors.config or {}
-        _check_config(config, layers)
+        _check_config(config, layers, version)
         for name, record in layers.items():
             try:
-                _check_tensors(name, record, tensors.infos)
+                _check_tensors(name, record, tensors.infos, version)
             except FormatError as err:
                 raise err.at(layer=name) from None
         report = _read_report(path / "report.json")
     except FormatError as err:
         raise err.at(str(path)) from None
-    return Artifact(path, layers, config, report, tensors)
+    placeholders = {placeholder_name(name) for name in layers} if version >= PLACEHOLDER_SINCE else set()
+    weights = {name: info for name, info in tensors.infos.items() if name not in placeholders}
+    return Artifact(path, layers, config, report, replace(tensors, infos=weights), version)
 
 
 def _shards(path: Path) -> list[Path]:
@@ -320,7 +346,7 @@ def _metadata(shard: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
-def _header_layers(text: str) -> dict[str, LayerRecord]:
+def _header_layers(text: str) -> tuple[int, dict[str, LayerRecord]]:
     field = "'lyoncompress' metadata"
     try:
         document = json.loads(text)
@@ -331,13 +357,13 @@ def _header_layers(text: str) -> dict[str, LayerRecord]:
     unknown = sorted(set(document) - {"format_version", "layers"})
     if unknown:
         raise FormatError(f"unknown key {unknown[0]!r}; it holds format_version and layers", field)
-    check_format_version(document, field)
+    version = check_format_version(document, field)
     if "layers" not in document:
         raise FormatError("no 'layers' table", field)
-    return layer_table(document["layers"])
+    return version, layer_table(document["layers"])
 
 
-def _check_config(config: dict[str, Any], layers: dict[str, LayerRecord]) -> None:
+def _check_config(config: dict[str, Any], layers: dict[str, LayerRecord], version: int) -> None:
     """config.json repeats the header's table for transformers; the two must agree."""
     field = "config.json quantization_config"
     document = config.get("quantization_config")
@@ -348,7 +374,12 @@ def _check_config(config: dict[str, Any], layers: dict[str, LayerRecord]) -> Non
         raise FormatError(f"unknown key {unknown[0]!r}", field)
     if document.get("quant_method") != QUANT_METHOD:
         raise FormatError(f"quant_method {document.get('quant_method')!r} is not {QUANT_METHOD!r}", field)
-    check_format_version(document, field)
+    if check_format_version(document, field) != version:
+        raise FormatError(
+            f"format_version {document['format_version']} differs from the safetensors header's "
+            f"{version} (the header is the reference; rewrite the artifact)",
+            field,
+        )
     try:
         copy = layer_table(document.get("layers"))
     except FormatError as err:
@@ -363,8 +394,11 @@ def _check_config(config: dict[str, Any], layers: dict[str, LayerRecord]) -> Non
         )
 
 
-def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo]) -> None:
-    """The tensors under ``name`` are exactly those ``record`` implies, dtypes and shapes included."""
+def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo], version: int) -> None:
+    """The tensors under ``name`` are exactly those ``record`` (and the format ``version``)
+    implies, dtypes and shapes included."""
+    if version >= PLACEHOLDER_SINCE:
+        _check_placeholder(name, infos)
     expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
     quantization = record.quantization
     if quantization is None:
@@ -398,12 +432,27 @@ def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo])
             raise FormatError(
                 f"dtype {info.dtype}, the record implies {dtype or 'a float'}", f"tensor {tensor}"
             )
+    if version >= PLACEHOLDER_SINCE:
+        expected[placeholder_name(name)] = (PLACEHOLDER.dtype, PLACEHOLDER.shape)
     owned = (f"{name}.factors.", f"{name}.lowrank.", f"{name}.weight", f"{name}.bias")
     extra = sorted(t for t in infos if t.startswith(owned) and t not in expected)
     if extra:
         raise FormatError(
-            "not implied by the record (a compressed layer has no .weight, and .bias only when bias is true)",
+            "not implied by the record (a compressed layer has no .weight before version 2, "
+            "and .bias only when bias is true)",
             f"tensor {extra[0]}",
+        )
+
+
+def _check_placeholder(name: str, infos: dict[str, TensorInfo]) -> None:
+    tensor = placeholder_name(name)
+    info = infos.get(tensor)
+    if info != PLACEHOLDER:
+        found = "missing" if info is None else f"{info.dtype} of shape {info.shape}"
+        raise FormatError(
+            f"{found}; a version-2 layer keeps here the placeholder {PLACEHOLDER.dtype} of shape "
+            f"{PLACEHOLDER.shape}, never a weight",
+            f"tensor {tensor}",
         )
 
 

@@ -7,7 +7,10 @@ live outside it. ``register_with_transformers()`` registers ours:
 - ``LyoncompressConfig`` holds the artifact's layer table (``format_version``, ``layers``);
 - ``LyoncompressHfQuantizer`` swaps each listed ``nn.Linear`` of the freshly built (meta)
   model for a ``ButterflyLinear`` before the weights load, so transformers' own loader
-  fills ``<module>.factors.<ℓ>.twiddle`` (and ``lowrank.<i>.twiddle``, ``bias``) by name.
+  fills ``<module>.factors.<ℓ>.twiddle`` (and ``lowrank.<i>.twiddle``, ``bias``) by name,
+  and tells it to pass over the empty ``<module>.weight`` placeholders. Those are what
+  makes a transformers that has not run this registration refuse the artifact (a size
+  mismatch, ``RuntimeError``) instead of loading random weights (docs/FORMAT.md).
 
 Example:
     >>> from lyoncompress.hf_integration import register_with_transformers
@@ -25,13 +28,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 from torch import nn
 
-from lyoncompress.artifact import FORMAT_VERSION, QUANT_METHOD
+from lyoncompress.artifact import FORMAT_VERSION, QUANT_METHOD, placeholder_name
 from lyoncompress.errors import FormatError, InputError
 from lyoncompress.layers import swap_in
 from lyoncompress.schema import LayerRecord, check_format_version, layer_table
@@ -93,7 +97,7 @@ def _classes() -> tuple[type, type]:
                 ``out_features``, ``chain`` (``[[a, b, c, d], …]``), ``lowrank_rank``, ``bias``,
                 ``dtype``, ``quantization`` (see docs/FORMAT.md); validated by
                 ``schema.LayerRecord`` and kept as JSON, which transformers serializes.
-            format_version: artifact format version; only the current one is read.
+            format_version: artifact format version (``schema.READABLE_VERSIONS``).
             quant_method: always ``"lyoncompress"``.
         """
 
@@ -142,7 +146,7 @@ def _classes() -> tuple[type, type]:
             checkpoint_files: list[str] | None = None,
             **kwargs: Any,
         ) -> PreTrainedModel:
-            expected = []
+            expected, placeholders = [], []
             for name, record in self.quantization_config.records.items():
                 root, local = _locate(model, name)
                 layer = swap_in(root, local, record)
@@ -150,7 +154,13 @@ def _classes() -> tuple[type, type]:
                 # a quantized layer's codes and scales keep their storage dtypes
                 layer.to(model.dtype)
                 expected += [f"{name}.{key}" for key in layer.state_dict()]
+                # matched against the model's key names, which may carry base_model_prefix
+                placeholders.append(rf"(^|\.){re.escape(placeholder_name(local))}$")
             _check_tensors(expected, checkpoint_files or [])
+            # the swapped-in layers have no .weight: transformers would list the (empty)
+            # placeholders as unexpected keys in a warning on every load
+            ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+            model._keys_to_ignore_on_load_unexpected = ignored | set(placeholders)
             return model
 
         def is_serializable(self) -> bool:

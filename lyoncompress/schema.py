@@ -23,7 +23,10 @@ import torch
 from lyoncompress.butterfly import Chain, KSPattern, lowrank
 from lyoncompress.errors import FormatError, PatternError
 
-FORMAT_VERSION = 1
+# the version every writer writes; readers also take the older ones (docs/FORMAT.md,
+# "Version history"): version 1 lacks the `P.weight` placeholders
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Bounds checked before anything is allocated. 2**20 features is 4x the largest
 # vocabulary of a released model, so no real layer is refused; a chain claiming more
 # would make the readers build (and ``quantize`` materialise) an absurd matrix.
@@ -234,19 +237,21 @@ class LayerRecord:
         }
 
 
-def check_format_version(document: dict[str, Any], field: str) -> None:
-    """``document["format_version"]`` must be the integer ``FORMAT_VERSION``."""
+def check_format_version(document: dict[str, Any], field: str) -> int:
+    """``document["format_version"]``, an integer of ``READABLE_VERSIONS``; returned."""
+    readable = " and ".join(map(str, READABLE_VERSIONS))
     if "format_version" not in document:
-        raise FormatError(f"no format_version; this reads version {FORMAT_VERSION}", field)
+        raise FormatError(f"no format_version; this reads versions {readable}", field)
     version = document["format_version"]
     if type(version) is not int:
         raise FormatError(f"format_version {version!r} is not an integer", field)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FormatError(
-            f"artifact format version {version} is not supported (this reads {FORMAT_VERSION}); "
+            f"artifact format version {version} is not supported (this reads {readable}); "
             "upgrade lyoncompress or rewrite the artifact",
             field,
         )
+    return version
 
 
 def layer_table(data: Any) -> dict[str, LayerRecord]:

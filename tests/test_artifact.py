@@ -60,7 +60,7 @@ def test_sharding_and_header_metadata(tmp_path, mlp):
     assert set(index["weight_map"].values()) == {s.name for s in shards}
     with safe_open(shards[0], framework="pt") as handle:
         document = json.loads(handle.metadata()["lyoncompress"])
-    assert document["format_version"] == 1
+    assert document["format_version"] == 2
     assert document["layers"]["fc1"]["chain"] == [
         list(p.as_tuple()) for p in Chain.of(*document["layers"]["fc1"]["chain"]).patterns
     ]
@@ -69,7 +69,7 @@ def test_sharding_and_header_metadata(tmp_path, mlp):
 
 
 GOLDEN_LAYERS = (
-    '{"format_version": 1, "layers": {'
+    '{"format_version": 2, "layers": {'
     '"fc1": {"structure": "monarch", "in_features": 64, "out_features": 128, '
     '"chain": [[1, 32, 20, 4], [4, 20, 16, 1]], "lowrank_rank": 0, "bias": true, '
     '"dtype": "float32", "quantization": null}, '
@@ -86,6 +86,9 @@ GOLDEN_TENSORS = {
     "fc2.factors.1.twiddle": {"dtype": "F32", "shape": [2, 1, 32, 64], "data_offsets": [32768, 49152]},
     "head.bias": {"dtype": "F32", "shape": [10], "data_offsets": [49152, 49192]},
     "head.weight": {"dtype": "F32", "shape": [10, 128], "data_offsets": [49192, 54312]},
+    # the placeholders of version 2: empty, so that nothing reads them as the weights
+    "fc1.weight": {"dtype": "U8", "shape": [0], "data_offsets": [54312, 54312]},
+    "fc2.weight": {"dtype": "U8", "shape": [0], "data_offsets": [54312, 54312]},
 }
 
 
@@ -118,8 +121,9 @@ def test_byte_layout_of_a_written_shard(tmp_path):
     header = json.loads(raw[8 : 8 + size])
     assert size % 8 == 0
     assert header["p.factors.0.twiddle"] == {"dtype": "F32", "shape": [1, 2, 2, 2], "data_offsets": [0, 32]}
+    assert header["p.weight"] == {"dtype": "U8", "shape": [0], "data_offsets": [32, 32]}  # the placeholder
     assert header["__metadata__"]["format"] == "pt"
-    assert json.loads(header["__metadata__"]["lyoncompress"]) == {"format_version": 1, "layers": layers}
+    assert json.loads(header["__metadata__"]["lyoncompress"]) == {"format_version": 2, "layers": layers}
     assert raw[8 + size :] == twiddle.numpy().tobytes()
     assert load_artifact(out).layers == {"p": record}
 

@@ -19,7 +19,15 @@ from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.models import load_compressed
 from lyoncompress.quantization.pipeline import quantize
 from lyoncompress.recipe import QuantizeConfig, Recipe
-from lyoncompress.schema import MAX_FEATURES, DType, LayerRecord, QuantRecord, Structure, layer_table
+from lyoncompress.schema import (
+    FORMAT_VERSION,
+    MAX_FEATURES,
+    DType,
+    LayerRecord,
+    QuantRecord,
+    Structure,
+    layer_table,
+)
 from tests.helpers import make_mlp_checkpoint
 
 
@@ -114,18 +122,21 @@ def test_missing_key_is_an_error():
 # ---- forged artifacts: each is refused by load_artifact and by the CLI with exit 2 ----
 
 
-def _rewrite(folder: Path, layers=None, metadata=None, tensors=None, config=None) -> None:
-    """Rewrite the artifact's header table (and config.json's copy) and its tensors."""
+def _rewrite(
+    folder: Path, layers=None, metadata=None, tensors=None, config=None, version=FORMAT_VERSION
+) -> None:
+    """Rewrite the artifact's header table (and config.json's copy, both saying ``version``)
+    and its tensors."""
     state = load_file(folder / "model.safetensors")
     table = _table(folder)
     if layers is not None:
         layers(table)
     if tensors is not None:
         tensors(state)
-    text = metadata if metadata is not None else json.dumps({"format_version": 1, "layers": table})
+    text = metadata if metadata is not None else json.dumps({"format_version": version, "layers": table})
     save_file(state, folder / "model.safetensors", metadata={"format": "pt", "lyoncompress": text})
     document = json.loads((folder / "config.json").read_text())
-    document["quantization_config"]["layers"] = table
+    document["quantization_config"].update(layers=table, format_version=version)
     if config is not None:
         config(document["quantization_config"])
     (folder / "config.json").write_text(json.dumps(document))
@@ -161,7 +172,15 @@ FORGERIES = {
     "negative pattern entry": {"layers": _set("fc2", chain=[[1, -128, 128, 1]])},
     "bool where int expected": {"layers": _set("fc1", lowrank_rank=False)},
     "bias without tensor": {"tensors": lambda state: state.pop("fc1.bias")},
-    "format_version 2 in config.json": {"config": lambda qc: qc.update(format_version=2)},
+    "format_version 1 in config.json": {"config": lambda qc: qc.update(format_version=1)},
+    "format_version 3 in config.json": {"config": lambda qc: qc.update(format_version=3)},
+    "format_version 3 in the header": {"version": 3},
+    "placeholder missing": {"tensors": lambda state: state.pop("fc1.weight")},
+    "placeholder holding data": {
+        "tensors": lambda state: state.update({"fc1.weight": torch.zeros(4, dtype=torch.uint8)})
+    },
+    "placeholder of another dtype": {"tensors": lambda state: state.update({"fc1.weight": torch.zeros(0)})},
+    "placeholder in a version-1 artifact": {"version": 1},
     "config.json disagrees with header": {"config": lambda qc: qc["layers"]["fc1"].update(bias=False)},
     "NaN twiddle": {"tensors": _nan},
 }

@@ -72,6 +72,7 @@ def _sources(
             )
         config = {k: v for k, v in artifact.config.items() if k != "quantization_config"}
         layers = dict(artifact.layers)
+        checkpoint = artifact.tensors  # without the placeholders, which the writer adds anew
     elif not dense:
         raise InputError(
             f"{path} is not a factorized artifact; run `lyoncompress factorize` first, "
