@@ -394,11 +394,11 @@ def _check_config(config: dict[str, Any], layers: dict[str, LayerRecord], versio
         )
 
 
-def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo], version: int) -> None:
+def _check_tensors(
+    name: str, record: LayerRecord, infos: dict[str, TensorInfo], version: int = FORMAT_VERSION
+) -> None:
     """The tensors under ``name`` are exactly those ``record`` (and the format ``version``)
     implies, dtypes and shapes included."""
-    if version >= PLACEHOLDER_SINCE:
-        _check_placeholder(name, infos)
     expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
     quantization = record.quantization
     if quantization is None:
@@ -433,6 +433,7 @@ def _check_tensors(name: str, record: LayerRecord, infos: dict[str, TensorInfo],
                 f"dtype {info.dtype}, the record implies {dtype or 'a float'}", f"tensor {tensor}"
             )
     if version >= PLACEHOLDER_SINCE:
+        _check_placeholder(name, infos)
         expected[placeholder_name(name)] = (PLACEHOLDER.dtype, PLACEHOLDER.shape)
     owned = (f"{name}.factors.", f"{name}.lowrank.", f"{name}.weight", f"{name}.bias")
     extra = sorted(t for t in infos if t.startswith(owned) and t not in expected)
