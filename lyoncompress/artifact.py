@@ -134,9 +134,10 @@ def write_artifact(
     and ``report()`` is called after the last tensor, so both can describe work
     done during the stream. The writer adds each layer's placeholder
     (``placeholder_name``) itself; ``tensors`` must not hold one. ``companions`` (e.g.
-    ``companion_files(source)``) are copied beside the weights. On any error or Ctrl-C the temporary folder is
-    removed and ``out`` is left as it was; a full disk, a read-only folder or missing
-    permissions are an ``InputError``. ``out`` is claimed by the caller (``claim_output``).
+    ``companion_files(source)``) are copied beside the weights. On any error or Ctrl-C
+    the temporary folder is removed and ``out`` is left as it was; a full disk, a
+    read-only folder or missing permissions are an ``InputError``. ``out`` is claimed
+    by the caller (``claim_output``).
     """
     check_replaceable(out, force)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
