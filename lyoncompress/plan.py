@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.errors import InputError
+from lyoncompress.output import QUANT_METHOD
 from lyoncompress.recipe import Recipe, compile_pattern
 
 # Default selection leaves these dense: embeddings and output heads are lookup
@@ -47,9 +48,17 @@ class Plan:
 def make_plan(checkpoint: Checkpoint, recipe: Recipe) -> Plan:
     """Select layers by ``recipe.targets`` / ``recipe.ignore`` and attach their options.
 
-    Raises ``InputError`` when nothing is selected; patterns that match no layer are
-    reported in ``Plan.warnings``.
+    Raises ``InputError`` when nothing is selected or ``checkpoint`` is a lyoncompress
+    artifact; patterns that match no layer are reported in ``Plan.warnings``.
     """
+    quantization = (checkpoint.config or {}).get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        # its compressed layers have no .weight to select, yet their factors would be copied
+        # through without their records: an artifact that loads nowhere
+        raise InputError(
+            f"{checkpoint.path} is a lyoncompress artifact; "
+            "factorize takes the dense checkpoint it was made from"
+        )
     matrices = {
         name[: -len(".weight")]: info
         for name, info in checkpoint.infos.items()

@@ -149,3 +149,13 @@ def test_stale_lock_and_scratch_of_dead_runs_are_removed_and_said(tmp_path, ckpt
 
 def test_output_with_a_missing_parent_is_refused(tmp_path, ckpt, cli):
     _refused(cli("factorize", ckpt, "-o", tmp_path / "no" / "out"), "parent folder does not exist")
+
+
+def test_factorize_of_an_artifact_is_refused(tmp_path, ckpt, cli):
+    # an artifact's compressed layers have no .weight: factorizing it again would copy their
+    # factors through without their records, an artifact that loads nowhere
+    assert cli("factorize", ckpt, "-o", tmp_path / "fact", "--method", "lowrank").exit_code == 0
+    before = _fingerprint(tmp_path / "fact")
+    _refused(cli("factorize", tmp_path / "fact", "-o", tmp_path / "again"), "lyoncompress artifact", "dense")
+    assert _fingerprint(tmp_path / "fact") == before
+    assert not (tmp_path / "again").exists()
