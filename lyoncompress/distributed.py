@@ -48,12 +48,14 @@ class Ranks:
 class PeerFailed(Exception):
     """Another rank failed at an agreement point; that rank reported its own error.
 
-    ``internal`` says whether its error was a bug (exit 3) rather than a bad input (exit 2).
+    ``internal`` says whether its error was a bug (exit 3) rather than a bad input (exit 2);
+    ``os_error`` whether it was caused by an ``OSError`` (a full disk, a permission).
     """
 
-    def __init__(self, message: str, internal: bool) -> None:
+    def __init__(self, message: str, internal: bool, os_error: bool = False) -> None:
         super().__init__(message)
         self.internal = internal
+        self.os_error = os_error
 
 
 def launched_ranks(environ: Mapping[str, str] | None = None) -> Ranks:
@@ -153,12 +155,13 @@ def agreed(ranks: Ranks) -> Iterator[None]:
     except BaseException as err:
         # this rank's own error is what it reports, even when the others are gone already
         with contextlib.suppress(PeerFailed):
-            _all_gather(ranks, (type(err).__name__, str(err), not isinstance(err, InputError)))
+            internal = not isinstance(err, InputError)
+            _all_gather(ranks, (type(err).__name__, str(err), internal, isinstance(err.__cause__, OSError)))
         raise
     failures = [(rank, status) for rank, status in enumerate(_all_gather(ranks, None)) if status is not None]
     if failures:
-        rank, (kind, message, internal) = failures[0]
-        raise PeerFailed(f"rank {rank}: {message if not internal else f'{kind}: {message}'}", internal)
+        rank, (kind, message, internal, os_error) = failures[0]
+        raise PeerFailed(f"rank {rank}: {f'{kind}: ' if internal else ''}{message}", internal, os_error)
 
 
 def shared_out(sizes: Mapping[str, int], world: int) -> dict[str, int]:

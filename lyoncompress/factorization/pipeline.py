@@ -67,8 +67,12 @@ def factorize(
             and checkpoint (else an ``InputError``); the artifact is the one an
             uninterrupted run writes. Without it an existing journal is replaced.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the layer fits and rank 0
+    writes ``out`` (see README, "Several processes").
+
     Returns:
-        The report (also written to ``out/report.json``).
+        The report (also written to ``out/report.json``); on the other ranks of a
+        ``torchrun`` run only ``{"command", "rank", "fitted"}`` (the layers it fitted).
 
     Example:
         >>> report = factorize("model.safetensors", "fact/", Recipe(method="monarch"))
@@ -128,7 +132,7 @@ def _factorize(
             # bad input (a NaN weight, data that never reaches a layer) must change before a
             # rerun, which the journal's fingerprint would then refuse: nothing is kept. A full
             # disk or a permission problem is fixed outside the input: its journal stays
-            if ranks.leader and not getattr(err, "internal", False) and not _file_system(err):
+            if ranks.leader and not _keeps_journal(err):
                 journal.remove()
             raise
         if output is not None:
@@ -136,8 +140,10 @@ def _factorize(
         return report
 
 
-def _file_system(err: Exception) -> bool:
-    return isinstance(err.__cause__, OSError) or getattr(err, "file_system", False)
+def _keeps_journal(err: InputError | PeerFailed) -> bool:
+    if isinstance(err, PeerFailed):
+        return err.internal or err.os_error
+    return isinstance(err.__cause__, OSError)
 
 
 def _stamp(source: Checkpoint, recipe: Recipe) -> str:
