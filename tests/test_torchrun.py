@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,27 +88,49 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def _ranks_by_hand(*args, world=2):
+# rank 1 fails as its first layer fit starts: SIGKILLed (FAIL=kill) or with a bug (FAIL=bug)
+_FAILING_RANK = """
+import os, signal, sys
+from lyoncompress import cli
+from lyoncompress.factorization import pipeline
+def failing(*args):
+    if os.environ["FAIL"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise ZeroDivisionError("a bug")
+if os.environ["RANK"] == "1":
+    pipeline.factorize_layer = failing
+sys.argv = ["lyoncompress", "factorize", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def _ranks_by_hand(*args, world=2, fail=None):
     """Start ``world`` ranks as torchrun would (its environment variables), without the
-    launcher, which stops the other ranks once one exits: each rank's exit code is seen."""
+    launcher, which stops the other ranks once one exits: each rank's exit code is seen.
+    ``fail`` makes rank 1 fail (see ``_FAILING_RANK``)."""
     port = str(_free_port())
+    logs = [tempfile.TemporaryFile() for _ in range(world)]  # no pipe to fill while a rank waits
+    program = ["-m", "lyoncompress", "factorize"] if fail is None else ["-c", _FAILING_RANK]
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-m", "lyoncompress", "factorize", *map(str, args)],
+            [sys.executable, *program, *map(str, args)],
             env=_env(
                 RANK=str(r),
                 LOCAL_RANK=str(r),
                 WORLD_SIZE=str(world),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port,
+                FAIL=fail or "",
             ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )
-        for r in range(world)
+        for r, log in enumerate(logs)
     ]
-    return [(rank.wait(timeout=TIMEOUT), rank.communicate()[1]) for rank in ranks]
+    codes = [rank.wait(timeout=TIMEOUT) for rank in ranks]
+    for log in logs:
+        log.seek(0)
+    return [(code, log.read().decode()) for code, log in zip(codes, logs)]
 
 
 def _nan_checkpoint(tmp_path, layer):
@@ -143,6 +166,32 @@ def test_a_bad_input_on_any_rank_exits_2_on_every_rank(tmp_path, case):
     assert out_exists == out.exists()  # nothing written (or the existing folder left alone)
     assert not journal_path(out).exists()  # a bad input keeps no journal
     assert not (tmp_path / ".out.lock").is_symlink()  # the lock is released
+
+
+def test_a_bug_on_one_rank_exits_3_on_every_rank_and_keeps_the_journal(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    (code0, err0), (code1, err1) = _ranks_by_hand(
+        ckpt, "-o", tmp_path / "out", "--method", "monarch", fail="bug"
+    )
+    assert (code0, code1) == (3, 3), (err0, err1)
+    assert "ZeroDivisionError: a bug" in err1 and "Traceback" in err1  # the failing rank's traceback
+    assert "error: rank 1: ZeroDivisionError: a bug" in err0 and "Traceback" not in err0
+    assert not (tmp_path / "out").exists()
+    assert journal_path(tmp_path / "out").exists()  # not a bad input: the run can resume
+
+
+def test_a_killed_rank_stops_the_others_and_the_run_resumes(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    args = ["-o", tmp_path / "out", "--method", "monarch"]
+    (code0, err0), (code1, _) = _ranks_by_hand(ckpt, *args, fail="kill")
+    assert code1 == -9 and code0 == 3, err0  # rank 0 noticed at once (no wait for a timeout)
+    assert "another rank stopped without reporting" in err0
+    assert len(list(journal_path(tmp_path / "out").glob("layer-*.safetensors"))) == 1  # rank 0's layer
+    whole = _factorize(ckpt, "-o", tmp_path / "whole", "--method", "monarch")
+    resumed = _factorize(ckpt, *args, "--resume")
+    assert whole.returncode == resumed.returncode == 0, resumed.stderr
+    assert "1 layer(s) already done" in resumed.stderr
+    assert_same_artifact(tmp_path / "whole", tmp_path / "out")
 
 
 def test_one_process_per_backend():
