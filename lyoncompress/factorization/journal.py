@@ -3,13 +3,13 @@
 A run writes each layer it finishes into ``.OUT.journal/`` (a stable name, unlike the
 pid-named scratch folders that ``output`` cleans up): one safetensors file per layer
 holding its twiddles, with the layer's factors description, report row and layer
-record as JSON in the header, named after the layer so that the ranks of a ``torchrun``
-run write into one journal without coordinating. Each file is written under a temporary name, fsynced
-and renamed, so a crash leaves only whole entries. ``journal.json`` holds the run's
-fingerprint (the recipe, the checkpoint's tensor names/shapes/dtypes and the sizes and
-mtimes of its files and of the calibration data); ``factorize --resume`` reuses the
-entries only when the fingerprint matches. The journal is removed once the artifact
-is written.
+record as JSON in the header, named by a hash of the layer's name (so the ranks of a
+``torchrun`` run write into one journal without coordinating). Each file is written
+under a temporary name, fsynced and renamed, so a crash leaves only whole entries.
+``journal.json`` holds the run's fingerprint (the recipe, the checkpoint's tensor
+names/shapes/dtypes and the sizes and mtimes of its files and of the calibration data);
+``factorize --resume`` reuses the entries only when the fingerprint matches. The
+journal is removed once the artifact is written.
 """
 
 from __future__ import annotations
