@@ -95,8 +95,9 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     """Join the group of ``ranks`` for the block (a no-op for one process).
 
     The ranks meet at the address torchrun put in the environment; on a GPU each
-    process takes the GPU of its ``LOCAL_RANK``. The group is left at the end, which
-    also lets the process exit cleanly (an abandoned gloo group aborts the interpreter).
+    process takes the GPU of its ``LOCAL_RANK`` (modulo the GPUs there are). The group
+    is left at the end, which also lets the process exit cleanly (an abandoned gloo
+    group aborts the interpreter).
     """
     if ranks.world == 1:
         yield
@@ -104,8 +105,8 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     import torch.distributed as dist
 
     joined_here = not dist.is_initialized()
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":  # more ranks than GPUs share them, round robin
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if joined_here:
         dist.init_process_group(backend_for(device), timeout=AGREEMENT_TIMEOUT)
     _GROUP.control = dist.new_group(backend="gloo", timeout=AGREEMENT_TIMEOUT)
