@@ -18,10 +18,11 @@ import datetime
 import heapq
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lyoncompress.errors import InputError
 
@@ -34,10 +35,12 @@ AGREEMENT_TIMEOUT = datetime.timedelta(hours=12)
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's ``rank`` among ``world`` processes (1: an ordinary run)."""
+    """This process's ``rank`` among ``world`` processes (1: an ordinary run); within
+    ``process_group``, ``control`` is the gloo group the agreements run on."""
 
     rank: int = 0
     world: int = 1
+    control: Any = field(default=None, compare=False, repr=False)
 
     @property
     def leader(self) -> bool:
@@ -81,18 +84,10 @@ def backend_for(device: torch.device) -> str:
     return BACKENDS[device.type]
 
 
-class _Group:
-    """The joined process group: ``control`` is the gloo group the agreements run on."""
-
-    control: Any = None
-
-
-_GROUP = _Group()
-
-
 @contextlib.contextmanager
-def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
-    """Join the group of ``ranks`` for the block (a no-op for one process).
+def process_group(ranks: Ranks, device: torch.device) -> Iterator[Ranks]:
+    """Join the group of ``ranks`` for the block, which gets ``ranks`` with their control
+    group (one process: ``ranks`` as they are).
 
     The ranks meet at the address torchrun put in the environment; on a GPU each
     process takes the GPU of its ``LOCAL_RANK`` (modulo the GPUs there are). The group
@@ -100,30 +95,25 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     group aborts the interpreter).
     """
     if ranks.world == 1:
-        yield
+        yield ranks
         return
-    import torch.distributed as dist
-
     joined_here = not dist.is_initialized()
     if device.type == "cuda":  # more ranks than GPUs share them, round robin
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if joined_here:
         dist.init_process_group(backend_for(device), timeout=AGREEMENT_TIMEOUT)
-    _GROUP.control = dist.new_group(backend="gloo", timeout=AGREEMENT_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=AGREEMENT_TIMEOUT)
     try:
-        yield
+        yield replace(ranks, control=control)
     finally:
-        _GROUP.control = None
-        if joined_here:
-            dist.destroy_process_group()
+        # the whole group if it was joined here, else (a caller's group) only the control one
+        dist.destroy_process_group(None if joined_here else control)
 
 
 def _all_gather(ranks: Ranks, value: Any) -> list[Any]:
-    import torch.distributed as dist
-
     gathered: list[Any] = [None] * ranks.world
     try:
-        dist.all_gather_object(gathered, value, group=_GROUP.control)
+        dist.all_gather_object(gathered, value, group=ranks.control)
     except RuntimeError as err:  # gloo: a peer's sockets closed (it died) or the wait timed out
         raise PeerFailed(
             f"another rank stopped without reporting ({str(err).splitlines()[0]})", True

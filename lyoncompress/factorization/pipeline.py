@@ -85,9 +85,8 @@ def factorize(
     device = resolve_device(recipe.device)  # --device cuda without a GPU fails before any work
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
-    ranks = launched_ranks()
     # weight-only fits run on the cpu: only a calibrated run's ranks talk over the GPU's backend
-    with process_group(ranks, device if recipe.calib else torch.device("cpu")):
+    with process_group(launched_ranks(), device if recipe.calib else torch.device("cpu")) as ranks:
         return _factorize(checkpoint, out, recipe, force, progress if ranks.leader else None, resume, ranks)
 
 
