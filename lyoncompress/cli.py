@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from lyoncompress import tables
+from lyoncompress.distributed import PeerFailed, launched_ranks
 from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluation import evaluate as evaluate_artifact
 from lyoncompress.factorization.budget_search import SearchStep, gated_metric, search_budget
@@ -81,9 +82,17 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
+        except PeerFailed as err:
+            # another rank of a torchrun run failed and printed its traceback, if any; rank 0
+            # says which rank and why, once
+            if launched_ranks().leader:
+                err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL if err.internal else EXIT_BAD_INPUT) from None
         except LyoncompressError as err:
-            # Text, not markup: messages quote user input and extras like [plot]
-            err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+            # Text, not markup: messages quote user input and extras like [plot]. Under
+            # torchrun rank 0 prints every rank's bad input (as "rank N: ...")
+            if launched_ranks().leader:
+                err_console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             err_console.print(
@@ -346,10 +355,17 @@ def factorize(
     if search is not None:
         if resume:
             raise InputError("--resume continues one factorize run; the budget search has none to continue")
+        if launched_ranks().world > 1:
+            raise InputError(
+                "the budget search (--min-recovery) runs in one process; run it without torchrun"
+            )
         _factorize_searching(checkpoint, out, options, search, force, as_json, quiet)
         return
-    with _LayerProgress(_show_progress(quiet, as_json), "factorizing") as progress:
+    leader = launched_ranks().leader  # under torchrun only rank 0 shows progress and the summary
+    with _LayerProgress(leader and _show_progress(quiet, as_json), "factorizing") as progress:
         report = factorize_checkpoint(checkpoint, out, options, force=force, progress=progress, resume=resume)
+    if not leader:
+        return
     _print_warnings(report)
     if as_json:
         _print_json(report)

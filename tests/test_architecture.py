@@ -25,6 +25,7 @@ LAYERS = {
     "lyoncompress.kernels": 0,
     "lyoncompress.cpu_routes": 0,
     "lyoncompress.schema": 0,
+    "lyoncompress.distributed": 0,
     "lyoncompress.artifact": 1,
     "lyoncompress.checkpoint": 1,
     "lyoncompress.output": 1,
@@ -71,6 +72,7 @@ LAYERS = {
     "lyoncompress.hf_integration": 4,
     "lyoncompress.demo": 4,
     "lyoncompress.cli": 4,
+    "lyoncompress.__main__": 4,
     "lyoncompress.tables": 4,
     "lyoncompress": 4,
 }

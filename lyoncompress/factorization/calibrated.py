@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,7 @@ def calibrated_factors(
     progress: Callable[[str, int, int], None] | None = None,
     done: Mapping[str, FinishedLayer] | None = None,
     finished: Callable[[FinishedLayer], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> CalibratedFactors:
     """Factors of every planned layer, fitted on calibration data.
 
@@ -171,7 +172,10 @@ def calibrated_factors(
     ``done`` (a resumed run's journal) are layers already fitted: they are not fitted
     again (sequential: they are swapped in, as if just fitted); a layer whose
     re-measured allocated budget differs from its journaled one is an ``InputError``.
-    ``finished`` is called with each layer as soon as it is fitted.
+    ``finished`` is called with each layer as soon as it is fitted. ``only`` (a rank's
+    share of a ``torchrun`` run) are the layers to fit, if given: the others, unless
+    ``done``, are neither captured nor fitted nor returned (the budgets and the
+    sensitivity still cover every layer).
     """
     done = done or {}
     device = resolve_device(recipe.device)
@@ -179,11 +183,14 @@ def calibrated_factors(
     batches = _capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     batches = [_on_device(batch, device) for batch in batches]
     names = [layer.name for layer in layers]
+    fitted = set(names if only is None else only)
     calibration: dict[str, LayerCalibration] = {}
     if recipe.allocate == "sensitivity":
         captured = names
     else:  # capture stops once every captured layer is full: each one's moments are the same
-        captured = [] if recipe.sequential else [name for name in names if name not in done]
+        captured = (
+            [] if recipe.sequential else [name for name in names if name not in done and name in fitted]
+        )
     if captured:
         calibration = capture_inputs(model, captured, batches, max_samples=recipe.calib_samples)
         for name, layer_calibration in calibration.items():
@@ -197,6 +204,8 @@ def calibrated_factors(
     factors: dict[str, LayerFactors] = {}
     seconds: dict[str, float] = {}
     for name in order:
+        if name not in done and name not in fitted:
+            continue  # another rank's
         begin = time.perf_counter()
         layer = by_name[name]
         if name in done:
@@ -218,7 +227,7 @@ def calibrated_factors(
             if finished is not None:
                 finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
         if progress is not None:
-            progress(name, len(factors), len(order))
+            progress(name, len(factors), len(fitted | set(done)))
     return CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, sensitivity, seconds)
 
 

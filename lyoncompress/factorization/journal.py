@@ -3,12 +3,13 @@
 A run writes each layer it finishes into ``.OUT.journal/`` (a stable name, unlike the
 pid-named scratch folders that ``output`` cleans up): one safetensors file per layer
 holding its twiddles, with the layer's factors description, report row and layer
-record as JSON in the header. Each file is written under a temporary name, fsynced
-and renamed, so a crash leaves only whole entries. ``journal.json`` holds the run's
-fingerprint (the recipe, the checkpoint's tensor names/shapes/dtypes and the sizes and
-mtimes of its files and of the calibration data); ``factorize --resume`` reuses the
-entries only when the fingerprint matches. The journal is removed once the artifact
-is written.
+record as JSON in the header, named by a hash of the layer's name (so the ranks of a
+``torchrun`` run write into one journal without coordinating). Each file is written
+under a temporary name, fsynced and renamed, so a crash leaves only whole entries.
+``journal.json`` holds the run's fingerprint (the recipe, the checkpoint's tensor
+names/shapes/dtypes and the sizes and mtimes of its files and of the calibration data);
+``factorize --resume`` reuses the entries only when the fingerprint matches. The
+journal is removed once the artifact is written.
 """
 
 from __future__ import annotations
@@ -135,15 +136,29 @@ class Journal:
             "record": record,
         }
         data = save(tensors, metadata={_HEADER_KEY: json.dumps(entry)})
+        # one file name per layer: no two writers (ranks, or a run and its resumption) share one
+        digest = hashlib.sha256(finished.name.encode()).hexdigest()[:16]
         try:
             if not self.folder.exists():
-                self.folder.mkdir()
-                header = {"version": JOURNAL_VERSION, "fingerprint": self.stamp}
-                _write_atomic(self.folder / "journal.json", json.dumps(header).encode())
-            _write_atomic(self.folder / f"layer-{len(self.done):05d}.safetensors", data)
+                self.create()
+            _write_atomic(self.folder / f"layer-{digest}.safetensors", data)
         except OSError as err:
             raise file_system_error(err, self.folder) from err
         self.done[finished.name] = finished
+
+    def create(self) -> None:
+        """Make the folder and its ``journal.json`` (before the first entry, or before
+        several ranks write entries into it)."""
+        try:
+            self.folder.mkdir(exist_ok=True)
+            header = {"version": JOURNAL_VERSION, "fingerprint": self.stamp}
+            _write_atomic(self.folder / "journal.json", json.dumps(header).encode())
+        except OSError as err:
+            raise file_system_error(err, self.folder) from err
+
+    def reload(self) -> None:
+        """Read the entries on disk again (those other ranks wrote) into ``done``."""
+        self.done = _read(self.folder, self.stamp)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

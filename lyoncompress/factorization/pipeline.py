@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,15 @@ import torch
 
 from lyoncompress.artifact import companion_files, write_artifact
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
+from lyoncompress.distributed import (
+    PeerFailed,
+    Ranks,
+    agreed,
+    broadcast_from_leader,
+    launched_ranks,
+    process_group,
+    shared_out,
+)
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.calibrated import (
     CalibratedFactors,
@@ -56,8 +67,12 @@ def factorize(
             and checkpoint (else an ``InputError``); the artifact is the one an
             uninterrupted run writes. Without it an existing journal is replaced.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the ranks share the layer fits and rank 0
+    writes ``out`` (see README, "Several processes").
+
     Returns:
-        The report (also written to ``out/report.json``).
+        The report (also written to ``out/report.json``); on the other ranks of a
+        ``torchrun`` run only ``{"command", "rank", "fitted"}`` (the layers it fitted).
 
     Example:
         >>> report = factorize("model.safetensors", "fact/", Recipe(method="monarch"))
@@ -67,47 +82,104 @@ def factorize(
     recipe = recipe or Recipe()
     out = Path(out)
     _check_methods(recipe)
-    resolve_device(recipe.device)  # --device cuda without a GPU fails before any work
+    device = resolve_device(recipe.device)  # --device cuda without a GPU fails before any work
     if recipe.order not in ORDERS:
         raise InputError(f"unknown order {recipe.order!r}; choose one of {', '.join(ORDERS)}")
-    with claim_output(out, force, [checkpoint, *data_paths(recipe.calib)]) as output:
-        report = _factorize(checkpoint, output, recipe, progress, resume)
-        report["warnings"] = [*output.notes, *report["warnings"]]
-        return report
+    # weight-only fits run on the cpu: only a calibrated run's ranks talk over the GPU's backend
+    with process_group(launched_ranks(), device if recipe.calib else torch.device("cpu")) as ranks:
+        return _factorize(checkpoint, out, recipe, force, progress if ranks.leader else None, resume, ranks)
 
 
 def _factorize(
-    checkpoint: str | Path, output: Output, recipe: Recipe, progress: Progress | None, resume: bool
+    checkpoint: str | Path,
+    out: Path,
+    recipe: Recipe,
+    force: bool,
+    progress: Progress | None,
+    resume: bool,
+    ranks: Ranks,
 ) -> dict[str, Any]:
+    """Every rank plans and fits its share of the layers; rank 0 alone claims OUT, keeps
+    the journal that all ranks write into and writes the artifact from it."""
     phases = Phases()
-    source = open_checkpoint(checkpoint)
-    plan = make_plan(source, recipe)
+    output: Output | None = None
+    journal: Journal | None = None
+    with contextlib.ExitStack() as claimed:
+        with agreed(ranks):
+            if ranks.leader:  # the claim lasts until the artifact is written
+                output = claimed.enter_context(
+                    claim_output(out, force, [checkpoint, *data_paths(recipe.calib)])
+                )
+            source = open_checkpoint(checkpoint)
+            plan = make_plan(source, recipe)
+            stamp = _stamp(source, recipe)
+            if ranks.world > 1 and recipe.sequential:
+                raise InputError(
+                    "--sequential fits each layer on the outputs of the layers compressed before it, "
+                    "which one process must do; run it without torchrun"
+                )
+            if output is not None:
+                journal, notes = Journal.open(output.path, stamp, resume)
+                output.notes.extend(notes)
+                if ranks.world > 1:
+                    journal.create()  # before any rank writes an entry into it
+        shares = broadcast_from_leader(ranks, journal and _shares(plan, journal, ranks))
+        journal = journal or Journal(Path(shares.folder), stamp, {})
+        try:
+            report = _run(checkpoint, output, recipe, progress, source, plan, journal, phases, ranks, shares)
+        except (InputError, PeerFailed) as err:
+            # bad input (a NaN weight, data that never reaches a layer) must change before a
+            # rerun, which the journal's fingerprint would then refuse: nothing is kept. A full
+            # disk or a permission problem is fixed outside the input: its journal stays
+            if ranks.leader and not _keeps_journal(err):
+                journal.remove()
+            raise
+        if output is not None:
+            report["warnings"] = [*output.notes, *report["warnings"]]
+        return report
+
+
+def _keeps_journal(err: InputError | PeerFailed) -> bool:
+    if isinstance(err, PeerFailed):
+        return err.internal or err.os_error
+    return isinstance(err.__cause__, OSError)
+
+
+def _stamp(source: Checkpoint, recipe: Recipe) -> str:
     files = [*input_files(source.path), *(f for p in data_paths(recipe.calib) for f in input_files(p))]
     # the device the calibrated steps run on decides their bits; weight-only fits run on the cpu
     device = str(resolve_device(recipe.device)) if recipe.calib else "cpu"
-    stamp = fingerprint(recipe.to_dict() | {"device": device}, source.infos, files)
-    journal, notes = Journal.open(output.path, stamp, resume)
-    output.notes.extend(notes)
-    try:
-        return _run(checkpoint, output, recipe, progress, source, plan, journal, phases)
-    except InputError as err:
-        # bad input (a NaN weight, data that never reaches a layer) must change before a
-        # rerun, which the journal's fingerprint would then refuse: nothing is kept. A full
-        # disk or a permission problem is fixed outside the input: its journal stays
-        if not isinstance(err.__cause__, OSError):
-            journal.remove()
-        raise
+    return fingerprint(recipe.to_dict() | {"device": device}, source.infos, files)
+
+
+@dataclass(frozen=True)
+class Shares:
+    """What rank 0 tells the others: the journal's ``folder`` and fingerprint, and the
+    rank that fits each layer not journaled yet (``owners``, by layer name)."""
+
+    folder: str
+    stamp: str
+    owners: dict[str, int]
+
+
+def _shares(plan: Plan, journal: Journal, ranks: Ranks) -> Shares:
+    sizes = {
+        layer.name: layer.shape[0] * layer.shape[1] for layer in plan.layers if layer.name not in journal.done
+    }
+    return Shares(str(journal.folder), journal.stamp, shared_out(sizes, ranks.world))
 
 
 def _run(
     checkpoint: str | Path,
-    output: Output,
+    output: Output | None,
     recipe: Recipe,
     progress: Progress | None,
     source: Checkpoint,
     plan: Plan,
     journal: Journal,
     phases: Phases,
+    ranks: Ranks,
+    shares: Shares,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     phases.done("plan")
@@ -124,20 +196,39 @@ def _run(
         record = layer_record(layer, factors, dtypes[layer.name]).to_json()
         journal.record(finished, report_row(layer, factors, finished.seconds), record)
 
-    calibrated = (
-        calibrated_factors(checkpoint, source, plan.layers, recipe, progress, journal.done, journaled)
-        if recipe.calib
-        else None
-    )
-    if calibrated is not None:
+    mine = {name for name, rank in shares.owners.items() if rank == ranks.rank}
+    with agreed(ranks):
+        if journal.stamp != shares.stamp:
+            raise InputError(
+                f"rank {ranks.rank} sees another checkpoint, recipe or calibration data than rank 0 "
+                "(their fingerprints differ); give every rank the same inputs"
+            )
+        calibrated = (
+            calibrated_factors(
+                checkpoint, source, plan.layers, recipe, progress, journal.done, journaled, mine
+            )
+            if recipe.calib
+            else None
+        )
+        if calibrated is None and ranks.world > 1:
+            _fit_share(source, plan, recipe, mine, progress, journaled)
+    if not ranks.leader:
+        return {"command": "factorize", "rank": ranks.rank, "fitted": sorted(mine)}
+    if ranks.world > 1:
+        journal.reload()  # every rank's layers, which the stream below takes from the journal
+        if calibrated is not None:
+            calibrated = _merged(calibrated, plan, journal)
+        phases.done("layer fits" if calibrated is None else "calibrated fits")
+    elif calibrated is not None:
         phases.done("calibrated fits")
+    assert output is not None  # rank 0 holds the claim
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {}
 
     def finish_report() -> dict[str, Any]:
         # called by the writer once every layer has been factorized
-        phases.done("write" if calibrated is not None else "fit and write")
+        phases.done("fit and write" if calibrated is None and ranks.world == 1 else "write")
         report.update(
             command="factorize",
             source=str(source.path),
@@ -196,6 +287,34 @@ def _run(
     )
     journal.remove()
     return report
+
+
+def _fit_share(
+    source: Checkpoint,
+    plan: Plan,
+    recipe: Recipe,
+    mine: set[str],
+    progress: Progress | None,
+    journaled: Callable[[FinishedLayer], None],
+) -> None:
+    """Fit this rank's layers on weight error, each journaled as soon as it is done."""
+    share = [layer for layer in plan.layers if layer.name in mine]
+    for index, layer in enumerate(share):
+        begin = time.perf_counter()
+        factors = factorize_layer(source.load(layer.weight_name), layer, recipe)
+        journaled(FinishedLayer(layer.name, factors, time.perf_counter() - begin, layer.budget))
+        if progress is not None:
+            progress(layer.name, index + 1, len(share))
+
+
+def _merged(calibrated: CalibratedFactors, plan: Plan, journal: Journal) -> CalibratedFactors:
+    """Rank 0's calibrated result with every rank's layers, as journaled."""
+    done = {layer.name: journal.done[layer.name] for layer in plan.layers}
+    return dataclasses.replace(
+        calibrated,
+        factors={name: finished.factors for name, finished in done.items()},
+        seconds={name: finished.seconds for name, finished in done.items()},
+    )
 
 
 def _check_methods(recipe: Recipe) -> None:
