@@ -115,9 +115,8 @@ def _all_gather(ranks: Ranks, value: Any) -> list[Any]:
     try:
         dist.all_gather_object(gathered, value, group=ranks.control)
     except RuntimeError as err:  # gloo: a peer's sockets closed (it died) or the wait timed out
-        raise PeerFailed(
-            f"another rank stopped without reporting ({str(err).splitlines()[0]})", True
-        ) from err
+        first_line = next(iter(str(err).splitlines()), type(err).__name__)
+        raise PeerFailed(f"another rank stopped without reporting ({first_line})", True) from err
     return gathered
 
 
