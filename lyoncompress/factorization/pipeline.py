@@ -23,6 +23,7 @@ from lyoncompress.factorization.journal import FinishedLayer, Journal, fingerpri
 from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
+from lyoncompress.factorization.streaming import stream_choice, streamed_factors
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
@@ -124,12 +125,20 @@ def _run(
         record = layer_record(layer, factors, dtypes[layer.name]).to_json()
         journal.record(finished, report_row(layer, factors, finished.seconds), record)
 
-    calibrated = (
-        calibrated_factors(checkpoint, source, plan.layers, recipe, progress, journal.done, journaled)
-        if recipe.calib
-        else None
-    )
-    if calibrated is not None:
+    calibrated, streamed = None, None
+    stream_why = ""
+    if recipe.calib:
+        choice = stream_choice(source, plan.layers, recipe)
+        stream_why = choice.why
+        if choice.model is not None:
+            streamed = streamed_factors(
+                checkpoint, source, plan.layers, recipe, choice, progress, journal.done, journaled
+            )
+            calibrated = streamed.calibrated
+        else:
+            calibrated = calibrated_factors(
+                checkpoint, source, plan.layers, recipe, progress, journal.done, journaled
+            )
         phases.done("calibrated fits")
     layers: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -153,6 +162,10 @@ def _run(
             report["permutations"] = permutation_report(permutations)
         if recipe.distill_steps:
             report["distill"] = distill_section
+        if recipe.calib:
+            report["stream"] = {"used": streamed is not None, "why": stream_why} | (
+                streamed.report if streamed is not None else {}
+            )
         if calibrated is not None and calibrated.sensitivity is not None:
             report["allocation"] = {
                 "method": "sensitivity",
@@ -163,7 +176,10 @@ def _run(
 
     # distillation trains every layer's factors together, in memory, before the one write
     distilled: dict[str, torch.Tensor] = {}
-    if recipe.distill_steps:
+    if streamed is not None:
+        # block-wise distillation ran inside the calibrated fits' phase
+        distilled, distill_section = streamed.distilled, streamed.distill
+    elif recipe.distill_steps:
         distilled, result = distill_factors(
             checkpoint,
             source,
