@@ -201,7 +201,10 @@ def streamed_factors(
             layer.name: f"{BLOCK}.{layer.name.removeprefix(f'{choice.path}.{index}.')}" for layer in planned
         }
         reference = _BlockRunner(block, "hidden")
-        working = _BlockRunner(copy.deepcopy(block), "compressed" if recipe.sequential else "hidden")
+        # a block without target layers is its own compressed block: no copy
+        working = _BlockRunner(
+            copy.deepcopy(block) if planned else block, "compressed" if recipe.sequential else "hidden"
+        )
         block_batches = _block_batches(inputs, index, streams, device)
         calibration = {}
         todo = [layer.name for layer in planned if layer.name not in done]
