@@ -67,13 +67,13 @@ def resolve_device(name: str) -> torch.device:
     return DEVICE_RESOLVERS[name]()
 
 
-def on_device(batch: Any, device: torch.device) -> Any:
+def _on_device(batch: Any, device: torch.device) -> Any:
     """A calibration batch (a tensor, or a tokenizer's mapping of tensors) on ``device``;
     on its own device it is returned as is."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        moved = {key: on_device(value, device) for key, value in batch.items()}
+        moved = {key: _on_device(value, device) for key, value in batch.items()}
         return batch if all(moved[key] is value for key, value in batch.items()) else moved
     return batch
 
@@ -177,7 +177,7 @@ def calibrated_factors(
     device = resolve_device(recipe.device)
     model = load_reference(source).to(device)  # through ``source``: permuted MLPs stay permuted
     batches = capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
-    batches = [on_device(batch, device) for batch in batches]
+    batches = [_on_device(batch, device) for batch in batches]
     names = [layer.name for layer in layers]
     calibration: dict[str, LayerCalibration] = {}
     if recipe.allocate == "sensitivity":
@@ -335,7 +335,7 @@ def distill_factors(
     if isinstance(train[0], Mapping):
         train = regrouped_by_length(train, TEXT_BATCH)
     target = resolve_device(device)
-    train, val = ([on_device(b, target) for b in part] for part in (train, val))
+    train, val = ([_on_device(b, target) for b in part] for part in (train, val))
     compressed = load_reference(source)
     for name, layer_factors in factors.items():
         swap_factors(compressed, name, layer_factors)
