@@ -21,6 +21,8 @@ hidden states on unchanged, and the pass stops after the last block.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -216,3 +218,14 @@ class BlockStream:
         block = self.blocks[index]
         self.loaded -= sum(p.numel() for p in block.parameters() if p.device.type != "meta")
         release(block)
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the system: glibc keeps the blocks' freed tensors
+    and the fits' work arrays in its arenas, so without this the resident size grows
+    block after block (SmolLM2: +100 MB a block) although nothing is held."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
