@@ -208,7 +208,10 @@ def cpu_name() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=40, help="Linear layers (default 40: 2.0 GB)")
+    parser.add_argument(
+        "--layers", type=int, default=None,
+        help="Linear layers (default 40: 2.0 GB); --calibrated: blocks (default 30: 6.4 GB)",
+    )  # fmt: skip
     parser.add_argument("--rows", type=int, default=4096, help="out_features of each layer")
     parser.add_argument("--cols", type=int, default=3072, help="in_features of each layer")
     parser.add_argument(
@@ -238,6 +241,8 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--stream", default="auto", help="calibrated: factorize --stream")
     args = parser.parse_args()
+    if args.layers is None:
+        args.layers = 30 if args.calibrated else 40
     if args.build_only is not None and args.calibrated:
         total = build_llama_checkpoint(
             args.build_only, args.layers, args.hidden, args.intermediate, args.input_shard_mb * 1_000_000
