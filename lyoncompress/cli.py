@@ -294,6 +294,14 @@ def factorize(
         str | None,
         typer.Option(help="auto | cpu | cuda: where the calibrated steps run (auto: cuda if available)."),
     ] = None,
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            help="auto | on | off: calibrate block by block, the model never whole in memory (auto: for "
+            "model.layers / encoder.layer models, unless sensitivity allocation or end-to-end "
+            "distillation needs the whole model; on: distillation becomes block-wise)."
+        ),
+    ] = None,
     max_bytes: Annotated[
         str | None,
         typer.Option(
@@ -351,6 +359,7 @@ def factorize(
         allocate=allocate,
         max_shard_size=max_shard_size,
         device=device,
+        stream=stream,
     )
     if search is not None:
         if resume:

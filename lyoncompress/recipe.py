@@ -32,6 +32,7 @@ RECIPE_VERSION = 1
 ALLOCATIONS = ("uniform", "sensitivity")
 # where the calibrated steps run: ``auto`` is cuda when torch sees a GPU, else cpu
 DEVICES = ("auto", "cpu", "cuda")
+STREAMS = ("auto", "on", "off")
 # Input rows per layer and per split (fitting, held out) captured from calibration data,
 # by ``factorize`` and ``quantize`` alike.
 DEFAULT_CALIB_SAMPLES = 4096
@@ -107,6 +108,11 @@ class Recipe:
         device: where the calibrated steps run (capture, structure fits, allocation,
             distillation): ``auto`` (cuda if available, else cpu), ``cpu`` or ``cuda``.
             Weight-only fits run on the CPU.
+        stream: block-by-block calibration (``factorization.streaming``): ``auto``
+            streams when the model is a repeated block list and neither sensitivity
+            allocation nor end-to-end distillation needs the whole model; ``on``
+            always streams (distillation is then block-wise) or refuses with the
+            reason; ``off`` holds the whole reference model.
     """
 
     version: int = RECIPE_VERSION
@@ -128,6 +134,7 @@ class Recipe:
     max_shard_size: str = "5GB"
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
     device: str = "auto"
+    stream: str = "auto"
 
     def __post_init__(self) -> None:
         validate(self, "recipe")
@@ -166,6 +173,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_shard_size": (str,),
     "layers": (dict,),
     "device": (str,),
+    "stream": (str,),
 }
 _OVERRIDE_KEYS = {"method": (str,), "budget": (float, int), "depth": (int,)}
 
@@ -244,6 +252,8 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
     if recipe.device not in DEVICES:
         raise InputError(f"device {recipe.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    if recipe.stream not in STREAMS:
+        raise InputError(f"stream {recipe.stream!r} is unknown; choose one of {', '.join(STREAMS)}")
     if recipe.allocate not in ALLOCATIONS:
         raise InputError(f"allocate {recipe.allocate!r} is unknown; choose one of {', '.join(ALLOCATIONS)}")
     for option, used in (

@@ -78,7 +78,7 @@ def _on_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _on_cpu(factors: LayerFactors) -> LayerFactors:
+def factors_on_cpu(factors: LayerFactors) -> LayerFactors:
     return dataclasses.replace(
         factors,
         twiddles=[t.cpu() for t in factors.twiddles],
@@ -86,7 +86,7 @@ def _on_cpu(factors: LayerFactors) -> LayerFactors:
     )
 
 
-def _capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> list[Any]:
+def capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, samples: int) -> list[Any]:
     """What layer-wise capture runs on: for the built-in text only its first part,
     whose 58 batches fill the default 4096 rows of both moments; the rest of it is for
     distillation, which reads every batch."""
@@ -180,7 +180,7 @@ def calibrated_factors(
     done = done or {}
     device = resolve_device(recipe.device)
     model = load_reference(source).to(device)  # through ``source``: permuted MLPs stay permuted
-    batches = _capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
+    batches = capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     batches = [_on_device(batch, device) for batch in batches]
     names = [layer.name for layer in layers]
     fitted = set(names if only is None else only)
@@ -209,19 +209,19 @@ def calibrated_factors(
         begin = time.perf_counter()
         layer = by_name[name]
         if name in done:
-            _check_same_budget(done[name], layer)
+            check_same_budget(done[name], layer)
             factors[name], seconds[name] = done[name].factors, done[name].seconds
         else:
-            weight = _weight(source, layer).to(device)
+            weight = planned_weight(source, layer).to(device)
             if working is not None:
                 layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
             else:
                 layer_calibration = calibration[name]
-            factors[name] = _on_cpu(
+            factors[name] = factors_on_cpu(
                 calibrated_layer(weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps)
             )
         if working is not None:
-            _swap(working, name, factors[name])
+            swap_factors(working, name, factors[name])
         if name not in done:
             seconds[name] = time.perf_counter() - begin
             if finished is not None:
@@ -243,7 +243,7 @@ class CalibratedFactors:
     seconds: dict[str, float]
 
 
-def _check_same_budget(finished: FinishedLayer, layer: LayerPlan) -> None:
+def check_same_budget(finished: FinishedLayer, layer: LayerPlan) -> None:
     if finished.budget != layer.budget:
         raise InputError(
             f"layer {layer.name}: the re-measured allocation gives budget {layer.budget:.6g}, the journal "
@@ -256,11 +256,11 @@ def _check_reached(name: str, calibration: LayerCalibration) -> None:
         raise InputError(f"layer {name}: the calibration data never reached it; check --calib")
 
 
-def _weight(source: Checkpoint, layer: LayerPlan) -> torch.Tensor:
+def planned_weight(source: Checkpoint, layer: LayerPlan) -> torch.Tensor:
     return prepared_weight(source.load(layer.weight_name), layer.weight_name)
 
 
-def _swap(model: torch.nn.Module, name: str, factors: LayerFactors) -> None:
+def swap_factors(model: torch.nn.Module, name: str, factors: LayerFactors) -> None:
     """Put a layer's factors into ``model`` in place of its ``nn.Linear``."""
     linear = model.get_submodule(name)
     dtype = linear.weight.dtype
@@ -289,7 +289,7 @@ def _allocate(
     curves, shapes, replacements, floors = {}, {}, {}, {}
     for layer in layers:
         gram = calibration[layer.name].gram_train
-        weight = _weight(source, layer).to(torch.float64).to(gram.device)
+        weight = planned_weight(source, layer).to(torch.float64).to(gram.device)
         m, n = weight.shape
         rank = max(1, rank_for_budget(m, n, layer.budget))
         u, v = activation_aware_lowrank(weight, gram, rank)
@@ -347,7 +347,7 @@ def distill_factors(
     train, val = ([_on_device(b, target) for b in part] for part in (train, val))
     compressed = load_reference(source)
     for name, layer_factors in factors.items():
-        _swap(compressed, name, layer_factors)
+        swap_factors(compressed, name, layer_factors)
     compressed = compressed.to(target)
     report_step = None
     if progress is not None:

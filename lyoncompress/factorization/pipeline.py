@@ -34,6 +34,7 @@ from lyoncompress.factorization.journal import FinishedLayer, Journal, fingerpri
 from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
 from lyoncompress.factorization.permute import permutation_report, permuted_checkpoint, search_pairs
 from lyoncompress.factorization.projection import ORDERS
+from lyoncompress.factorization.streaming import stream_choice, streamed_factors
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import LayerPlan, Plan, make_plan
 from lyoncompress.recipe import Recipe, parse_size
@@ -197,20 +198,36 @@ def _run(
         journal.record(finished, report_row(layer, factors, finished.seconds), record)
 
     mine = {name for name, rank in shares.owners.items() if rank == ranks.rank}
+    calibrated, streamed, stream_why = None, None, ""
     with agreed(ranks):
         if journal.stamp != shares.stamp:
             raise InputError(
                 f"rank {ranks.rank} sees another checkpoint, recipe or calibration data than rank 0 "
                 "(their fingerprints differ); give every rank the same inputs"
             )
-        calibrated = (
-            calibrated_factors(
+        if recipe.calib and ranks.world > 1:
+            if recipe.stream == "on":
+                raise InputError(
+                    "--stream on runs in one process; under torchrun the ranks share the layer fits "
+                    "of the whole-model path (use --stream auto or off)"
+                )
+            stream_why = "torchrun: the ranks share the layer fits of the whole-model path"
+            calibrated = calibrated_factors(
                 checkpoint, source, plan.layers, recipe, progress, journal.done, journaled, mine
             )
-            if recipe.calib
-            else None
-        )
-        if calibrated is None and ranks.world > 1:
+        elif recipe.calib:
+            choice = stream_choice(source, plan.layers, recipe)
+            stream_why = choice.why
+            if choice.model is not None:
+                streamed = streamed_factors(
+                    checkpoint, source, plan.layers, recipe, choice, progress, journal.done, journaled
+                )
+                calibrated = streamed.calibrated
+            else:
+                calibrated = calibrated_factors(
+                    checkpoint, source, plan.layers, recipe, progress, journal.done, journaled
+                )
+        elif ranks.world > 1:
             _fit_share(source, plan, recipe, mine, progress, journaled)
     if not ranks.leader:
         return {"command": "factorize", "rank": ranks.rank, "fitted": sorted(mine)}
@@ -244,6 +261,10 @@ def _run(
             report["permutations"] = permutation_report(permutations)
         if recipe.distill_steps:
             report["distill"] = distill_section
+        if recipe.calib:
+            report["stream"] = {"used": streamed is not None, "why": stream_why} | (
+                streamed.report if streamed is not None else {}
+            )
         if calibrated is not None and calibrated.sensitivity is not None:
             report["allocation"] = {
                 "method": "sensitivity",
@@ -254,7 +275,10 @@ def _run(
 
     # distillation trains every layer's factors together, in memory, before the one write
     distilled: dict[str, torch.Tensor] = {}
-    if recipe.distill_steps:
+    if streamed is not None:
+        # block-wise distillation ran inside the calibrated fits' phase
+        distilled, distill_section = streamed.distilled, streamed.distill
+    elif recipe.distill_steps:
         distilled, result = distill_factors(
             checkpoint,
             source,

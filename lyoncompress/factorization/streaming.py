@@ -1,0 +1,312 @@
+"""Block-by-block (streaming) calibrated factorization: the reference model is never
+whole in memory.
+
+The model is built with its parameters on ``meta`` (``blocks.empty_model``); the
+calibration batches go through the embeddings once (``blocks.BlockStream.record``),
+then, for each block in turn: its weights are read from the checkpoint, its target
+layers' inputs captured with ``capture`` as the whole-model path does (inside the
+block sequentially with ``--sequential``), the layers fitted by
+``calibrated.calibrated_layer``, the compressed block distilled against the dense
+one (``--distill-steps``, objective ``block-mse``), the activations pushed through
+it, and the block freed. Peak memory is one block's weights (twice: the dense block
+and its compressed copy) plus the calibration activations (float32, one ``(B, T, H)``
+tensor a batch, twice when sequential) plus the fit's working set, whatever the depth.
+
+Two activation streams run through the blocks: the dense model's, whose block inputs
+``X`` non-sequential fits and every sequential target ``X W^T`` use, and (sequential
+only) the compressed model's ``X~``. The fitted factors are then those of the
+whole-model path (``calibrated.calibrated_factors``): the same moments of the same
+rows; only the order of float32 sums inside a block call may differ.
+
+Only the calibration batches that layer-wise capture reads are streamed: those that
+fill ``calib_samples`` real tokens in both splits (``data.held_out``); block-wise
+distillation trains and judges on them too, held-out batches judging.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lyoncompress.blocks import BlockInputs, BlockStream, block_index, empty_model, find_blocks
+from lyoncompress.capture import capture_inputs, capture_paired, forward_order
+from lyoncompress.checkpoint import Checkpoint
+from lyoncompress.data import held_out
+from lyoncompress.errors import InputError
+from lyoncompress.factorization.calibrated import (
+    CalibratedFactors,
+    calibrated_layer,
+    capture_batches,
+    check_same_budget,
+    factors_on_cpu,
+    planned_weight,
+    resolve_device,
+    swap_factors,
+)
+from lyoncompress.factorization.journal import FinishedLayer
+from lyoncompress.factorization.methods import LayerFactors
+from lyoncompress.models import DEMO_MODEL_TYPE
+from lyoncompress.plan import LayerPlan
+from lyoncompress.recipe import Recipe
+from lyoncompress.refine.distill import distill
+
+BLOCK = (
+    "block"  # the runner's name for its block: layer ``model.layers.3.mlp.up_proj`` is ``block.mlp.up_proj``
+)
+
+
+@dataclass(frozen=True)
+class StreamChoice:
+    """Whether a run streams: the empty model and its block list path, or None and why not."""
+
+    model: nn.Module | None
+    path: str | None
+    why: str
+
+
+def stream_choice(source: Checkpoint, layers: Sequence[LayerPlan], recipe: Recipe) -> StreamChoice:
+    """How ``recipe.stream`` applies to ``source`` (see ``Recipe``): ``on`` with a model
+    that cannot stream is an ``InputError`` saying why."""
+    if recipe.stream == "off":
+        return StreamChoice(None, None, "stream: off")
+    why = ""
+    if recipe.allocate == "sensitivity":
+        why = "sensitivity allocation measures the whole model"
+    elif recipe.stream == "auto" and recipe.distill_steps:
+        why = "distillation is end-to-end (--stream on distils block by block)"
+    elif (source.config or {}).get("model_type") in (None, DEMO_MODEL_TYPE):
+        why = "the model is not a transformers model with a block list"
+    model = path = None
+    if not why:
+        model = empty_model(source.config, source.path)
+        path, why = find_blocks(model, [layer.name for layer in layers])
+    if path is None:
+        if recipe.stream == "on":
+            raise InputError(f"--stream on: cannot stream this model: {why}; use --stream auto or off")
+        return StreamChoice(None, None, why)
+    return StreamChoice(model, path, f"{len(model.get_submodule(path))} blocks of {path}")
+
+
+class _BlockRunner(nn.Module):
+    """Runs ``block`` on the stream ``key`` of a block batch (``_block_batches``), so that
+    ``capture`` and ``distill`` treat one block as a model."""
+
+    def __init__(self, block: nn.Module, key: str) -> None:
+        super().__init__()
+        self.block = block
+        self.key = key
+
+    def forward(
+        self, attention_mask: torch.Tensor | None, rest: tuple, **streams: torch.Tensor
+    ) -> torch.Tensor:
+        args, kwargs = rest
+        out = self.block(streams[self.key], *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out  # (B, T, H)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _block_batches(
+    inputs: Sequence[BlockInputs],
+    index: int,
+    streams: Mapping[str, list[torch.Tensor]],
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """Block ``index``'s batches: each stream's hidden states, the tokenizer's mask
+    (which ``capture`` reads to skip padding) and the block's other arguments."""
+    return [
+        _to({"attention_mask": item.mask, "rest": (item.args[index], item.kwargs[index])}, device)
+        | {key: hidden[i].to(device) for key, hidden in streams.items()}
+        for i, item in enumerate(inputs)
+    ]
+
+
+def batches_to_fill(batches: Sequence[Mapping[str, Any]], rows: int) -> int:
+    """How many leading batches a capture of ``rows`` real tokens per split reads."""
+    seen = [0, 0]
+    for index, batch in enumerate(batches):
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        seen[1 if held_out(index) else 0] += tokens
+        if min(seen) >= rows:
+            return index + 1
+    return len(batches)
+
+
+@dataclass(frozen=True)
+class StreamedFactors:
+    """What a streamed run gives the pipeline: the layer-wise factors, the distilled
+    twiddles by artifact tensor name (empty without distillation), the distillation's
+    report section (None without), and the stream's own report section."""
+
+    calibrated: CalibratedFactors
+    distilled: dict[str, torch.Tensor]
+    distill: dict[str, Any] | None
+    report: dict[str, Any]
+
+
+def streamed_factors(
+    checkpoint: str | Path,
+    source: Checkpoint,
+    layers: list[LayerPlan],
+    recipe: Recipe,
+    choice: StreamChoice,
+    progress: Callable[[str, int, int], None] | None = None,
+    done: Mapping[str, FinishedLayer] | None = None,
+    finished: Callable[[FinishedLayer], None] | None = None,
+) -> StreamedFactors:
+    """Every planned layer's factors, fitted block by block (see the module docstring).
+
+    ``done`` and ``finished`` are as in ``calibrated.calibrated_factors``: journaled
+    layers are not fitted again (their block still runs, and is distilled again,
+    to feed the next). ``progress`` gets ("block i/N layer", layers done, layers).
+    """
+    done = done or {}
+    device = resolve_device(recipe.device)
+    batches = capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
+    if not batches or not isinstance(batches[0], Mapping):
+        raise InputError("streaming needs tokenized text calibration data; use --stream off")
+    batches = batches[: batches_to_fill(batches, recipe.calib_samples)]
+    stream = BlockStream(choice.model, choice.path, source)
+    inputs = stream.record(batches)
+    streams = {"hidden": [item.hidden for item in inputs]}
+    if recipe.sequential:
+        streams["compressed"] = list(streams["hidden"])
+    by_block: dict[int, list[LayerPlan]] = {}
+    for layer in layers:
+        by_block.setdefault(block_index(choice.path, layer.name), []).append(layer)
+    factors: dict[str, LayerFactors] = {}
+    seconds: dict[str, float] = {}
+    distilled: dict[str, torch.Tensor] = {}
+    distill_rows: list[dict[str, Any]] = []
+    for index in range(len(stream)):
+        block = stream.load(index).to(device)
+        planned = by_block.get(index, [])
+        local = {
+            layer.name: f"{BLOCK}.{layer.name.removeprefix(f'{choice.path}.{index}.')}" for layer in planned
+        }
+        reference = _BlockRunner(block, "hidden")
+        # a block without target layers is its own compressed block: no copy
+        working = _BlockRunner(
+            copy.deepcopy(block) if planned else block, "compressed" if recipe.sequential else "hidden"
+        )
+        block_batches = _block_batches(inputs, index, streams, device)
+        calibration = {}
+        todo = [layer.name for layer in planned if layer.name not in done]
+        if todo and not recipe.sequential:
+            captured = capture_inputs(
+                reference, [local[n] for n in todo], block_batches, recipe.calib_samples
+            )
+            calibration = {name: captured[local[name]] for name in todo}
+        order = [layer.name for layer in planned]
+        if recipe.sequential and planned:
+            back = {v: k for k, v in local.items()}
+            order = [back[n] for n in forward_order(reference, list(back), block_batches[0])]
+        by_name = {layer.name: layer for layer in planned}
+        for name in order:
+            begin = time.perf_counter()
+            layer = by_name[name]
+            if name in done:
+                check_same_budget(done[name], layer)
+                factors[name], seconds[name] = done[name].factors, done[name].seconds
+            else:
+                weight = planned_weight(source, layer).to(device)
+                layer_calibration = (
+                    capture_paired(reference, working, local[name], block_batches, recipe.calib_samples)
+                    if recipe.sequential
+                    else calibration[name]
+                )
+                factors[name] = factors_on_cpu(
+                    calibrated_layer(
+                        weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps
+                    )
+                )
+                seconds[name] = time.perf_counter() - begin
+                if finished is not None:
+                    finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
+            swap_factors(working, local[name], factors[name])
+            if progress is not None:
+                progress(f"block {index + 1}/{len(stream)} {name}", len(factors), len(layers))
+        if recipe.distill_steps and planned:
+            distill_rows.append(_distill_block(index, reference, working, block_batches, recipe, progress))
+            for name in local:
+                state = working.get_submodule(local[name]).state_dict()
+                distilled |= {
+                    f"{name}.{k}": t.detach().cpu() for k, t in state.items() if k.endswith(".twiddle")
+                }
+        with torch.no_grad():  # the next block's distillation trains on these
+            for i, batch in enumerate(block_batches):
+                streams["hidden"][i] = reference(**batch).float().cpu()
+                if recipe.sequential:
+                    streams["compressed"][i] = working(**batch).float().cpu()
+        del reference, working, block_batches
+        stream.free(index)
+    calibrated = CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, None, seconds)
+    report = {
+        "blocks": len(stream),
+        "path": choice.path,
+        "batches": len(batches),
+        "peak_parameters": stream.peak_loaded,
+    }
+    section = _distill_section(distill_rows, recipe.distill_steps) if distill_rows else None
+    return StreamedFactors(calibrated, distilled, section, report)
+
+
+def _distill_block(
+    index: int,
+    reference: nn.Module,
+    working: nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    recipe: Recipe,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, Any]:
+    """Train the compressed block's twiddles to give the dense block's outputs
+    (``block-mse``); the best held-out state is kept (``refine.distill``)."""
+    val = [b for i, b in enumerate(batches) if held_out(i)]
+    train = [b for i, b in enumerate(batches) if not held_out(i)]
+    if not train or not val:
+        raise InputError("block-wise distillation needs calibration batches to train and to judge; give more")
+
+    def report_step(step: int, total: int, best: float) -> None:
+        if progress is not None:
+            progress(f"distilling block {index + 1}, best held-out error {best:.4f}", step, total)
+
+    result = distill(
+        reference,
+        working,
+        train,
+        val,
+        recipe.distill_steps,
+        recipe.distill_lr,
+        objective="block-mse",
+        progress=report_step,
+    )
+    return {"block": index, "val_before": result.val_before, "val_after": result.val_after, "lr": result.lr}
+
+
+def _distill_section(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """The report's ``distill`` section of a block-wise run: per block, and the worst block."""
+    return {
+        "objective": "block-mse",
+        "scope": "block",
+        "lr": rows[0]["lr"],
+        "steps": steps,
+        "val_output_error_before": max(r["val_before"] for r in rows),
+        "val_output_error_after": max(r["val_after"] for r in rows),
+        "blocks": rows,
+    }
