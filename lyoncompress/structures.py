@@ -459,13 +459,13 @@ CANDIDATES: dict[str, tuple[str, str]] = {
 class Auto:
     """What ``method: auto`` tries: ``weight`` the structures compared by weight error
     (no calibration data), ``calibrated`` the candidate labels compared by held-out
-    output error. They are what ``auto`` tried before the one registry: the refined
-    butterfly, both weight-space fits of butterfly and hybrid, and the geometry-searched
-    hybrid (``hybrid-search``) are not in the calibrated set, the hybrid not in the
-    weight-space set; ``--method`` names any of them. ``hybrid-search`` beats the
-    activation-aware SVD on MiniLM (0.89x median at 50%), but it takes 100-350 s a
-    layer there against ~5 s for the whole set, so it runs with ``--method hybrid``
-    and not behind every ``auto``."""
+    output error. The calibrated set is the data-free and activation-aware low rank,
+    the Monarch projection, and the geometry-searched hybrid (``hybrid-search``): on
+    all 12 MLP matrices of MiniLM it beats the Adam-refined Monarch and hybrid that
+    ``auto`` tried before (benchmarks/RESULTS.md, issue 16), which took ~95% of its
+    time, so they left the set; ``--method monarch`` / ``--method hybrid`` still fit
+    them. The refined butterfly and the weight-space fits of butterfly and hybrid are
+    not in the calibrated set, the hybrid not in the weight-space set."""
 
     weight: tuple[str, ...]
     calibrated: tuple[str, ...]
@@ -473,7 +473,7 @@ class Auto:
 
 AUTO = Auto(
     weight=("butterfly", "monarch", "lowrank"),
-    calibrated=("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
+    calibrated=("lowrank", "lowrank-aware", "monarch-projection", "hybrid-search"),
 )
 METHODS = ("auto", *STRUCTURES)  # what a recipe's ``method`` may name
 
