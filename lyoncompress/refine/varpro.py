@@ -209,14 +209,13 @@ class _VarPro:
         the squared condition number stalls the fit near an exact solution)."""
         with torch.no_grad():
             gram = self._normal(x2, structured, low)  # (q, c + R, c + R)
-            scale = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt().clamp_min(1e-300)  # (q, c + R)
-            gram = gram / (scale[:, :, None] * scale[:, None, :])
-            gram = gram + self.ridge * torch.eye(gram.shape[-1], dtype=self.dtype)
+            scale = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()  # (q, c + R)
+            scale = scale.clamp_min(torch.finfo(self.dtype).tiny)
+            outer = scale[:, :, None] * scale[:, None, :]  # (q, c + R, c + R)
+            gram = gram / outer + self.ridge * torch.eye(gram.shape[-1], dtype=self.dtype)
             # one inverse per evaluation: batched products are far faster than q small
             # triangular solves, and the refinement step absorbs its rounding
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram)) / (
-                scale[:, :, None] * scale[:, None, :]
-            )
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram)) / outer
 
             def project(residual: torch.Tensor) -> torch.Tensor:  # (q, b, n) -> (q, b, c + R)
                 return torch.cat([residual @ structured.transpose(1, 2), residual @ low.T], 2) @ inverse
