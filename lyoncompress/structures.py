@@ -23,7 +23,8 @@ at most ``int(β · m · n)``):
   activation-aware starts (``hybrid_start``), refined jointly. A second calibrated
   fit, ``hybrid-search``, searches the geometry (input/output block counts, KS rank
   against low rank at the layer's budget) and fits it by variable projection +
-  L-BFGS (``refine.varpro``); its report row lists every geometry tried.
+  L-BFGS (``refine.varpro``); its report row lists every geometry tried. It is
+  ``auto``'s structured calibrated candidate.
 
 In a calibrated candidate table each fit has a label: ``Structure.labels`` gives
 (weight-space fit, calibrated fit), e.g. ``lowrank`` / ``lowrank-aware`` and
