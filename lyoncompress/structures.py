@@ -461,10 +461,11 @@ class Auto:
     """What ``method: auto`` tries: ``weight`` the structures compared by weight error
     (no calibration data), ``calibrated`` the candidate labels compared by held-out
     output error. The calibrated set is the data-free and activation-aware low rank,
-    the Monarch projection, and the geometry-searched hybrid (``hybrid-search``): on
-    all 12 MLP matrices of MiniLM it beats the Adam-refined Monarch and hybrid that
-    ``auto`` tried before (benchmarks/RESULTS.md, issue 16), which took ~95% of its
-    time, so they left the set; ``--method monarch`` / ``--method hybrid`` still fit
+    the Monarch projection, and the geometry-searched hybrid (``hybrid-search``). On
+    MiniLM's 12 MLP matrices at 50% and 25% this set's choice is never worse than that
+    of the set with the Adam-refined Monarch and hybrid instead (better on 23 of 24,
+    benchmarks/RESULTS.md, issue 16), and those two took ~95% of its time, so they
+    left the set; ``--method monarch`` / ``--method hybrid`` still fit
     them. The refined butterfly and the weight-space fits of butterfly and hybrid are
     not in the calibrated set, the hybrid not in the weight-space set."""
 

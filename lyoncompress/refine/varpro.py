@@ -36,11 +36,11 @@ from lyoncompress.refine.gram import Whitening, check_gram, output_energy, outpu
 # L-BFGS iterations that rank each geometry. Short screens favour the geometries with
 # more low rank, which converge faster (MiniLM query: 16x16 r3 + 48 is 1.07x AA-SVD
 # after 15, 0.89x after 300, against 1.03x / 0.94x for 6x6 r2 + 84), so the grid only
-# holds Monarch shares that won after full fits; within it, 8 iterations put the final
-# winner first or second on MiniLM's MLP matrices
+# holds the Monarch shares that won most full fits; within it, on MiniLM layer 0 at 50%,
+# 8 iterations rank the 300-iteration winners (8x32 r4 + 102, 24x6 r8 + 76) 1st or 2nd
 SCREEN_ITERATIONS = 8
 FINALISTS = 1  # geometries fitted in full
-MONARCH_SHARES = (0.35, 0.5)  # budget shares tried for the Monarch part (0.2 never won)
+MONARCH_SHARES = (0.35, 0.5)  # budget shares tried for the Monarch part (0.2 left out for time)
 PATIENCE = 20  # a full fit stops once this many iterations gain < MIN_GAIN on held-out rows
 MIN_GAIN = 5e-3
 BLOCK_RANGE = (0.4, 1.25)  # input-side block counts p tried: BLOCK_RANGE · √n
