@@ -26,9 +26,21 @@ from lyoncompress.quantization.formats import IntFormat, get_format
 MIN_SCALE = 1e-30
 
 
+class _GradScaled(torch.autograd.Function):
+    """``x`` in the forward pass (bit for bit), gradient multiplied by ``g`` in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: float) -> torch.Tensor:
+        ctx.g = g
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.g, None
+
+
 def _grad_scaled(x: torch.Tensor, g: float) -> torch.Tensor:
-    """``x`` in the forward pass, gradient multiplied by ``g`` in the backward pass."""
-    return (x - x * g).detach() + x * g
+    return _GradScaled.apply(x, g)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
