@@ -221,7 +221,7 @@ def quantize(
         8.25
     """
     config = config or QuantizeConfig()
-    if config.distill_steps and not isinstance(get_format(config.format), IntFormat):
+    if not isinstance(get_format(config.format), IntFormat) and config.distill_steps:
         raise InputError(
             f"--distill-steps trains the scales of int8 / int4 codes; format {config.format} has none: "
             "pick --format int8 or int4, or drop --distill-steps"
