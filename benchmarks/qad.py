@@ -1,8 +1,8 @@
 """Quantization-aware distillation on all-MiniLM-L6-v2: analytic int4 vs ``--distill-steps``.
 
 The 12 MLP matrices are factorized at 50% low rank with calibration (built-in docstring
-text), then quantized to int4 with groups of 64 (``--calib builtin``, rescaling
-``auto``); the same factorized artifact is quantized again with quantization-aware
+text), then quantized to int4 (``--calib builtin``, rescaling ``auto``; a scale per block row
+by default, since rank 153 admits no group of 32, 64 or 128: ``--group-size``); the same factorized artifact is quantized again with quantization-aware
 distillation against the dense model, for each ``--steps``. Both artifacts have the
 same payload layout, so the same bytes. The metric is ``eval --task embeddings`` on
 the built-in evaluation split (disjoint from the calibration text): mean cosine of
@@ -37,7 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, action="append", help="repeatable [200]")
     parser.add_argument("--lr", type=float, action="append", help="repeatable [objective default]")
-    parser.add_argument("--group-size", type=int, default=64)
+    # rank-153 low-rank factors (MiniLM at 50%) admit no group of 32/64/128: 0 = a scale per row
+    parser.add_argument("--group-size", type=int, default=0, help="entries per scale; 0: per row")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--samples", type=int, default=256, help="evaluation sentences")
@@ -66,7 +67,7 @@ def main() -> None:
         return evaluate(artifact, model, eval_config)["tasks"]["embeddings"]["mean_cosine"]
 
     base = QuantizeConfig(
-        format="int4", group_size=args.group_size, calib="builtin", calib_samples=args.calib_samples
+        format="int4", group_size=args.group_size or None, calib="builtin", calib_samples=args.calib_samples
     )
     rows = [("float factors (fp32)", None, None, _bytes(fact), cosine(fact), 0.0)]
     begin = time.perf_counter()
