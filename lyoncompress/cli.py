@@ -167,6 +167,10 @@ def _print_json(document: Any) -> None:
 
 def _print_factorized(report: dict[str, Any]) -> None:
     err_console.print(tables.factorize_table(report))
+    _print_distilled(report)
+
+
+def _print_distilled(report: dict[str, Any]) -> None:
     if "distill" in report:
         d = report["distill"]
         err_console.print(
@@ -524,10 +528,28 @@ def quantize(
             show_default=False,
         ),
     ] = None,
+    distill_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Adam steps of quantization-aware distillation after the analytic quantization: "
+            "weights and scales trained through the quantizer (straight-through rounding, LSQ "
+            "scales) against --reference's outputs; int8/int4, needs --calib."
+        ),
+    ] = None,
+    distill_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate of the distillation [as factorize's: 2e-4 decayed to 0 for encoders' "
+            "layers-mse; 1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
+        ),
+    ] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="Largest shard, e.g. 5GB.")] = None,
     reference: Annotated[
         Path | None,
-        typer.Option(help="Folder with the tokenizer for text --calib data (default: ARTIFACT)."),
+        typer.Option(
+            help="Folder with the tokenizer for text --calib data (default: ARTIFACT); with "
+            "--distill-steps also the dense teacher (default: ARTIFACT's float model)."
+        ),
     ] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
@@ -536,6 +558,9 @@ def quantize(
     """Quantize the factors of ARTIFACT with optimal rescalings; RTN is measured beside it.
 
     Example:  lyoncompress quantize fact/ -o q/ --format int4 --calib builtin
+
+    Quantization-aware distillation:  lyoncompress quantize fact/ -o q/ --format int4 --group-size 64
+    --calib builtin --distill-steps 300 --reference dense/
 
     With a recipe:  lyoncompress quantize fact/ -o q/ --recipe recipe.yaml  (its quantize section)
 
@@ -549,6 +574,8 @@ def quantize(
         include_dense=tuple(include_dense or ()),
         calib=calib,
         calib_samples=calib_samples,
+        distill_steps=distill_steps,
+        distill_lr=distill_lr,
         max_shard_size=max_shard_size,
     )
     with _LayerProgress(_show_progress(quiet, as_json), "quantizing") as progress:
@@ -560,6 +587,7 @@ def quantize(
         _print_json(report)
     else:
         err_console.print(tables.quantize_table(report))
+        _print_distilled(report)
         err_console.print(f"wrote {out}")
 
 

@@ -377,6 +377,26 @@ def held_out(index: int, val_every: int = VAL_EVERY) -> bool:
     return index % val_every == val_every - 1
 
 
+# held-out batches that judge end-to-end distillation (each is run through both models at
+# every check); the later held-out ones train too: the built-in text has ~760 batches, not 58
+DISTILL_VAL_BATCHES = 16
+
+
+def distill_split(
+    batches: Sequence[Any], val_batches: int = DISTILL_VAL_BATCHES
+) -> tuple[list[Any], list[Any]]:
+    """``batches`` as (training, held-out) lists for end-to-end distillation: the first
+    ``val_batches`` held-out batches (``held_out``) judge, every other batch trains; text
+    training batches are regrouped by length (``regrouped_by_length``) so that steps do
+    not compute on padding."""
+    judged = [i for i in range(len(batches)) if held_out(i)][:val_batches]
+    val = [batches[i] for i in judged]
+    train = [b for i, b in enumerate(batches) if i not in judged]
+    if train and isinstance(train[0], Mapping):
+        train = regrouped_by_length(list(train), TEXT_BATCH)
+    return train, val
+
+
 def split_batches(batches: Sequence[Any], val_every: int = VAL_EVERY) -> tuple[list[Any], list[Any]]:
     """``batches`` as (fitting, held-out) lists, by ``held_out``, each in order."""
     fit: list[Any] = []

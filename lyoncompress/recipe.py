@@ -306,6 +306,13 @@ class QuantizeConfig:
             layer's rescaling then minimises its output error on the captured inputs.
         calib_samples: input rows per layer to fit on (as many are held out); the same
             default as ``Recipe.calib_samples``.
+        distill_steps: Adam steps of quantization-aware distillation after the analytic
+            quantization (0: none; needs ``calib`` and ``int8`` / ``int4``): the latent
+            weights and their scales are trained end to end through the quantizer
+            (straight-through rounding, LSQ scale gradients) against the teacher's
+            outputs; the best held-out state is re-quantized to the stored codes.
+        distill_lr: its Adam learning rate; None: the objective's default (as
+            ``factorize``'s ``distill_lr``).
         max_shard_size: largest artifact shard, e.g. ``5GB``.
     """
 
@@ -316,6 +323,8 @@ class QuantizeConfig:
     include_dense: tuple[str, ...] = ()
     calib: str | None = None
     calib_samples: int = DEFAULT_CALIB_SAMPLES
+    distill_steps: int = 0
+    distill_lr: float | None = None
     max_shard_size: str = "5GB"
 
     def __post_init__(self) -> None:
@@ -331,6 +340,12 @@ class QuantizeConfig:
             raise InputError(f"--calib-samples must be >= 1, got {self.calib_samples}")
         if self.calib is not None and self.dense:
             raise InputError("--calib needs a factorized artifact; drop --dense or --calib")
+        if self.distill_steps < 0:
+            raise InputError(f"--distill-steps must be >= 0, got {self.distill_steps}")
+        if self.distill_lr is not None and not self.distill_lr > 0:
+            raise InputError(f"--distill-lr must be > 0, got {self.distill_lr}")
+        if self.distill_steps and self.calib is None:
+            raise InputError("--distill-steps needs calibration data: add --calib builtin (or a data file)")
         parse_size(self.max_shard_size)
 
     def replace(self, **changes: Any) -> QuantizeConfig:
@@ -482,6 +497,8 @@ _QUANTIZE_TYPES: dict[str, tuple[type, ...]] = {
     "include_dense": (list, tuple),
     "calib": (str, type(None)),
     "calib_samples": (int,),
+    "distill_steps": (int,),
+    "distill_lr": (float, type(None)),
     "max_shard_size": (str,),
 }
 _EVAL_TYPES: dict[str, tuple[type, ...]] = {

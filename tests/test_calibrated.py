@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lyoncompress.artifact import load_artifact
+from lyoncompress.data import DISTILL_VAL_BATCHES
 from lyoncompress.models import load_compressed
 from tests.helpers import make_mlp_checkpoint
 
@@ -127,7 +128,7 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
     source = SimpleNamespace(config=None)  # no layer to swap in: only the batches matter here
     calibrated.distill_factors(tmp_path, source, {}, "builtin", 64, steps=1, lr=None)
     # every 4th batch, the first DISTILL_VAL_BATCHES of them; all the others train
-    assert seen["val"] == list(range(3, 4 * calibrated.DISTILL_VAL_BATCHES, 4))
+    assert seen["val"] == list(range(3, 4 * DISTILL_VAL_BATCHES, 4))
     assert seen["train"] == [i for i in range(100) if i not in seen["val"]]
 
 

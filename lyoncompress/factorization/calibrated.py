@@ -28,8 +28,7 @@ from lyoncompress.data import (
     VAL_EVERY,
     builtin_corpus,
     calibration_batches,
-    held_out,
-    regrouped_by_length,
+    distill_split,
     split_batches,
 )
 from lyoncompress.errors import InputError
@@ -52,9 +51,6 @@ DEVICE_RESOLVERS: dict[str, Callable[[], torch.device]] = {
     "auto": lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"),
 }
 ALLOCATION_BATCHES = 8  # held-out batches that measure each layer's sensitivity
-# held-out batches that judge distillation (each is run through both models at every
-# check); the later ones train too: the built-in text has ~760 batches, not 58
-DISTILL_VAL_BATCHES = 16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -329,20 +325,16 @@ def distill_factors(
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
     The held-out batches (``data.held_out``, as in layer-wise calibration), up to
-    ``DISTILL_VAL_BATCHES`` of them, judge; every other batch trains, text regrouped by
+    ``data.DISTILL_VAL_BATCHES`` of them, judge; every other batch trains, text regrouped by
     length (``regrouped_by_length``) so that steps do not compute on padding.
     """
     config = source.config
     batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
-    judged = [i for i in range(len(batches)) if held_out(i)][:DISTILL_VAL_BATCHES]
-    val = [batches[i] for i in judged]
-    train = [b for i, b in enumerate(batches) if i not in judged]
+    train, val = distill_split(batches)
     if not train or not val:
         raise InputError(
             f"--distill-steps needs at least {VAL_EVERY} calibration batches; give more --calib data"
         )
-    if isinstance(train[0], Mapping):
-        train = regrouped_by_length(train, TEXT_BATCH)
     target = resolve_device(device)
     train, val = ([_on_device(b, target) for b in part] for part in (train, val))
     compressed = load_reference(source)

@@ -9,6 +9,7 @@ the error the rescaling saved.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
@@ -22,15 +23,18 @@ from lyoncompress.artifact import Artifact, companion_files, load_artifact, writ
 from lyoncompress.butterfly import Chain
 from lyoncompress.capture import CapturedRows
 from lyoncompress.checkpoint import Checkpoint, open_checkpoint
+from lyoncompress.data import VAL_EVERY, calibration_batches, distill_split
 from lyoncompress.errors import FormatError, InputError
-from lyoncompress.models import build_model
+from lyoncompress.models import build_model, load_compressed, load_reference
 from lyoncompress.output import Output, claim_output, data_paths
 from lyoncompress.plan import make_plan
 from lyoncompress.quantization.calibration import calibrate
 from lyoncompress.quantization.chain import QuantizedChain, quantize_chain
-from lyoncompress.quantization.formats import get_format
+from lyoncompress.quantization.formats import IntFormat, get_format
+from lyoncompress.quantization.qad import Quantized, distill_quantized
 from lyoncompress.quantization.rescale import resolve
 from lyoncompress.recipe import QuantizeConfig, Recipe, compile_pattern, parse_size
+from lyoncompress.refine.distill import DistillResult
 from lyoncompress.refine.gram import output_error
 from lyoncompress.schema import PLAIN_STRUCTURES, DType, LayerRecord, QuantRecord, Structure
 
@@ -48,6 +52,14 @@ def default_rescale(fmt: str, calibrated: bool = False) -> str:
     if fmt not in INTEGER_FORMATS:
         return "left-to-right"
     return "auto" if calibrated else "equalize+auto"
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        load_artifact(path)
+    except InputError:
+        return False
+    return True
 
 
 def _sources(
@@ -210,7 +222,11 @@ def quantize(
         8.25
     """
     config = config or QuantizeConfig()
-    get_format(config.format)
+    if not isinstance(get_format(config.format), IntFormat) and config.distill_steps:
+        raise InputError(
+            f"--distill-steps trains the scales of int8 / int4 codes; format {config.format} has none: "
+            "pick --format int8 or int4, or drop --distill-steps"
+        )
     rescale = config.rescale or default_rescale(config.format, calibrated=config.calib is not None)
     resolve(rescale)
     with claim_output(out, force, [artifact, *data_paths(reference, config.calib)]) as output:
@@ -239,6 +255,28 @@ def _quantize(
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     report: dict[str, Any] = {"warnings": warnings}
+    distilled = None
+    if config.distill_steps:
+        analytic = {
+            name: _analytic(
+                record.chains,
+                _twiddles(source, name, record),
+                fmt,
+                rescale,
+                group_size,
+                None if calibration is None else calibration.get(name),
+            )
+            for name, record in records.items()
+        }
+        distilled, result = _distill(artifact, config, records, model_config, analytic, reference, progress)
+        report["distill"] = {
+            "objective": result.objective,
+            "lr": result.lr,
+            "steps": result.steps,
+            "teacher": str(reference or artifact),
+            "val_output_error_before": result.val_before,
+            "val_output_error_after": result.val_after,
+        }
 
     def finish_report() -> dict[str, Any]:
         report.update(
@@ -256,7 +294,7 @@ def _quantize(
 
     # what write_artifact writes: each layer's JSON record, replaced once it is quantized
     table = {name: record.to_json() for name, record in records.items()}
-    stream = _stream(source, records, table, fmt, rescale, group_size, rows, progress, calibration)
+    stream = _stream(source, records, table, fmt, rescale, group_size, rows, progress, calibration, distilled)
     write_artifact(
         output.path,
         stream,
@@ -270,6 +308,39 @@ def _quantize(
     return report
 
 
+def _distill(
+    artifact: Path,
+    config: QuantizeConfig,
+    records: dict[str, LayerRecord],
+    model_config: dict[str, Any],
+    analytic: Quantized,
+    reference: str | Path | None,
+    progress: Progress | None,
+) -> tuple[Quantized, DistillResult]:
+    """Quantization-aware distillation of the ``analytic`` chains (``qad``): the student is
+    the float model of ``artifact``, the teacher the dense model in ``reference`` (else
+    that float model itself), on ``config.calib`` split by ``data.distill_split``."""
+    student = load_compressed(artifact) if _is_artifact(artifact) else load_reference(artifact)
+    teacher = load_reference(reference) if reference is not None else copy.deepcopy(student)
+    batches = list(
+        calibration_batches(reference or artifact, model_config, config.calib, config.calib_samples)
+    )
+    train, val = distill_split(batches)
+    if not train or not val:
+        raise InputError(
+            f"--distill-steps needs at least {VAL_EVERY} calibration batches; give more --calib data"
+        )
+    report_step = None
+    if progress is not None:
+
+        def report_step(done: int, total: int, best: float) -> None:
+            progress(f"distilling, best held-out error {best:.4f}", done, total)
+
+    return distill_quantized(
+        teacher, student, records, analytic, train, val, config.distill_steps, config.distill_lr, report_step
+    )
+
+
 def _stream(
     source: Checkpoint,
     layers: dict[str, LayerRecord],
@@ -280,6 +351,7 @@ def _stream(
     rows: list[dict[str, Any]],
     progress: Progress | None,
     calibration: dict[str, CapturedRows] | None = None,
+    distilled: Quantized | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # the tensor that starts each layer's group; the rest of the group is skipped
     first = {
@@ -293,12 +365,32 @@ def _stream(
         if tensor_name in first:
             layer = first[tensor_name]
             inputs = None if calibration is None else calibration.get(layer)
-            quantized = _quantize_layer(source, layer, layers[layer], fmt, rescale, group_size, rows, inputs)
+            fixed = None if distilled is None else distilled[layer]
+            quantized = _quantize_layer(
+                source, layer, layers[layer], fmt, rescale, group_size, rows, inputs, fixed
+            )
             table[layer] = yield from quantized
             if progress is not None:
                 progress(layer, len(rows), len(layers))
         elif not tensor_name.startswith(replaced):
             yield tensor_name, source.load(tensor_name)
+
+
+def _analytic(
+    chains: dict[str, Chain],
+    twiddles: dict[str, list[torch.Tensor]],
+    fmt: str,
+    rescale: str,
+    group_size: int | None,
+    calibration: CapturedRows | None,
+) -> dict[str, QuantizedChain]:
+    """Each group's chain rescaled and rounded, on the layer's captured inputs if any."""
+    calib = None if calibration is None else calibration.train
+    held_out = None if calibration is None else calibration.gram_val
+    return {
+        group: quantize_chain(chain, twiddles[group], fmt, rescale, group_size, calib, held_out)
+        for group, chain in chains.items()
+    }
 
 
 def _quantize_layer(
@@ -310,20 +402,21 @@ def _quantize_layer(
     group_size: int | None,
     rows: list[dict[str, Any]],
     calibration: CapturedRows | None = None,
+    fixed: dict[str, QuantizedChain] | None = None,
 ) -> Generator[tuple[str, torch.Tensor], None, dict[str, Any]]:
-    """Yields the layer's payload tensors; returns its JSON record with the ``quantization``."""
+    """Yields the layer's payload tensors; returns its JSON record with the ``quantization``.
+    ``fixed``: the chains to store (distilled), instead of quantizing the layer here."""
     begin = time.perf_counter()
     chains, twiddles = record.chains, _twiddles(source, name, record)
     reference = _dense(chains, twiddles)
-    quantized: dict[str, QuantizedChain] = {}
-    baseline: dict[str, list[torch.Tensor]] = {}
-    for group, chain in chains.items():
-        calib = None if calibration is None else calibration.train
-        held_out = None if calibration is None else calibration.gram_val
-        quantized[group] = quantize_chain(chain, twiddles[group], fmt, rescale, group_size, calib, held_out)
-        baseline[group] = quantize_chain(chain, twiddles[group], fmt, "none", group_size).dequantized(
-            torch.float64
-        )
+    if fixed is None:
+        quantized = _analytic(chains, twiddles, fmt, rescale, group_size, calibration)
+    else:
+        quantized = fixed
+    baseline = {
+        group: quantize_chain(chain, twiddles[group], fmt, "none", group_size).dequantized(torch.float64)
+        for group, chain in chains.items()
+    }
     approx = _dense(chains, {g: q.dequantized(torch.float64) for g, q in quantized.items()})
     rtn = _dense(chains, baseline)
     norm = reference.norm().clamp_min(1e-30)

@@ -186,6 +186,7 @@ def distill(
     eval_every: int | None = None,
     objective: str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    params: Sequence[nn.Parameter] | None = None,
 ) -> DistillResult:
     """Adam on the twiddles of ``compressed`` (everything else frozen), in place.
 
@@ -200,6 +201,8 @@ def distill(
         objective: a name from ``OBJECTIVES``; default ``default_objective(reference)``.
         progress: called after each step with (steps done, steps, best held-out
             value so far).
+        params: the parameters to train (default: ``factor_parameters(compressed)``);
+            quantization-aware distillation passes the latent weights and their scales.
 
     Returns:
         ``DistillResult`` with the held-out objective before and after.
@@ -217,7 +220,7 @@ def distill(
     chosen = OBJECTIVES[name]
     lr = lr or chosen.default_lr
     every = eval_every or max(10, steps // 10)
-    params = factor_parameters(compressed)
+    params = list(factor_parameters(compressed) if params is None else params)
     frozen = [p for p in compressed.parameters() if all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
