@@ -13,7 +13,7 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.blocks import block_index, empty_model, find_blocks
 from lyoncompress.checkpoint import open_checkpoint
 from lyoncompress.errors import InputError
-from lyoncompress.factorization import streaming
+from lyoncompress.factorization import calibrated, streaming
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.plan import make_plan
 from lyoncompress.recipe import Recipe
@@ -130,13 +130,13 @@ def _materialized_during_fits(monkeypatch, folder, out, recipe):
     monkeypatch.undo()  # the previous call's wrappers
     built, counts = [], []
     monkeypatch.setattr(streaming, "empty_model", lambda *a: built.append(empty_model(*a)) or built[-1])
-    fit = streaming.calibrated_layer
+    fit = calibrated.calibrated_layer  # what fit_or_resume calls for every streamed layer
 
     def counting(*args, **kwargs):
         counts.append(sum(p.numel() for p in built[0].parameters() if p.device.type != "meta"))
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "calibrated_layer", counting)
+    monkeypatch.setattr(calibrated, "calibrated_layer", counting)
     factorize(folder, out, recipe)
     return counts
 
@@ -156,10 +156,10 @@ def test_one_block_is_materialized_at_a_time_whatever_the_depth(tmp_path, monkey
 
 def test_streamed_resume_writes_the_uninterrupted_artifact(tiny_llama, tmp_path, monkeypatch):
     recipe = Recipe(**FAST, sequential=True, stream="on", distill_steps=3)
-    dying_after(monkeypatch, streaming, "calibrated_layer", layers=9)
+    dying_after(monkeypatch, calibrated, "calibrated_layer", layers=9)
     with pytest.raises(Killed):
         factorize(tiny_llama, tmp_path / "out", recipe)
-    calls = dying_after(monkeypatch, streaming, "calibrated_layer", layers=None)
+    calls = dying_after(monkeypatch, calibrated, "calibrated_layer", layers=None)
     factorize(tiny_llama, tmp_path / "out", recipe, resume=True)
     assert len(calls) == 3 * 7 - 9  # only the layers the killed run had not finished
     monkeypatch.undo()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -204,18 +205,15 @@ def calibrated_factors(
             continue  # another rank's
         begin = time.perf_counter()
         layer = by_name[name]
-        if name in done:
-            check_same_budget(done[name], layer)
-            factors[name], seconds[name] = done[name].factors, done[name].seconds
-        else:
-            weight = planned_weight(source, layer).to(device)
-            if working is not None:
-                layer_calibration = capture_paired(model, working, name, batches, recipe.calib_samples)
-            else:
-                layer_calibration = calibration[name]
-            factors[name] = factors_on_cpu(
-                calibrated_layer(weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps)
+        if working is not None:
+            calibration_of = functools.partial(
+                capture_paired, model, working, name, batches, recipe.calib_samples
             )
+        else:
+            calibration_of = functools.partial(calibration.__getitem__, name)
+        factors[name] = fit_or_resume(layer, source, device, recipe, done, calibration_of)
+        if name in done:
+            seconds[name] = done[name].seconds
         if working is not None:
             swap_factors(working, name, factors[name])
         if name not in done:
@@ -237,6 +235,26 @@ class CalibratedFactors:
     budgets: dict[str, float]
     sensitivity: dict[str, float] | None
     seconds: dict[str, float]
+
+
+def fit_or_resume(
+    layer: LayerPlan,
+    source: Checkpoint,
+    device: torch.device,
+    recipe: Recipe,
+    done: Mapping[str, FinishedLayer],
+    calibration_of: Callable[[], LayerCalibration],
+) -> LayerFactors:
+    """A layer's factors, on the CPU: a resumed run's journaled ones (their budget
+    checked against the plan's), else fitted on ``calibration_of()``, which is called
+    only then (a sequential run's paired capture is a forward pass)."""
+    if layer.name in done:
+        check_same_budget(done[layer.name], layer)
+        return done[layer.name].factors
+    weight = planned_weight(source, layer).to(device)
+    return factors_on_cpu(
+        calibrated_layer(weight, layer, calibration_of(), recipe.refine_steps, recipe.refine_sweeps)
+    )
 
 
 def check_same_budget(finished: FinishedLayer, layer: LayerPlan) -> None:

@@ -26,6 +26,7 @@ distillation trains and judges on them too, held-out batches judging.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,11 +43,8 @@ from lyoncompress.data import held_out
 from lyoncompress.errors import InputError
 from lyoncompress.factorization.calibrated import (
     CalibratedFactors,
-    calibrated_layer,
     capture_batches,
-    check_same_budget,
-    factors_on_cpu,
-    planned_weight,
+    fit_or_resume,
     resolve_device,
     swap_factors,
 )
@@ -221,21 +219,16 @@ def streamed_factors(
         for name in order:
             begin = time.perf_counter()
             layer = by_name[name]
-            if name in done:
-                check_same_budget(done[name], layer)
-                factors[name], seconds[name] = done[name].factors, done[name].seconds
+            if recipe.sequential:
+                calibration_of = functools.partial(
+                    capture_paired, reference, working, local[name], block_batches, recipe.calib_samples
+                )
             else:
-                weight = planned_weight(source, layer).to(device)
-                layer_calibration = (
-                    capture_paired(reference, working, local[name], block_batches, recipe.calib_samples)
-                    if recipe.sequential
-                    else calibration[name]
-                )
-                factors[name] = factors_on_cpu(
-                    calibrated_layer(
-                        weight, layer, layer_calibration, recipe.refine_steps, recipe.refine_sweeps
-                    )
-                )
+                calibration_of = functools.partial(calibration.__getitem__, name)
+            factors[name] = fit_or_resume(layer, source, device, recipe, done, calibration_of)
+            if name in done:
+                seconds[name] = done[name].seconds
+            else:
                 seconds[name] = time.perf_counter() - begin
                 if finished is not None:
                     finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
