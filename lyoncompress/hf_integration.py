@@ -173,7 +173,9 @@ def _classes() -> tuple[type, type]:
 
         @property
         def is_trainable(self) -> bool:
-            return True  # twiddles and biases are ordinary float parameters
+            # float twiddles and biases are ordinary parameters; a quantized layer holds codes
+            # and scales as buffers, so a model with one cannot be fine-tuned as loaded
+            return all(r.quantization is None for r in self.quantization_config.records.values())
 
     for cls in (LyoncompressConfig, LyoncompressHfQuantizer):
         cls.__qualname__ = cls.__name__  # pickle finds them through the module's __getattr__

@@ -87,6 +87,7 @@ def test_from_pretrained_vs_load_compressed(artifact):
     model = transformers.AutoModel.from_pretrained(artifact)
     assert all(isinstance(model.get_submodule(name), ButterflyLinear) for name in MLP)
     assert isinstance(model.encoder.layer[0].attention.self.query, torch.nn.Linear)
+    assert model.hf_quantizer.is_trainable  # float twiddles are ordinary parameters
     torch.testing.assert_close(
         _embeddings(model), _embeddings(load_compressed(artifact)), rtol=1e-5, atol=1e-6
     )
@@ -110,6 +111,7 @@ def test_from_pretrained_quantized_vs_load_compressed(artifact, tmp_path, fmt, c
     model = transformers.AutoModel.from_pretrained(out)
     layer = model.get_submodule(MLP[0])
     assert isinstance(layer, QuantizedButterflyLinear)
+    assert not model.hf_quantizer.is_trainable  # codes and scales are buffers
     codes = {"int8": torch.int8, "int4": torch.uint8, "fp8-e4m3": torch.float8_e4m3fn}[fmt]
     assert layer.factors[0].qdata.dtype == codes
     assert layer.factors[0].scale.dtype == torch.float32
