@@ -14,6 +14,6 @@ PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu $PARALLEL tests/test_kernels.py --tb=short -p no:cacheprovider \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -n 40
 # factorize --device cuda: capture, fits, allocation, sequential, distillation, resume
-timeout "${DEVICE_TIMEOUT:-240}" python3 -m pytest -q -m gpu tests/test_device.py --tb=short -p no:cacheprovider \
+timeout "${DEVICE_TIMEOUT:-240}" python3 -m pytest -q -m cuda tests/test_device.py --tb=short -p no:cacheprovider \
   2>&1 | tee "$OUT/device_tests.log" | tail -n 40
 timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/ks_matmul_gpu.py 2>&1 | tee "$OUT/ks_matmul_gpu.log"

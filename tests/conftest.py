@@ -4,9 +4,7 @@ import pytest
 import torch
 
 
-def _has_gpu() -> bool:
-    if not torch.cuda.is_available():
-        return False
+def _has_cupy() -> bool:
     try:
         import cupy  # noqa: F401
     except ImportError:
@@ -15,12 +13,15 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
+    # `cuda`: torch on a CUDA device only; `gpu`: the CuPy kernels too
+    cuda = torch.cuda.is_available()
+    missing = {"cuda": not cuda, "gpu": not (cuda and _has_cupy())}
+    reasons = {"cuda": "needs a CUDA GPU", "gpu": "needs a CUDA GPU with CuPy"}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker in ("gpu", "cuda"):
+            if missing[marker] and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reasons[marker]))
+                break
 
 
 @pytest.fixture(scope="session")

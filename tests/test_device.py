@@ -65,7 +65,7 @@ def test_capture_keeps_grams_on_the_model_device(tmp_path, monkeypatch):
     assert seen and all(s == (torch.device("cpu"), torch.device("cpu"), torch.float64) for s in seen)
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     "options",
     [{}, {"sequential": True}, {"allocate": "sensitivity"}, {"distill_steps": 4}, {"refine_sweeps": 2}],
@@ -85,7 +85,7 @@ def test_cuda_matches_cpu_closely(tmp_path, options):
         assert load_artifact(tmp_path / "cuda").load(name).device.type == "cpu"
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_cuda_run_resumes_to_the_uninterrupted_artifact(tmp_path, monkeypatch):
     """Resumed on the same GPU, a sequential run writes the uninterrupted artifact (the
     remaining fits see the journaled factors swapped in, as the uninterrupted run did)."""
