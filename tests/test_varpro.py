@@ -42,6 +42,20 @@ def _dense(fit):
     return dense
 
 
+def _dense_solve(problem: _VarPro, outer: list[torch.Tensor]) -> torch.Tensor:
+    """The exact ``A`` (``m × s``) of ``problem.coefficients`` for ``Z = [X_2; V]``, scattered
+    into a dense matrix: column ``l·q + k`` of group ``k``'s structured rows, then the low rank."""
+    x2 = outer[0].to(problem.dtype)
+    coef = problem.coefficients(x2, *problem.whitened([x2, outer[1].to(problem.dtype)]))  # (q, b, c + R)
+    structured = torch.arange(problem.c)[None, :] * problem.q + torch.arange(problem.q)[:, None]  # (q, c)
+    inner = problem.c * problem.q  # p·q·r rows of X_2, row l·q + k with l = i·r + t
+    low = torch.arange(inner, inner + problem.rank).expand(problem.q, problem.rank)  # (q, R)
+    rows = torch.cat([structured, low], 1)  # (q, c + R): the rows of Z group k sees
+    a = torch.zeros(problem.q, problem.b, inner + problem.rank, dtype=problem.dtype)  # (q, b, s)
+    a.scatter_(2, rows[:, None, :].expand(-1, problem.b, -1), coef)
+    return a.permute(1, 0, 2).reshape(problem.m, -1)  # (m, s): row j·q + k
+
+
 def test_inner_solve_vs_brute_force_lstsq():
     m, n, geometry = 24, 16, Geometry(4, 6, 1, 2)
     w, g_train, _ = _planted(m, n, geometry)
@@ -49,8 +63,9 @@ def test_inner_solve_vs_brute_force_lstsq():
     whitening = Whitening.of(g_train)
     chain, twiddles, low = hybrid_start(w, geometry, g_train)
     problem = _VarPro(w, chain, geometry.lowrank, whitening)
-    z = problem.design([twiddles[1], low[1].reshape(geometry.lowrank, n)])  # (s, n)
-    a = problem.solve(z)  # (m, s)
+    outer = [twiddles[1], low[1].reshape(geometry.lowrank, n)]
+    z = torch.cat([chain.patterns[1].to_dense(outer[0]), outer[1]])  # (s, n) = [X_2; V]
+    a = _dense_solve(problem, outer)  # (m, s)
     # brute force: least squares over vec(A) restricted to the support of [X_1, U]
     support = torch.cat([chain.patterns[0].support(), torch.ones(m, geometry.lowrank, dtype=torch.bool)], 1)
     zl, wl = z @ whitening.chol, w @ whitening.chol  # (s, n), (m, n)

@@ -154,7 +154,7 @@ class _VarPro:
         first, last = chain.patterns
         if len(chain) != 2 or first.a != 1 or last.d != 1:
             raise InputError(f"variable projection needs a two-factor chain (1,b,c,q)(p,b,c,1), got {chain}")
-        self.chain, self.rank = chain, rank
+        self.rank = rank
         self.m, self.n = weight.shape
         self.dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.ridge = max(_RIDGE, 100 * torch.finfo(self.dtype).eps)
@@ -168,12 +168,6 @@ class _VarPro:
         target = weight.to(self.dtype) @ self.chol  # (m, n) = W L
         self.scale = float(target.square().sum().clamp_min(1e-300))
         self.target = target.reshape(b, q, self.n).transpose(0, 1).contiguous()  # (q, b, n) = T_k
-        self.inner = last.shape[0]  # p·q·r rows of X_2, row l·q + k with l = i·r + t
-
-    def design(self, outer: list[torch.Tensor]) -> torch.Tensor:
-        """``Z = [X_2; V]`` (``s × n``) from the outer variables ``[twiddle_2, V]``."""
-        z = self.chain.patterns[1].to_dense(outer[0])  # (p·q·r, n)
-        return torch.cat([z, outer[1]]) if self.rank else z
 
     def whitened(self, outer: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``Z L`` as the rows each group sees, ``(q, c, n)``, and ``V L`` (``R × n``), which
@@ -222,18 +216,6 @@ class _VarPro:
 
             coef = project(self.target)
             return coef + project(self.target - self.predict(coef, structured, low))
-
-    def solve(self, z: torch.Tensor) -> torch.Tensor:
-        """The exact ``A`` (``m × s``) for a dense ``Z``: ``coefficients`` scattered."""
-        z = z.to(self.dtype)
-        x2 = self.chain.patterns[1].from_dense(z[: self.inner])
-        coef = self.coefficients(x2, *self.whitened([x2, z[self.inner :]]))  # (q, b, c + R)
-        structured = torch.arange(self.c)[None, :] * self.q + torch.arange(self.q)[:, None]  # (q, c)
-        low = torch.arange(self.inner, self.inner + self.rank).expand(self.q, self.rank)  # (q, R)
-        rows = torch.cat([structured, low], 1)  # (q, c + R): the rows of Z group k sees
-        a = torch.zeros(self.q, self.b, z.shape[0], dtype=self.dtype)  # (q, b, s)
-        a.scatter_(2, rows[:, None, :].expand(-1, self.b, -1), coef)
-        return a.permute(1, 0, 2).reshape(self.m, -1)  # (m, s): row j·q + k
 
     def loss(self, coef: torch.Tensor, structured: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """``‖(W - A Z) L‖_F² / ‖W L‖_F²``, group by group."""
