@@ -6,7 +6,7 @@ from lyoncompress.errors import InputError, LyoncompressError, PatternError
 from lyoncompress.evaluation import evaluate
 from lyoncompress.factorization import Projection, project
 from lyoncompress.factorization.pipeline import factorize
-from lyoncompress.hf_integration import register_with_transformers
+from lyoncompress.hf_integration import register_when_imported, register_with_transformers
 from lyoncompress.inspection import inspect_artifact
 from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear, apply_artifact
 from lyoncompress.models import load_compressed
@@ -24,8 +24,9 @@ from lyoncompress.recipe import (
 __version__ = "0.1.0"
 
 # So that transformers' AutoModel.from_pretrained(artifact) works after `import
-# lyoncompress`, as a quantization method; a no-op where transformers is absent.
-register_with_transformers()
+# lyoncompress`, as a quantization method; deferred until transformers loads its
+# quantizer registry, which a CLI run that never uses transformers does not pay for.
+register_when_imported()
 
 __all__ = [
     "ButterflyLinear",
@@ -43,6 +44,7 @@ __all__ = [
     "load_artifact",
     "load_compressed",
     "load_recipe",
+    "register_when_imported",
     "register_with_transformers",
     "Chain",
     "InputError",

@@ -21,14 +21,24 @@ Example:
 Both classes subclass transformers' and so are built on first use: this module imports
 without transformers installed, and ``LyoncompressConfig`` / ``LyoncompressHfQuantizer``
 are then looked up as attributes of the module.
+
+``import lyoncompress`` calls ``register_when_imported()``: it registers at once when
+transformers' quantizer registry is already imported, and otherwise when it is first
+imported (by ``from_pretrained`` or anything else), through an import hook. Importing the
+registry costs ~1.3 s, which every CLI start paid before, whether it used transformers
+or not.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
 import re
+import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +55,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _LAZY_CLASSES = ("LyoncompressConfig", "LyoncompressHfQuantizer")
+# transformers' registry of quantization methods; from_pretrained imports it
+_REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
 def register_with_transformers() -> bool:
@@ -75,6 +87,52 @@ def register_with_transformers() -> bool:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not quantizer_cls:
         register_quantizer(QUANT_METHOD)(quantizer_cls)
     return True
+
+
+def register_when_imported() -> None:
+    """Register with transformers now if its quantizer registry is loaded, else when it loads.
+
+    Example:
+        >>> register_when_imported()  # what `import lyoncompress` does
+        >>> AutoModel.from_pretrained("fact/")  # imports the registry, which registers us
+    """
+    if _REGISTRY_MODULE in sys.modules:
+        register_with_transformers()
+    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: hands transformers' registry module a loader that registers us after it."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)  # once is enough, and the search below must not find us
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                spec.loader = _RegisteringLoader(spec.loader)
+                return spec
+        return None
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        register_with_transformers()
+
+    def __getattr__(self, name: str) -> Any:
+        # get_source, is_package, ...: whatever the wrapped loader offers
+        return getattr(self._loader, name)
 
 
 def __getattr__(name: str) -> type:

@@ -153,6 +153,36 @@ def test_register_without_transformers(monkeypatch):
     assert register_with_transformers() is False
 
 
+_DEFERRED = """
+import sys
+import lyoncompress
+import transformers
+# registration waits for transformers' quantizer registry, which from_pretrained imports
+assert "transformers.quantizers.auto" not in sys.modules, "import lyoncompress loaded the registry"
+model = transformers.AutoModel.from_pretrained(sys.argv[1])
+print(type(model.encoder.layer[0].intermediate.dense).__name__)
+"""
+
+
+def test_import_defers_registration_until_transformers_loads_its_registry(artifact):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _DEFERRED, str(artifact)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ButterflyLinear"]
+
+
+def test_registry_imported_first_registers_at_import():
+    code = (
+        "import transformers.quantizers.auto as registry, lyoncompress; "
+        "print(registry.AUTO_QUANTIZER_MAPPING['lyoncompress'].__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LyoncompressHfQuantizer"]
+
+
 # ---- without `import lyoncompress`: transformers must refuse, never load random weights ----
 
 
