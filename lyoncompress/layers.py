@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lyoncompress.artifact import Artifact, load_artifact
@@ -80,6 +81,7 @@ class ButterflyLinear(nn.Module):
         self.lowrank_chain = lowrank(out_features, in_features, lowrank_rank) if lowrank_rank else None
         self.lowrank = _factor_list(self.lowrank_chain, dtype, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._two_gemms = _plain_lowrank(chain, lowrank_rank)
 
     @classmethod
     def from_twiddles(
@@ -153,6 +155,8 @@ class ButterflyLinear(nn.Module):
                     f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
                 )
             self.chain.check_twiddles(twiddles)
+            if self._two_gemms:
+                return F.linear(F.linear(x, twiddles[1][0, 0]), twiddles[0][0, 0], self.bias)
             bias = self.bias if self.lowrank_chain is None else None
             y = chain_apply(self.chain.patterns, twiddles, x, bias)
             if self.lowrank_chain is not None:
@@ -247,6 +251,7 @@ class QuantizedButterflyLinear(ButterflyLinear):
         self.lowrank_chain = lowrank(out_features, in_features, lowrank_rank) if lowrank_rank else None
         self.lowrank = _payload_list(self.lowrank_chain, fmt, group_size, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._two_gemms = _plain_lowrank(chain, lowrank_rank)
 
     def _float(self, factors: nn.ModuleList | None, chain: Chain | None, dtype: torch.dtype):
         if factors is None:
@@ -273,6 +278,12 @@ class QuantizedButterflyLinear(ButterflyLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.format}, group_size={self.group_size}"
+
+
+def _plain_lowrank(chain: Chain, lowrank_rank: int) -> bool:
+    # a plain U V: on the CPU two GEMMs without the route machinery's per-call cost, which
+    # is a few percent of a decode step at one row
+    return not lowrank_rank and len(chain) == 2 and all(p.a == p.d == 1 for p in chain.patterns)
 
 
 def _payload_list(chain: Chain, fmt, group_size: int | None, device) -> nn.ModuleList:

@@ -68,6 +68,29 @@ def test_measured_route_is_cached_per_shape(rng):
     )
 
 
+def test_plain_gemm_chains_take_the_rows_route_untimed(rng):
+    chain = lowrank(24, 10, 3)
+    x = torch.randn(5, 10, dtype=torch.float64, generator=rng)
+    key = cpu_routes.route_key(chain.patterns, x)
+    cpu_routes._routes.pop(key, None)
+    assert cpu_routes.chain_route(chain.patterns, _twiddles(chain, rng), x) == "rows"
+    assert key not in cpu_routes._routes  # nothing timed, nothing cached
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (4, 3)], ids=str)
+def test_plain_lowrank_layer_forward_vs_dense(lead, with_bias, rng):
+    chain = lowrank(13, 7, 4)
+    twiddles = _twiddles(chain, rng)
+    bias = torch.randn(13, dtype=torch.float64, generator=rng) if with_bias else None
+    layer = ButterflyLinear.from_twiddles(chain, twiddles, bias)
+    x = torch.randn(*lead, 7, dtype=torch.float64, generator=rng)
+    expected = x @ chain.to_dense(twiddles).T + (0 if bias is None else bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    with pytest.raises(PatternError, match="takes inputs with 7 features, got 6"):
+        layer(torch.randn(2, 6, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("chain", [monarch(12, 8, 4), lowrank(12, 8, 2), square_butterfly(8, 2)], ids=str)
 def test_hybrid_layer_forward_vs_dense(chain, rng):
     m, n = chain.shape
