@@ -90,7 +90,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, help="keep the artifacts here (default: a temp folder)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the artifacts already in --workdir (build them once, time later)",
+    )
     args = parser.parse_args()
+    if args.reuse and args.workdir is None:
+        parser.error("--reuse needs --workdir")
     torch.set_num_threads(args.threads)
 
     from lyoncompress.artifact import load_artifact
@@ -99,7 +106,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        paths = build_artifacts(args.model, work)
+        if args.reuse:
+            paths = {"lowrank": work / "lowrank"} | {
+                f"lowrank {f}": work / f"lowrank-{f}" for f in ("int8", "int4")
+            }
+        else:
+            paths = build_artifacts(args.model, work)
         dense = load_reference(args.model)
         models = {"dense": dense} | {label: load_compressed(path) for label, path in paths.items()}
         names = list(load_artifact(paths["lowrank"]).layers)

