@@ -218,6 +218,9 @@ def test_quantize_distill_steps_end_to_end(tmp_path, factorized, cli):
         {k: (i.shape, i.dtype) for k, i in load_artifact(tmp_path / n).tensors.infos.items()} for n in "ad"
     ]
     assert layouts[0] == layouts[1]
+    # the record says the payloads are the distillation's, not the rescaling's alone
+    rescales = [load_artifact(tmp_path / n).layers["fc1"].quantization.rescale for n in "ad"]
+    assert rescales[1] == rescales[0] + "+distilled" and "distilled" not in rescales[0]
     assert errors["d"] <= errors["a"] * 1.02  # judged on other rows than distillation's own
 
 

@@ -413,6 +413,7 @@ def _quantize_layer(
         quantized = _analytic(chains, twiddles, fmt, rescale, group_size, calibration)
     else:
         quantized = fixed
+        rescale = f"{rescale}+distilled"  # the stored payloads are the distillation's, not the rescaling's
     baseline = {
         group: quantize_chain(chain, twiddles[group], fmt, "none", group_size).dequantized(torch.float64)
         for group, chain in chains.items()
