@@ -30,7 +30,12 @@ from lyoncompress.errors import InputError, PatternError
 from lyoncompress.factorization import project
 from lyoncompress.kernels import backend, ks_chain_apply, use_cuda_kernels
 from lyoncompress.quantization.formats import get_format
-from lyoncompress.quantization.payloads import check_finite, dequantize_payload, dequantize_state
+from lyoncompress.quantization.payloads import (
+    check_finite,
+    codes_and_row_scale,
+    dequantize_payload,
+    dequantize_state,
+)
 from lyoncompress.schema import LayerRecord
 
 
@@ -273,8 +278,40 @@ class QuantizedButterflyLinear(ButterflyLinear):
         return self.bias.dtype if self.bias is not None else self.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._two_gemms and x.device.type == "cpu" and backend() is None:
+            y = self._scaled_gemms(x)
+            if y is not None:
+                return y
         twiddles = self._float(self.factors, self.chain, x.dtype)
         return self._product(x, twiddles, self._float(self.lowrank, self.lowrank_chain, x.dtype))
+
+    def _scaled_gemms(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``U V`` with a scale per row (or per tensor) of each, as two GEMMs on the codes.
+        A factor ``(b, c)`` applied to fewer than ``c`` rows has its scale multiply the
+        ``rows * b`` outputs rather than the ``b * c`` codes (at one row a pass over ``b``
+        numbers instead of ``b * c``); on more rows the codes are scaled. None for grouped
+        scales."""
+        if x.shape[-1] != self.in_features:
+            raise PatternError(
+                f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
+            )
+        split = [
+            codes_and_row_scale(factor.payload(), pattern.twiddle_shape, x.dtype)
+            for factor, pattern in zip(self.factors, self.chain.patterns)
+        ]
+        if None in split:
+            return None
+        rows = x.numel() // self.in_features
+        h = x
+        for index, (codes, scale) in zip((1, 0), reversed(split)):  # V first, then U
+            bias = self.bias if index == 0 else None  # fused into U's GEMM or its scaling
+            if scale is not None and rows < codes.shape[1]:
+                h = F.linear(h, codes)
+                h = h * scale if bias is None else torch.addcmul(bias, h, scale)
+            else:
+                codes = codes if scale is None else codes.mul_(scale.unsqueeze(-1) if scale.ndim else scale)
+                h = F.linear(h, codes, bias)
+        return h
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.format}, group_size={self.group_size}"

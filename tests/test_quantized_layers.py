@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import lyoncompress.layers as layers_module
 from lyoncompress.artifact import load_artifact
 from lyoncompress.butterfly import lowrank, monarch, square_butterfly
 from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
@@ -127,3 +128,29 @@ def test_load_compressed_keeps_the_stored_bytes(artifacts, fmt):
         setattr(dequantized.get_submodule(parent) if parent else dequantized, child, float_layer)
     with torch.no_grad():
         torch.testing.assert_close(model(x), dequantized(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fmt,group_size", [("int8", None), ("int4", None), ("int8", 2), ("int4", 2), ("bf16", None)]
+)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_plain_lowrank_scaled_gemms_vs_dequantized_float(fmt, group_size, rows, rng, monkeypatch):
+    """A plain U V runs its GEMMs on the codes with the scale on the outputs (fewer rows
+    than a factor's inner size) or on the codes (more rows); grouped scales fall back to
+    dequantizing. Every way gives the dequantized float layer's outputs."""
+    layer, reference = _quantized(lowrank(10, 8, 4), fmt, group_size, 0, rng)
+    x = torch.randn(rows, 8, generator=rng)
+    expected = reference(x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    grouped = group_size is not None
+
+    # the codes' path never dequantizes a whole twiddle: only the grouped fallback does
+    def refuse(*args, **kwargs):
+        raise AssertionError("dequantized")
+
+    monkeypatch.setattr(layers_module, "dequantize_payload", refuse)
+    if grouped:
+        with pytest.raises(AssertionError, match="dequantized"):
+            layer(x)
+    else:
+        torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)

@@ -80,6 +80,30 @@ def dequantize_payload(payload: Payload, shape: tuple[int, ...], dtype: torch.dt
     return grouped.mul_(scale.unsqueeze(-1)).view(shape).to(dtype)
 
 
+def codes_and_row_scale(
+    payload: Payload, shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A dense factor's payload (``shape`` ``(1, 1, b, c)``) as its unscaled codes ``(b, c)``
+    in ``dtype`` and the scale of each of its ``b`` output rows (``()`` per tensor, None
+    without a scale), so that ``x @ W.T == (x @ codes.T) * scale``: the scale then
+    multiplies the ``b`` outputs instead of the ``b * c`` weights. None when the scale
+    varies along a row (groups): only ``dequantize_payload`` applies then.
+
+    Example:
+        >>> codes, scale = codes_and_row_scale(payload, (1, 1, 1536, 153), torch.float32)
+        >>> y = F.linear(x, codes) * scale
+    """
+    if "values" in payload:
+        return payload["values"].reshape(shape[-2:]).to(dtype), None
+    codes, scale = payload["qdata"], payload["scale"]
+    if scale.ndim and scale.shape[-1] != 1:
+        return None
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    values = _unpack_int4(codes, shape[-1], work) if codes.dtype == torch.uint8 else codes.to(work)
+    values = values.reshape(shape[-2:]).to(dtype)
+    return values, scale.to(dtype).reshape(-1) if scale.ndim else scale.to(dtype)
+
+
 def _unpack_int4(packed: torch.Tensor, c: int, dtype: torch.dtype) -> torch.Tensor:
     """uint8 ``(..., ceil(c/2))`` -> codes ``(..., c)`` in ``dtype`` (``formats.unpack_int4``'s
     layout); for an odd ``c`` a view that skips the padding code."""
