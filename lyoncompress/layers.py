@@ -213,7 +213,8 @@ class QuantizedButterflyLinear(ButterflyLinear):
     Every factor keeps its payload (codes and scales, see ``quantization.formats``) as
     buffers named as in the artifact; ``forward`` dequantizes the factors to the input's
     dtype (``quantization.payloads.dequantize_payload``), runs the float product, and
-    drops them. ``twiddles`` returns the dequantized float twiddles (no parameters: the
+    drops them (a plain low rank ``U V`` with a scale per row on the CPU: the GEMMs run
+    on the codes, see ``_scaled_gemms``). ``twiddles`` returns the dequantized float twiddles (no parameters: the
     layer is for inference).
 
     Args:
