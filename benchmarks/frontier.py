@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--budget", action="append", type=float, help="repeatable [0.25 0.5 0.75]")
     parser.add_argument("--format", action="append", help="repeatable [fp16 int8 int4]")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--group-size", type=int, default=64, help="int4 dense baselines; 0: a scale per row")
     parser.add_argument("--refine-steps", type=int, default=100)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out/frontier-minilm"))
     parser.add_argument("--min-recovery", type=float, help="search over formats: the gate")
@@ -65,6 +66,7 @@ def main() -> None:
         structures=tuple(args.structure or ("lowrank",)),
         budgets=tuple(args.budget or (0.25, 0.5, 0.75)),
         formats=tuple(args.format or ("fp16", "int8", "int4")),
+        group_size=args.group_size or None,
     )
     recipe = Recipe(targets=(targets,), calib="builtin", refine_steps=args.refine_steps)
     started = time.perf_counter()
