@@ -719,17 +719,18 @@ def _print_choice(found: dict[str, Any], settings: dict[str, Any], checkpoint: P
         f"{settings['metric']} {found['metric']:.4f}; {what}"
     )
     if found["artifact"] is None:
+        include = " ".join(f"--include-dense '{p}'" for p in settings["include_dense"])
         if found["dense_won"]:
             group = f" --group-size {found['group_size']}" if found["group_size"] else ""
             build = (
                 f"lyoncompress quantize {checkpoint} -o q/ --dense --format {found['format']} "
-                f"--rescale {found['rescale']}{group} --include-dense ..."
+                f"--rescale {found['rescale']}{group} {include}"
             )
         else:
             build = (
                 f"lyoncompress factorize {checkpoint} -o f/ --method {found['structure']} --budget "
                 f"{found['budget']:g} (the frontier's factorize options), then lyoncompress quantize f/ "
-                f"-o q/ --format {found['format']} --include-dense ..."
+                f"-o q/ --format {found['format']} {include}"
             )
         err_console.print(f"to build it: --artifact DIR, or {build}")
         return
