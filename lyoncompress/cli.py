@@ -33,7 +33,7 @@ from lyoncompress.errors import InputError, LyoncompressError
 from lyoncompress.evaluation import evaluate as evaluate_artifact
 from lyoncompress.factorization.budget_search import SearchStep, gated_metric, search_budget
 from lyoncompress.factorization.pipeline import factorize as factorize_checkpoint
-from lyoncompress.frontier import FrontierConfig
+from lyoncompress.frontier import FrontierConfig, FrontierSearch
 from lyoncompress.frontier import frontier as measure_frontier
 from lyoncompress.inspection import inspect_artifact
 from lyoncompress.quantization.pipeline import quantize as quantize_artifact
@@ -629,14 +629,42 @@ def frontier(
         list[str] | None, typer.Option(help="Plain weights quantized with every point ['re:.*': all].")
     ] = None,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw frontier.png (plot extra).")] = True,
+    min_recovery: Annotated[
+        float | None,
+        typer.Option(
+            help="Search over formats: pick the smallest measured artifact whose metric is >= this "
+            "(exit 1 if none).",
+            rich_help_panel="Search over formats",
+        ),
+    ] = None,
+    max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="With --min-recovery: the chosen artifact's tensor bytes must not exceed this, e.g. 20MB.",
+            rich_help_panel="Search over formats",
+        ),
+    ] = None,
+    artifact: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --min-recovery: write the chosen artifact to this new folder.",
+            rich_help_panel="Search over formats",
+        ),
+    ] = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Measure the gated metric against whole-artifact bytes: dense-quantized baselines
     (round-to-nearest and feedback) and factorized budgets x formats; Pareto points marked.
+    With --min-recovery, pick budget, format and structure (or a dense-quantized point) giving
+    the smallest passing artifact, and write it with --artifact.
 
     Example:  lyoncompress frontier model/ -o rd/ --calib builtin --task embeddings --budget 0.5
     """
+    if min_recovery is None and (max_bytes is not None or artifact is not None):
+        flag = "--max-bytes" if max_bytes is not None else "--artifact"
+        raise InputError(f"{flag}: only used by the search over formats; add --min-recovery F")
+    search = None if min_recovery is None else FrontierSearch(min_recovery, max_bytes)
     given = {
         "task": task,
         "data": data,
@@ -652,16 +680,69 @@ def frontier(
         calib=calib, calib_samples=calib_samples, targets=tuple(target or ()), refine_steps=refine_steps
     )
     with _LayerProgress(_show_progress(quiet, as_json), "measuring") as progress:
-        document = measure_frontier(checkpoint, out, config, options, plot=plot, progress=progress)
+        document = measure_frontier(
+            checkpoint, out, config, options, plot=plot, progress=progress, search=search, artifact=artifact
+        )
     if as_json:
         _print_json(document)
-        return
-    err_console.print(tables.frontier_table(document))
-    wins = document["verdict"]["factorized_wins"]
-    err_console.print(
-        f"factorized points strictly better than every dense-quantized point as large or larger: "
-        f"{', '.join(wins) if wins else 'none'}; wrote {out / 'frontier.json'}"
+    else:
+        err_console.print(tables.frontier_table(document))
+        wins = document["verdict"]["factorized_wins"]
+        err_console.print(
+            f"factorized points strictly better than every dense-quantized point as large or larger: "
+            f"{', '.join(wins) if wins else 'none'}; wrote {out / 'frontier.json'}"
+        )
+    if search is not None:
+        _print_choice(document["search"], document["settings"], checkpoint)
+
+
+def _print_choice(found: dict[str, Any], settings: dict[str, Any], checkpoint: Path) -> None:
+    """The search's answer in words; exit 1 when no measured point passes (or fits)."""
+    target = f"{settings['task']} {settings['metric']} >= {found['min_recovery']}"
+    if not found["passed"]:
+        if found["too_large"]:
+            why = (
+                f"the smallest point reaching {target} holds {found['smallest_passing_bytes']:,} tensor "
+                f"bytes, over --max-bytes {found['max_bytes']:,}"
+            )
+        else:
+            why = f"no measured point reaches {target} (the float checkpoint is the only one)"
+        err_console.print(Text.assemble(("gate failed: ", "bold red"), f"{why}; no artifact written"))
+        raise typer.Exit(EXIT_GATE_FAILED)
+    what = (
+        "a dense-quantized point: factorizing did not pay at this gate"
+        if found["dense_won"]
+        else f"factorized ({found['structure']} at budget {found['budget']:g}, then {found['format']})"
     )
+    err_console.print(
+        f"smallest passing artifact ({target}): {found['chosen']}, {found['bytes']:,} tensor bytes, "
+        f"{settings['metric']} {found['metric']:.4f}; {what}"
+    )
+    if found["artifact"] is None:
+        include = " ".join(f"--include-dense '{p}'" for p in settings["include_dense"])
+        if found["dense_won"]:
+            group = f" --group-size {found['group_size']}" if found["group_size"] else ""
+            build = (
+                f"lyoncompress quantize {checkpoint} -o q/ --dense --format {found['format']} "
+                f"--rescale {found['rescale']}{group} {include}"
+            )
+        else:
+            build = (
+                f"lyoncompress factorize {checkpoint} -o f/ --method {found['structure']} --budget "
+                f"{found['budget']:g} (the frontier's factorize options), then lyoncompress quantize f/ "
+                f"-o q/ --format {found['format']} {include}"
+            )
+        err_console.print(f"to build it: --artifact DIR, or {build}")
+        return
+    again = " (rebuilt and evaluated again)" if found["rebuilt"] else ""
+    err_console.print(
+        f"wrote {found['artifact']}{again}: {found['artifact_bytes']:,} tensor bytes, "
+        f"{settings['metric']} {found['artifact_metric']:.4f}"
+    )
+    if not found["artifact_passed"]:
+        failed = Text.assemble(("gate failed: ", "bold red"), "the rebuilt artifact misses the gate")
+        err_console.print(failed)
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 @app.command()

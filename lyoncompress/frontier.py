@@ -14,6 +14,12 @@ most as large and at least as good, one of the two strictly.
 
 The points are kept in ``OUT/frontier.json``; a later call with the same settings
 reuses the points it finds there, so a long sweep can be run in parts.
+
+With a ``FrontierSearch`` (``--min-recovery F [--max-bytes SIZE]``) the report also
+picks, among every measured point, the smallest artifact whose metric is ``>= F`` (and
+whose bytes fit): budget, format and structure family at once, dense-quantized points
+included; with ``artifact`` it is written there (kept from the sweep when it was
+measured in this call, else rebuilt and evaluated again).
 """
 
 from __future__ import annotations
@@ -35,7 +41,15 @@ from lyoncompress.factorization.budget_search import gated_metric
 from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.pipeline import INTEGER_FORMATS, default_rescale, quantize
-from lyoncompress.recipe import DEFAULT_EVAL_SAMPLES, EvalConfig, QuantizeConfig, Recipe, SearchConfig
+from lyoncompress.recipe import (
+    DEFAULT_EVAL_SAMPLES,
+    SEARCH_METRICS,
+    EvalConfig,
+    QuantizeConfig,
+    Recipe,
+    SearchConfig,
+    parse_size,
+)
 from lyoncompress.report import plot_frontier
 from lyoncompress.structures import get_structure
 
@@ -85,6 +99,37 @@ class FrontierConfig:
         if self.group_size is not None and self.group_size < 1:
             raise InputError(f"--group-size must be >= 1, got {self.group_size}")
         QuantizeConfig(include_dense=self.include_dense)  # validates the patterns
+
+
+@dataclass(frozen=True)
+class FrontierSearch:
+    """The gate of the search over formats.
+
+    Attributes:
+        min_recovery: the metric must be ``>= min_recovery`` (in (0, 1]).
+        max_bytes: largest tensor data of the chosen artifact (e.g. ``20MB``); None: no limit.
+    """
+
+    min_recovery: float
+    max_bytes: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_recovery <= 1.0:
+            raise InputError(f"--min-recovery {self.min_recovery} must be in (0, 1], e.g. 0.99")
+        if self.max_bytes is not None:
+            _size(self.max_bytes)
+
+    @property
+    def limit(self) -> int | None:
+        """``max_bytes`` in bytes (None: no limit)."""
+        return None if self.max_bytes is None else _size(self.max_bytes)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InputError:
+        raise InputError(f"--max-bytes {text!r} is not a size like 40MB or 512KiB") from None
 
 
 @dataclass(frozen=True)
@@ -167,6 +212,38 @@ def verdict(points: list[Point]) -> dict[str, Any]:
     }
 
 
+def choose(points: list[Point], search: FrontierSearch) -> dict[str, Any]:
+    """The smallest measured artifact that passes ``search`` (ties: the better metric, then
+    the label); the float reference is no candidate. Returns the report's ``search``
+    section: ``chosen`` (a label or None), its fields, ``dense_won``, the ``passing``
+    labels by size, ``smallest_passing_bytes`` and ``too_large`` (points pass, none fits)."""
+    limit = search.limit
+    passing = sorted(
+        (p for p in points if p.kind != "reference" and p.metric >= search.min_recovery),
+        key=lambda p: (p.bytes, -p.metric, p.label),
+    )
+    fitting = [p for p in passing if limit is None or p.bytes <= limit]
+    chosen = fitting[0] if fitting else None
+    section: dict[str, Any] = {
+        "min_recovery": search.min_recovery,
+        "max_bytes": limit,
+        "passing": [p.label for p in passing],
+        "smallest_passing_bytes": passing[0].bytes if passing else None,
+        "too_large": bool(passing) and chosen is None,
+        "passed": chosen is not None,
+        "chosen": None if chosen is None else chosen.label,
+        "dense_won": chosen is not None and chosen.kind == "dense",
+    }
+    if chosen is not None:
+        section.update(
+            {k: getattr(chosen, k) for k in ("kind", "structure", "budget", "format", "rescale")},
+            group_size=chosen.group_size,
+            bytes=chosen.bytes,
+            metric=chosen.metric,
+        )
+    return section
+
+
 def frontier(
     checkpoint: str | Path,
     out: str | Path,
@@ -174,6 +251,8 @@ def frontier(
     recipe: Recipe | None = None,
     plot: bool = True,
     progress: Progress | None = None,
+    search: FrontierSearch | None = None,
+    artifact: str | Path | None = None,
 ) -> dict[str, Any]:
     """Measure the gated metric against whole-artifact bytes; write ``OUT/frontier.json``
     (and ``OUT/frontier.png`` with ``plot``).
@@ -187,10 +266,15 @@ def frontier(
             ``targets``); default ``Recipe()``.
         plot: draw the curve (needs the ``plot`` extra).
         progress: called after each point with (label, done, total).
+        search: pick the smallest passing point (``choose``) over every point of the
+            report, earlier parts' included; adds a ``search`` section.
+        artifact: write the chosen point there (needs ``search``; must not exist). It is
+            the very artifact measured when this call measured it; else it is rebuilt
+            (factorize + quantize) and evaluated again (``artifact_metric``).
 
     Returns:
-        ``{"settings", "points", "verdict", "seconds"}``; each point has ``bytes``,
-        ``metric`` and ``pareto``.
+        ``{"settings", "points", "verdict", "seconds"}`` (and ``search``); each point has
+        ``bytes``, ``metric`` and ``pareto``.
 
     Example:
         >>> report = frontier("model/", "rd/", FrontierConfig(formats=("int8",)))
@@ -200,8 +284,14 @@ def frontier(
     config = config or FrontierConfig()
     recipe = recipe or Recipe()
     checkpoint, out = Path(checkpoint), Path(out)
-    search = SearchConfig(min_recovery=1.0, task=config.task, data=config.data, samples=config.samples)
-    task, metric = gated_metric(checkpoint, search)
+    if artifact is not None:
+        artifact = Path(artifact)
+        if search is None:
+            raise InputError("--artifact writes the point chosen by the search; add --min-recovery F")
+        if artifact.exists():
+            raise InputError(f"--artifact {artifact} exists; remove it or choose another folder")
+    gate = SearchConfig(min_recovery=1.0, task=config.task, data=config.data, samples=config.samples)
+    task, metric = gated_metric(checkpoint, gate)
     if config.data is not None:
         load_samples(config.data, config.samples, 0)  # a bad data file fails before any work
     settings = {
@@ -228,6 +318,7 @@ def frontier(
     stage = out / ".frontier-scratch"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
+    kept: Point | None = None  # the smallest passing point measured in this call, on disk
     try:
         factorized: dict[tuple[str, float], tuple[Path, float]] = {}
         for done, job in enumerate(jobs, 1):
@@ -262,17 +353,74 @@ def frontier(
                     params_ratio=ratio,
                     seconds=round(time.perf_counter() - begin, 3),
                 )
-                shutil.rmtree(target)
+                point = measured[job.label]
+                if artifact is not None and _better(point, kept, search):
+                    shutil.rmtree(stage / "best", ignore_errors=True)
+                    target.rename(stage / "best")
+                    kept = point
+                else:
+                    shutil.rmtree(target)
                 # written after every point: an interrupted sweep resumes where it stopped
                 _write(out, settings, [reference, *measured.values()], started)
             if progress is not None:
                 progress(job.label, done, len(jobs))
+        for folder, _ in factorized.values():
+            shutil.rmtree(folder)
+        section = None
+        if search is not None:
+            section = choose(list(measured.values()), search)
+            section["artifact"] = None
+            if artifact is not None and section["chosen"] is not None:
+                chosen = measured[section["chosen"]]
+                if kept is not None and kept.label == chosen.label:
+                    shutil.move(str(stage / "best"), str(artifact))
+                    section.update(artifact_metric=chosen.metric, rebuilt=False)
+                else:
+                    value = _build(checkpoint, chosen, config, recipe, stage, artifact, eval_config)
+                    section.update(artifact_metric=value, rebuilt=True)
+                section.update(artifact=str(artifact), artifact_bytes=tensor_bytes(artifact))
+                section["artifact_passed"] = section["artifact_metric"] >= search.min_recovery
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    document = _write(out, settings, [reference, *measured.values()], started)
+    document = _write(out, settings, [reference, *measured.values()], started, section)
     if plot:
         plot_frontier(document, out / "frontier.png")
     return document
+
+
+def _better(point: Point, kept: Point | None, search: FrontierSearch | None) -> bool:
+    """Whether ``point`` passes ``search`` and is a better choice than ``kept``."""
+    assert search is not None
+    limit = search.limit
+    if point.metric < search.min_recovery or (limit is not None and point.bytes > limit):
+        return False
+    return kept is None or (point.bytes, -point.metric, point.label) < (kept.bytes, -kept.metric, kept.label)
+
+
+def _build(
+    checkpoint: Path,
+    point: Point,
+    config: FrontierConfig,
+    recipe: Recipe,
+    stage: Path,
+    artifact: Path,
+    eval_config: EvalConfig,
+) -> float:
+    """Rebuild a point measured by an earlier part into ``artifact``; its metric, evaluated again."""
+    options = QuantizeConfig(
+        format=point.format,
+        rescale=point.rescale,
+        group_size=point.group_size,
+        dense=point.kind == "dense",
+        include_dense=config.include_dense,
+    )
+    source = checkpoint
+    if point.kind == "factorized":
+        source = stage / "rebuild"
+        factorize(checkpoint, source, recipe.replace(method=point.structure, budget=point.budget))
+    quantize(source, artifact, options)
+    (task,) = eval_config.tasks
+    return float(evaluate(artifact, checkpoint, eval_config)["tasks"][task][SEARCH_METRICS[task]])
 
 
 def _jobs(config: FrontierConfig) -> list[_Job]:
@@ -320,7 +468,13 @@ def _known_points(path: Path, settings: dict[str, Any]) -> dict[str, Point]:
     }
 
 
-def _write(out: Path, settings: dict[str, Any], points: list[Point], started: float) -> dict[str, Any]:
+def _write(
+    out: Path,
+    settings: dict[str, Any],
+    points: list[Point],
+    started: float,
+    search: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     flags = pareto_flags([(p.bytes, p.metric) for p in points])
     points = [Point(**{**asdict(p), "pareto": flag}) for p, flag in zip(points, flags)]
     document = {
@@ -330,6 +484,8 @@ def _write(out: Path, settings: dict[str, Any], points: list[Point], started: fl
         "verdict": verdict(points),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if search is not None:
+        document["search"] = search
     staging = out / ".frontier.json.tmp"
     staging.write_text(json.dumps(document, indent=2) + "\n")
     staging.replace(out / "frontier.json")

@@ -214,8 +214,8 @@ class QuantizedButterflyLinear(ButterflyLinear):
     buffers named as in the artifact; ``forward`` dequantizes the factors to the input's
     dtype (``quantization.payloads.dequantize_payload``), runs the float product, and
     drops them (a plain low rank ``U V`` with a scale per row on the CPU: the GEMMs run
-    on the codes, see ``_scaled_gemms``). ``twiddles`` returns the dequantized float twiddles (no parameters: the
-    layer is for inference).
+    on the codes, see ``_scaled_gemms``). ``twiddles`` returns the dequantized float
+    twiddles (no parameters: the layer is for inference).
 
     Args:
         in_features, out_features, chain, bias, lowrank_rank: as in ``ButterflyLinear``.

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from dataclasses import asdict
 
 import pytest
 from safetensors import safe_open
@@ -166,3 +167,141 @@ def test_frontier_needs_a_runnable_model(tmp_path, cli):
     (ckpt / "config.json").unlink()
     result = cli("frontier", ckpt / "model.safetensors", "-o", tmp_path / "rd", "--no-plot")
     assert result.exit_code == 2, result.output
+
+
+# --- the search over formats (--min-recovery, --max-bytes, --artifact) ---
+
+
+def _smallest_passing(points, floor, limit=None):
+    """Brute force: every measured point but the reference, the gate and size applied."""
+    passing = [p for p in points if p["kind"] != "reference" and p["metric"] >= floor]
+    fitting = [p for p in passing if limit is None or p["bytes"] <= limit]
+    if not fitting:
+        return None
+    size = min(p["bytes"] for p in fitting)
+    return max((p for p in fitting if p["bytes"] == size), key=lambda p: p["metric"])
+
+
+def _gates(points):
+    """Gates between the metrics, so that some points pass and some fail."""
+    metrics = sorted({p["metric"] for p in points if p["kind"] != "reference"})
+    return [(lo + hi) / 2 for lo, hi in zip(metrics, metrics[1:]) if (lo + hi) / 2 <= 1.0]
+
+
+def test_choose_is_the_smallest_passing_point_vs_brute_force():
+    from lyoncompress.frontier import FrontierSearch, choose
+
+    rng = random.Random(0)
+    for _ in range(50):
+        points = [
+            _point(f"p{i}", rng.choice(["dense", "factorized"]), rng.randint(1, 8), rng.randint(0, 10) / 10)
+            for i in range(rng.randint(1, 12))
+        ]
+        floor = rng.choice([0.05, 0.35, 0.65, 0.95])
+        limit = rng.choice([None, 3, 6])
+        found = choose(points, FrontierSearch(floor, None if limit is None else f"{limit}B"))
+        expected = _smallest_passing([asdict(p) for p in points], floor, limit)
+        if expected is None:
+            assert found["chosen"] is None and not found["passed"]
+            assert found["too_large"] == any(p.metric >= floor for p in points)
+        else:
+            chosen = next(p for p in points if p.label == found["chosen"])
+            assert (chosen.bytes, chosen.metric) == (expected["bytes"], expected["metric"])
+            assert found["dense_won"] == (chosen.kind == "dense")
+
+
+def test_search_over_formats_picks_the_smallest_passing_point(swept, cli, tmp_path):
+    _, _, args, result = swept
+    points = json.loads(result.stdout)["points"]
+    for floor in _gates(points):
+        found = cli(*args, "--min-recovery", f"{floor:.6f}")
+        assert found.exit_code == 0, found.output
+        document = json.loads(found.stdout)  # every point of the folder, earlier parts' included
+        section = document["search"]
+        expected = _smallest_passing(document["points"], float(f"{floor:.6f}"))
+        assert (section["bytes"], section["metric"]) == (expected["bytes"], expected["metric"])
+        assert section["dense_won"] == (section["kind"] == "dense")
+        assert section["artifact"] is None
+        assert section["passing"][0] == section["chosen"]
+    # a gate that no compressed point reaches: exit 1, nothing written
+    best = max(p["metric"] for p in points if p["kind"] != "reference")
+    if best < 1.0:
+        none = cli(*args, "--min-recovery", "1.0", "--artifact", tmp_path / "a")
+        assert none.exit_code == 1, none.output
+        assert not json.loads(none.stdout)["search"]["too_large"]
+        assert not (tmp_path / "a").exists()
+
+
+def test_max_bytes_excludes_larger_points_and_refuses_when_none_fits(swept, cli, tmp_path):
+    _, _, args, _ = swept
+    points = json.loads(cli(*args).stdout)["points"]
+    floor = float(f"{_gates(points)[0]:.6f}")  # all but the worst point pass
+    smallest = _smallest_passing(points, floor)
+    limit = smallest["bytes"] - 1  # the smallest passing point no longer fits
+    expected = _smallest_passing(points, floor, limit)
+    found = cli(*args, "--min-recovery", str(floor), "--max-bytes", f"{limit}B")
+    if expected is None:
+        assert found.exit_code == 1, found.output
+        assert json.loads(found.stdout)["search"]["too_large"]
+    else:
+        assert found.exit_code == 0, found.output
+        assert json.loads(found.stdout)["search"]["bytes"] == expected["bytes"] <= limit
+    tiny = cli(*args, "--min-recovery", str(floor), "--max-bytes", "1B", "--artifact", tmp_path / "a")
+    assert tiny.exit_code == 1, tiny.output
+    section = json.loads(tiny.stdout)["search"]
+    assert section["too_large"] and section["smallest_passing_bytes"] == smallest["bytes"]
+    assert not (tmp_path / "a").exists()
+
+
+def test_artifact_is_rebuilt_from_an_earlier_part_and_passes(swept, cli, tmp_path):
+    _, _, args, _ = swept
+    points = json.loads(cli(*args).stdout)["points"]
+    # the gate of the smallest point (a factorized one: low rank 0.25 int4), so that the
+    # rebuild goes through factorize + quantize
+    smallest = min((p for p in points if p["kind"] != "reference"), key=lambda p: p["bytes"])
+    assert smallest["kind"] == "factorized"
+    floor = float(f"{smallest['metric'] - 1e-6:.7f}")
+    expected = _smallest_passing(points, floor)
+    out = tmp_path / "chosen"
+    found = cli(*args, "--min-recovery", str(floor), "--artifact", out)
+    assert found.exit_code == 0, found.output
+    section = json.loads(found.stdout)["search"]
+    assert section["rebuilt"] and section["chosen"] == expected["label"]
+    assert section["artifact_bytes"] == tensor_bytes(out) == expected["bytes"]
+    assert section["artifact_metric"] == pytest.approx(expected["metric"], abs=1e-6)
+    assert section["artifact_passed"]
+    again = cli(*args, "--min-recovery", str(floor), "--artifact", out)
+    assert again.exit_code == 2 and "exists" in again.output
+
+
+def test_artifact_measured_in_this_call_is_kept_not_rebuilt(tmp_path, cli):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    args = ["frontier", ckpt, "-o", tmp_path / "rd", "--structure", "lowrank", "--budget", "0.5"]
+    args += ["--format", "int8", "--samples", "64", "--no-plot", "--json", "--min-recovery", "0.5"]
+    found = cli(*args, "--artifact", tmp_path / "a")
+    assert found.exit_code == 0, found.output
+    document = json.loads(found.stdout)
+    section = document["search"]
+    assert not section["rebuilt"] and section["artifact_passed"]
+    chosen = next(p for p in document["points"] if p["label"] == section["chosen"])
+    assert tensor_bytes(tmp_path / "a") == chosen["bytes"] == section["artifact_bytes"]
+    assert section["artifact_metric"] == chosen["metric"] >= 0.5
+    assert sorted(p.name for p in (tmp_path / "rd").iterdir()) == ["frontier.json"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--min-recovery", "1.5"], "--min-recovery"),
+        (["--min-recovery", "0"], "--min-recovery"),
+        (["--min-recovery", "0.9", "--max-bytes", "lots"], "--max-bytes"),
+        (["--max-bytes", "1MB"], "--min-recovery"),
+        (["--artifact", "a"], "--min-recovery"),
+    ],
+)
+def test_search_bad_values_exit_2(tmp_path, cli, extra, message):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = cli("frontier", ckpt, "-o", tmp_path / "rd", "--no-plot", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "rd").exists()
