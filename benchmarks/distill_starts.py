@@ -61,12 +61,33 @@ def params_ratio(artifact: Path) -> float:
     return json.loads((artifact / "report.json").read_text())["totals"]["ratio"]
 
 
+def select(reference, starts, train, val, steps: int, lr: float) -> None:
+    """The selection ``factorize --distill-select-steps`` makes (``calibrated.select_by_distillation``:
+    the same ``distill`` call per candidate), here over whole-model starts read from disk."""
+    print(f"| start | held-out layers-mse before | after {steps} steps | distill s |")
+    print("|---|---|---|---|")
+    scores = {}
+    for name, artifact in starts:
+        started = time.perf_counter()
+        result = distill(reference, load_compressed(artifact), train, val, steps, lr)
+        scores[name], seconds = result.val_after, time.perf_counter() - started
+        print(f"| {name} | {result.val_before:.4f} | {result.val_after:.4f} | {seconds:.0f} |", flush=True)
+    print(f"chosen: {min(scores, key=scores.__getitem__)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--start", action="append", required=True, help="NAME=ARTIFACT, repeatable")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=4e-4, help="peak Adam step (cosine decay to 0)")
     parser.add_argument("--samples", type=int, default=256, help="held-out sentences for eval")
+    parser.add_argument(
+        "--select-steps",
+        type=int,
+        default=0,
+        help="instead: what --distill-select-steps K would pick among these starts (K steps each, "
+        "scored on the calibration split's held-out batches; no eval text)",
+    )
     args = parser.parse_args()
     starts = []
     for item in args.start:
@@ -86,6 +107,9 @@ def main() -> None:
         f"threads {torch.get_num_threads()}; {len(train)} training / {len(val)} held-out batches, "
         f"{args.steps} steps, lr {args.lr:g}"
     )
+    if args.select_steps:
+        select(reference, starts, train, val, args.select_steps, args.lr)
+        return
     print(
         "| start | structures | params ratio | cosine before | held-out layers-mse before | after "
         "| cosine after | similarity Spearman after | distill s (load) |"
