@@ -82,6 +82,9 @@ def test_the_winner_is_the_lowest_short_distillation_score(tmp_path, monkeypatch
         written[row["fit"]] = written.get(row["fit"], 0) + 1
     assert written == chosen["fits"]
     assert sum(row["params_after"] for row in report["layers"]) == chosen["params"]
+    # a layer that now holds another fit than its layer-wise choice says why
+    assert chosen["candidate"] != "layer-wise"
+    assert any("won --distill-select-steps" in row["why"] for row in report["layers"])
 
 
 @pytest.mark.parametrize("model", ["mlp", "bert"])

@@ -443,6 +443,11 @@ def _why(factors: LayerFactors) -> str:
     if not others:
         return f"lowest {metric} of {len(factors.candidates)} {chosen_label} candidates"
     runner_up = min(others, key=lambda c: c.rel_error)
+    if factors.output_error is not None and runner_up.rel_error < chosen:
+        return (
+            f"held-out output error {chosen:.4f}: its structure family won --distill-select-steps; "
+            f"lowest of {len(factors.candidates)} candidates: {runner_up.structure} {runner_up.rel_error:.4f}"
+        )
     return (
         f"lowest {metric} {chosen:.4f} of {len(factors.candidates)} candidates; "
         f"best other: {runner_up.structure} {runner_up.rel_error:.4f}"
