@@ -173,6 +173,15 @@ def _print_factorized(report: dict[str, Any]) -> None:
 def _print_distilled(report: dict[str, Any]) -> None:
     if "distill" in report:
         d = report["distill"]
+        if "select" in d:
+            picked = d["select"]
+            for row in picked["tried"]:
+                mark = "  <- chosen" if row["candidate"] == picked["chosen"] else ""
+                err_console.print(
+                    f"start {row['candidate']} ({', '.join(f'{k} x{n}' for k, n in row['fits'].items())}): "
+                    f"held-out {row['val_output_error_before']:.4f} -> {row['val_output_error_after']:.4f} "
+                    f"after {picked['steps']} steps{mark}"
+                )
         err_console.print(
             f"distillation ({d['steps']} steps, lr {d['lr']:g}): held-out {d['objective']} "
             f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
@@ -228,6 +237,14 @@ def factorize(
         typer.Option(
             help="Learning rate of the distillation [2e-4 decayed to 0 for encoders' layers-mse; "
             "1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
+        ),
+    ] = None,
+    distill_select_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Pick the distillation's start by a short distillation of this many steps from each "
+            "whole-model candidate (the layer-wise choice; every layer's best low rank, Monarch, hybrid), "
+            "scored on the calibration data's held-out batches (needs --distill-steps, method auto)."
         ),
     ] = None,
     sequential: Annotated[
@@ -358,6 +375,7 @@ def factorize(
         refine_sweeps=refine_sweeps,
         distill_steps=distill_steps,
         distill_lr=distill_lr,
+        distill_select_steps=distill_select_steps,
         sequential=sequential,
         permute=permute,
         allocate=allocate,

@@ -94,6 +94,12 @@ class Recipe:
             close to a good solution, and larger steps undo the layer-wise fit); None:
             the objective's default (2e-4, decayed to 0, for every layer's hidden
             states; 1e-4 for causal-LM logits; 5e-5 for final outputs).
+        distill_select_steps: pick the whole-model start of the distillation by a short
+            distillation of this many steps from each candidate (0: none; needs
+            ``distill_steps`` and method ``auto``): the layer-wise choice, and for each
+            structure family (low rank, Monarch, hybrid, ...) every layer's best fit of
+            that family; each is scored on the calibration data's held-out batches, and
+            the full distillation continues from the lowest.
         sequential: fit the layers in forward order, each on the inputs of the model
             whose earlier layers are already compressed, against the reference outputs
             (needs ``calib``; one calibration pass per layer).
@@ -128,6 +134,7 @@ class Recipe:
     refine_sweeps: int = 0
     distill_steps: int = 0
     distill_lr: float | None = None
+    distill_select_steps: int = 0
     sequential: bool = False
     permute: bool = False
     allocate: str = "uniform"
@@ -167,6 +174,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refine_sweeps": (int,),
     "distill_steps": (int,),
     "distill_lr": (float, type(None)),
+    "distill_select_steps": (int,),
     "sequential": (bool,),
     "permute": (bool,),
     "allocate": (str,),
@@ -250,6 +258,7 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
+    _check_select(recipe)
     if recipe.device not in DEVICES:
         raise InputError(f"device {recipe.device!r} is unknown; choose one of {', '.join(DEVICES)}")
     if recipe.stream not in STREAMS:
@@ -265,6 +274,26 @@ def validate(recipe: Recipe, where: str) -> None:
     for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):
         compile_pattern(pattern, where)
     parse_size(recipe.max_shard_size)
+
+
+def _check_select(recipe: Recipe) -> None:
+    steps = recipe.distill_select_steps
+    if steps < 0:
+        raise InputError(f"distill_select_steps {steps} must be >= 0 (0: no selection)")
+    if not steps:
+        return
+    if not recipe.distill_steps:
+        raise InputError("distill_select_steps picks the start of a distillation: add --distill-steps N")
+    if recipe.method != "auto":
+        raise InputError(
+            f"distill_select_steps chooses among auto's structure families; method {recipe.method!r} "
+            "has one: drop --distill-select-steps or use --method auto"
+        )
+    if recipe.stream == "on":
+        raise InputError(
+            "distill_select_steps compares whole-model distillations; --stream on distils block by "
+            "block: use --stream auto or off"
+        )
 
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -55,9 +55,9 @@ def test_capture_keeps_grams_on_the_model_device(tmp_path, monkeypatch):
     seen = []
     real = calibrated.calibrated_layer
 
-    def spy(weight, layer, calibration, *args):
+    def spy(weight, layer, calibration, *args, **kwargs):
         seen.append((weight.device, calibration.gram_train.device, calibration.gram_train.dtype))
-        return real(weight, layer, calibration, *args)
+        return real(weight, layer, calibration, *args, **kwargs)
 
     monkeypatch.setattr(calibrated, "calibrated_layer", spy)
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")

@@ -35,6 +35,12 @@ MODES = {
         "calibrated_layer",
     ),
     "distilled": (Recipe(**FAST, distill_steps=4), calibrated, "calibrated_layer"),
+    # each structure's best fit is journaled too: the resumed selection sees the same candidates
+    "distill-selected": (
+        Recipe(**FAST, distill_steps=4, distill_select_steps=2),
+        calibrated,
+        "calibrated_layer",
+    ),
     "permuted": (WEIGHT.replace(permute=True), pipeline, "factorize_layer"),
     "permuted-calibrated": (Recipe(**FAST, permute=True), calibrated, "calibrated_layer"),
 }

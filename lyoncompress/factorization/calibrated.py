@@ -8,6 +8,7 @@ any other value is a data file in the formats ``eval --data`` takes.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -43,7 +44,7 @@ from lyoncompress.refine import activation_aware_lowrank
 from lyoncompress.refine.allocation import allocate_ranks, lowrank_error_curve, measure_sensitivity
 from lyoncompress.refine.distill import DistillResult, distill
 from lyoncompress.refine.gram import corrected_target, output_error, paired_output_error
-from lyoncompress.structures import calibrated_candidates, choose_structure, rank_for_budget
+from lyoncompress.structures import Fitted, calibrated_candidates, choose_structure, rank_for_budget
 
 # ``--device``: where capture, structure fits, allocation and distillation run
 DEVICE_RESOLVERS: dict[str, Callable[[], torch.device]] = {
@@ -80,6 +81,7 @@ def factors_on_cpu(factors: LayerFactors) -> LayerFactors:
         factors,
         twiddles=[t.cpu() for t in factors.twiddles],
         lowrank_twiddles=[t.cpu() for t in factors.lowrank_twiddles],
+        families={name: factors_on_cpu(family) for name, family in factors.families.items()},
     )
 
 
@@ -95,13 +97,20 @@ def capture_batches(checkpoint: str | Path, config: dict[str, Any], calib: str, 
 
 
 def calibrated_layer(
-    weight: torch.Tensor, layer: LayerPlan, calibration: LayerCalibration, steps: int, sweeps: int
+    weight: torch.Tensor,
+    layer: LayerPlan,
+    calibration: LayerCalibration,
+    steps: int,
+    sweeps: int,
+    families: bool = False,
 ) -> LayerFactors:
     """The structure with the lowest held-out output error within the layer's budget.
 
     With sequential calibration the structure is fitted to ``corrected_target`` in the
     metric of the compressed model's inputs, and ``reference_error`` reports the
-    held-out error against the reference model's outputs.
+    held-out error against the reference model's outputs. With ``families`` the best
+    fit of every structure tried is kept too (``LayerFactors.families``), for
+    ``--distill-select-steps``.
     """
     _check_reached(layer.name, calibration)
     target = (
@@ -120,10 +129,6 @@ def calibrated_layer(
         depth=layer.depth,
     )
     best = choice.chosen
-    approx = best.chain.to_dense(best.twiddles)
-    if best.lowrank_twiddles:
-        approx = approx + best.lowrank_twiddles[0][0, 0] @ best.lowrank_twiddles[1][0, 0]
-    weight_error = float((weight - approx).norm() / weight.norm().clamp_min(1e-30))
     candidates = [Candidate(s.name, str(s.chain), s.params, s.val_error) for s in choice.candidates]
     # a searching fit's row is followed by one row per geometry it tried
     candidates += [
@@ -131,21 +136,43 @@ def calibrated_layer(
     ]
     reference_error = (
         paired_output_error(
-            weight, approx, calibration.reference_gram_val, calibration.cross_val, calibration.gram_val
+            weight, _dense(best), calibration.reference_gram_val, calibration.cross_val, calibration.gram_val
         )
         if calibration.sequential
         else None
     )
+    chosen = _layer_factors(weight, best, candidates, reference_error)
+    kept: dict[str, LayerFactors] = {}
+    if families:
+        for fitted in choice.candidates:  # lowest held-out error first: each structure's best
+            if fitted.structure not in kept:
+                kept[fitted.structure] = (
+                    chosen if fitted is best else _layer_factors(weight, fitted, candidates, None)
+                )
+    return dataclasses.replace(chosen, families=kept)
+
+
+def _dense(fitted: Fitted) -> torch.Tensor:
+    approx = fitted.chain.to_dense(fitted.twiddles)
+    if fitted.lowrank_twiddles:
+        approx = approx + fitted.lowrank_twiddles[0][0, 0] @ fitted.lowrank_twiddles[1][0, 0]
+    return approx
+
+
+def _layer_factors(
+    weight: torch.Tensor, fitted: Fitted, candidates: list[Candidate], reference_error: float | None
+) -> LayerFactors:
+    weight_error = float((weight - _dense(fitted)).norm() / weight.norm().clamp_min(1e-30))
     return LayerFactors(
-        structure=best.structure,
-        chain=best.chain,
-        twiddles=best.twiddles,
+        structure=fitted.structure,
+        chain=fitted.chain,
+        twiddles=fitted.twiddles,
         rel_error=weight_error,
         candidates=candidates,
-        lowrank_twiddles=best.lowrank_twiddles,
-        output_error=best.val_error,
+        lowrank_twiddles=fitted.lowrank_twiddles,
+        output_error=fitted.val_error,
         reference_error=reference_error,
-        fit=best.name,
+        fit=fitted.name,
     )
 
 
@@ -253,7 +280,14 @@ def fit_or_resume(
         return done[layer.name].factors
     weight = planned_weight(source, layer).to(device)
     return factors_on_cpu(
-        calibrated_layer(weight, layer, calibration_of(), recipe.refine_steps, recipe.refine_sweeps)
+        calibrated_layer(
+            weight,
+            layer,
+            calibration_of(),
+            recipe.refine_steps,
+            recipe.refine_sweeps,
+            families=recipe.distill_select_steps > 0,
+        )
     )
 
 
@@ -346,28 +380,146 @@ def distill_factors(
     ``data.DISTILL_VAL_BATCHES`` of them, judge; every other batch trains, text regrouped by
     length (``regrouped_by_length``) so that steps do not compute on padding.
     """
-    config = source.config
-    batches = list(calibration_batches(checkpoint, config or {}, calib, samples))
-    train, val = distill_split(batches)
-    if not train or not val:
-        raise InputError(
-            f"--distill-steps needs at least {VAL_EVERY} calibration batches; give more --calib data"
-        )
-    target = resolve_device(device)
-    train, val = ([_on_device(b, target) for b in part] for part in (train, val))
-    compressed = load_reference(source)
-    for name, layer_factors in factors.items():
-        swap_factors(compressed, name, layer_factors)
-    compressed = compressed.to(target)
-    report_step = None
-    if progress is not None:
-
-        def report_step(done: int, total: int, best: float) -> None:
-            progress(f"distilling, best held-out error {best:.4f}", done, total)
-
-    reference = load_reference(checkpoint).to(target)
-    result = distill(reference, compressed, train, val, steps, lr, progress=report_step)
+    data = _DistillData.of(checkpoint, source, calib, samples, device)
+    compressed = data.compressed(factors)
+    result = distill(data.reference, compressed, data.train, data.val, steps, lr, progress=_steps(progress))
     twiddles = {
         name: t.detach().cpu() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")
     }
     return twiddles, result
+
+
+def _steps(
+    progress: Callable[[str, int, int], None] | None, what: str = "distilling"
+) -> Callable[[int, int, float], None] | None:
+    if progress is None:
+        return None
+
+    def report_step(done: int, total: int, best: float) -> None:
+        progress(f"{what}, best held-out error {best:.4f}", done, total)
+
+    return report_step
+
+
+@dataclass(frozen=True)
+class _DistillData:
+    """What every distillation of one run shares: the model source, the reference model
+    and the (training, held-out) batches on ``device``."""
+
+    source: Checkpoint
+    reference: torch.nn.Module
+    train: list[Any]
+    val: list[Any]
+    device: torch.device
+
+    @classmethod
+    def of(cls, checkpoint: str | Path, source: Checkpoint, calib: str, samples: int, device: str):
+        batches = list(calibration_batches(checkpoint, source.config or {}, calib, samples))
+        train, val = distill_split(batches)
+        if not train or not val:
+            raise InputError(
+                f"--distill-steps needs at least {VAL_EVERY} calibration batches; give more --calib data"
+            )
+        target = resolve_device(device)
+        train, val = ([_on_device(b, target) for b in part] for part in (train, val))
+        return cls(source, load_reference(checkpoint).to(target), train, val, target)
+
+    def compressed(self, factors: Mapping[str, LayerFactors]) -> torch.nn.Module:
+        model = load_reference(self.source)
+        for name, layer_factors in factors.items():
+            swap_factors(model, name, layer_factors)
+        return model.to(self.device)
+
+
+LAYER_WISE = "layer-wise"  # the whole-model candidate of each layer's own choice
+
+
+def whole_model_candidates(factors: Mapping[str, LayerFactors]) -> dict[str, dict[str, LayerFactors]]:
+    """What ``--distill-select-steps`` compares, by name: ``layer-wise`` (each layer's
+    choice), then one per structure family in ``LayerFactors.families`` (every layer's
+    best fit of that family; a layer without one keeps its choice). A candidate with the
+    same fit on every layer as an earlier one is left out."""
+    options = {LAYER_WISE: {name: _without_families(f) for name, f in factors.items()}}
+    families = dict.fromkeys(family for f in factors.values() for family in f.families)
+    for family in families:
+        option = {name: _without_families(f.families.get(family, f)) for name, f in factors.items()}
+        fits = [option[name].fit for name in option]
+        if all(fits != [other[name].fit for name in other] for other in options.values()):
+            options[family] = option
+    return options
+
+
+def _without_families(factors: LayerFactors) -> LayerFactors:
+    return dataclasses.replace(factors, families={}) if factors.families else factors
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The winner of ``select_by_distillation``: its layers' factors (twiddles after its
+    short distillation), and the report section (what was tried, what was chosen)."""
+
+    factors: dict[str, LayerFactors]
+    report: dict[str, Any]
+
+
+def select_by_distillation(
+    checkpoint: str | Path,
+    source: Checkpoint,
+    factors: Mapping[str, LayerFactors],
+    recipe: Recipe,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Selection:
+    """Distil each of ``whole_model_candidates(factors)`` for ``recipe.distill_select_steps``
+    steps (the same objective, step size and batches as the full distillation) and keep
+    the one with the lowest held-out error (calibration data's held-out batches; ties: the
+    earlier). Each short run keeps its best held-out state, so the winner's score is at
+    most every candidate's error before distillation, the layer-wise choice's included."""
+    options = whole_model_candidates(factors)
+    data = _DistillData.of(checkpoint, source, recipe.calib, recipe.calib_samples, recipe.device)
+    steps = recipe.distill_select_steps
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, str, dict[str, LayerFactors]] | None = None
+    for label, option in options.items():
+        compressed = data.compressed(option)
+        result = distill(
+            data.reference,
+            compressed,
+            data.train,
+            data.val,
+            steps,
+            recipe.distill_lr,
+            progress=_steps(progress, f"selecting the start: {label}"),
+        )
+        tried.append(
+            {
+                "candidate": label,
+                "fits": dict(collections.Counter(f.fit or f.structure for f in option.values())),
+                "params": sum(f.params for f in option.values()),
+                "val_output_error_before": result.val_before,
+                "val_output_error_after": result.val_after,
+            }
+        )
+        if best is None or result.val_after < best[0]:
+            best = (result.val_after, label, _trained(option, compressed))
+    assert best is not None
+    report = {
+        "steps": steps,
+        "objective": result.objective,
+        "lr": result.lr,
+        "tried": tried,
+        "chosen": best[1],
+    }
+    return Selection(best[2], report)
+
+
+def _trained(option: Mapping[str, LayerFactors], model: torch.nn.Module) -> dict[str, LayerFactors]:
+    """``option``'s factors with the twiddles ``model`` (its distilled copy) now holds."""
+    trained = {}
+    for name, factors in option.items():
+        layer = model.get_submodule(name)
+        trained[name] = dataclasses.replace(
+            factors,
+            twiddles=[t.detach().cpu().clone() for t in layer.twiddles],
+            lowrank_twiddles=[t.detach().cpu().clone() for t in layer.lowrank_twiddles],
+        )
+    return trained

@@ -15,6 +15,7 @@ journal is removed once the artifact is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -112,26 +113,19 @@ class Journal:
     def record(self, finished: FinishedLayer, row: dict[str, Any], record: dict[str, Any]) -> None:
         """Write one finished layer (its report ``row`` and layer ``record`` beside its factors)."""
         factors = finished.factors
-        tensors = {
-            f"{group}.{i}": t.detach().cpu().contiguous()
-            for group, twiddles in (("twiddles", factors.twiddles), ("lowrank", factors.lowrank_twiddles))
-            for i, t in enumerate(twiddles)
-        }
+        tensors = _factor_tensors(factors, "")
+        # the chosen structure's family is the chosen fit itself (the lowest error comes first)
+        others = {s: f for s, f in factors.families.items() if s != factors.structure}
+        for structure, family in others.items():
+            tensors |= _factor_tensors(family, f"{structure}.")
+        spec = _factor_spec(factors)
+        if factors.families:  # --distill-select-steps: each other structure's best fit too
+            spec["families"] = {s: _factor_spec(f) for s, f in others.items()}
         entry = {
             "name": finished.name,
             "seconds": finished.seconds,
             "budget": finished.budget,
-            "factors": {
-                "structure": factors.structure,
-                "chain": factors.chain.to_json(),
-                "rel_error": factors.rel_error,
-                "candidates": [asdict(c) for c in factors.candidates],
-                "output_error": factors.output_error,
-                "reference_error": factors.reference_error,
-                "fit": factors.fit,
-                "twiddles": len(factors.twiddles),
-                "lowrank": len(factors.lowrank_twiddles),
-            },
+            "factors": spec,
             "row": row,
             "record": record,
         }
@@ -194,18 +188,47 @@ def _entry(path: Path) -> FinishedLayer:
     except (SafetensorError, ValueError, KeyError) as err:
         raise InputError(f"{path}: unreadable journal entry ({err}); rerun without --resume") from err
     spec = entry["factors"]
-    factors = LayerFactors(
+    factors = _factors_of(spec, tensors, "")
+    if "families" in spec:
+        others = {s: _factors_of(f, tensors, f"{s}.") for s, f in spec["families"].items()}
+        factors = dataclasses.replace(factors, families={factors.structure: factors, **others})
+    return FinishedLayer(entry["name"], factors, entry["seconds"], entry["budget"])
+
+
+def _factor_tensors(factors: LayerFactors, prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}{group}.{i}": t.detach().cpu().contiguous()
+        for group, twiddles in (("twiddles", factors.twiddles), ("lowrank", factors.lowrank_twiddles))
+        for i, t in enumerate(twiddles)
+    }
+
+
+def _factor_spec(factors: LayerFactors) -> dict[str, Any]:
+    return {
+        "structure": factors.structure,
+        "chain": factors.chain.to_json(),
+        "rel_error": factors.rel_error,
+        "candidates": [asdict(c) for c in factors.candidates],
+        "output_error": factors.output_error,
+        "reference_error": factors.reference_error,
+        "fit": factors.fit,
+        "twiddles": len(factors.twiddles),
+        "lowrank": len(factors.lowrank_twiddles),
+    }
+
+
+def _factors_of(spec: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> LayerFactors:
+    return LayerFactors(
         structure=spec["structure"],
         chain=Chain(tuple(tuple(p) for p in spec["chain"])),
-        twiddles=[tensors[f"twiddles.{i}"] for i in range(spec["twiddles"])],
+        twiddles=[tensors[f"{prefix}twiddles.{i}"] for i in range(spec["twiddles"])],
         rel_error=spec["rel_error"],
         candidates=[Candidate(**c) for c in spec["candidates"]],
-        lowrank_twiddles=[tensors[f"lowrank.{i}"] for i in range(spec["lowrank"])],
+        lowrank_twiddles=[tensors[f"{prefix}lowrank.{i}"] for i in range(spec["lowrank"])],
         output_error=spec["output_error"],
         reference_error=spec["reference_error"],
         fit=spec["fit"],
     )
-    return FinishedLayer(entry["name"], factors, entry["seconds"], entry["budget"])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -46,6 +46,9 @@ class LayerFactors:
     # earlier layers compressed (so it includes what reaches this layer from them)
     reference_error: float | None = None
     fit: str | None = None  # the winner's candidate label when chosen on calibration data
+    # ``--distill-select-steps`` only: the best fit of each structure tried, by structure
+    # name (each without ``families`` of its own), for the whole-model candidates
+    families: dict[str, LayerFactors] = field(default_factory=dict)
 
     @property
     def params(self) -> int:

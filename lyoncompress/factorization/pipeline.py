@@ -29,6 +29,7 @@ from lyoncompress.factorization.calibrated import (
     calibrated_factors,
     distill_factors,
     resolve_device,
+    select_by_distillation,
 )
 from lyoncompress.factorization.journal import FinishedLayer, Journal, fingerprint, input_files
 from lyoncompress.factorization.methods import LayerFactors, fit_weight, prepared_weight
@@ -279,6 +280,11 @@ def _run(
         # block-wise distillation ran inside the calibrated fits' phase
         distilled, distill_section = streamed.distilled, streamed.distill
     elif recipe.distill_steps:
+        selection = None
+        if recipe.distill_select_steps:  # the start: the best of short distillations
+            selection = select_by_distillation(checkpoint, source, calibrated.factors, recipe, progress)
+            calibrated = dataclasses.replace(calibrated, factors=selection.factors)
+            phases.done("distill select")
         distilled, result = distill_factors(
             checkpoint,
             source,
@@ -296,7 +302,7 @@ def _run(
             "steps": result.steps,
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
-        }
+        } | ({"select": selection.report} if selection is not None else {})
         phases.done("distill")
     stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled, journal, journaled)
     write_artifact(
@@ -437,6 +443,11 @@ def _why(factors: LayerFactors) -> str:
     if not others:
         return f"lowest {metric} of {len(factors.candidates)} {chosen_label} candidates"
     runner_up = min(others, key=lambda c: c.rel_error)
+    if factors.output_error is not None and runner_up.rel_error < chosen:
+        return (
+            f"held-out output error {chosen:.4f}: its structure family won --distill-select-steps; "
+            f"lowest of {len(factors.candidates)} candidates: {runner_up.structure} {runner_up.rel_error:.4f}"
+        )
     return (
         f"lowest {metric} {chosen:.4f} of {len(factors.candidates)} candidates; "
         f"best other: {runner_up.structure} {runner_up.rel_error:.4f}"
