@@ -26,9 +26,10 @@ distillation trains and judges on them too, held-out batches judging.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def streamed_factors(
     layers are not fitted again (their block still runs, and is distilled again,
     to feed the next). ``progress`` gets ("block i/N layer", layers done, layers).
     """
-    done = done or {}
+    done = {} if done is None else done  # the journal's entries: empty is still the journal
     device = resolve_device(recipe.device)
     batches = capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     if not batches or not isinstance(batches[0], Mapping):
@@ -185,6 +186,8 @@ def streamed_factors(
     streams = {"hidden": [item.hidden for item in inputs]}
     if recipe.sequential:
         streams["compressed"] = list(streams["hidden"])
+    # the streams own the hidden states from here: block 0's inputs are not kept beside them
+    inputs = [dataclasses.replace(item, hidden=None) for item in inputs]
     by_block: dict[int, list[LayerPlan]] = {}
     for layer in layers:
         by_block.setdefault(block_index(choice.path, layer.name), []).append(layer)
@@ -199,9 +202,12 @@ def streamed_factors(
             layer.name: f"{BLOCK}.{layer.name.removeprefix(f'{choice.path}.{index}.')}" for layer in planned
         }
         reference = _BlockRunner(block, "hidden")
-        # a block without target layers is its own compressed block: no copy
+        # the compressed block is a copy only where it runs: sequential fits read its
+        # inputs and block-wise distillation trains it; else the factors go straight to
+        # the journal and the dense block alone feeds the next
+        copied = bool(planned) and (recipe.sequential or bool(recipe.distill_steps))
         working = _BlockRunner(
-            copy.deepcopy(block) if planned else block, "compressed" if recipe.sequential else "hidden"
+            copy.deepcopy(block) if copied else block, "compressed" if recipe.sequential else "hidden"
         )
         block_batches = _block_batches(inputs, index, streams, device)
         calibration = {}
@@ -223,18 +229,22 @@ def streamed_factors(
                 calibration_of = functools.partial(
                     capture_paired, reference, working, local[name], block_batches, recipe.calib_samples
                 )
-            else:
-                calibration_of = functools.partial(calibration.__getitem__, name)
-            factors[name] = fit_or_resume(layer, source, device, recipe, done, calibration_of)
+            else:  # each layer's moments are freed once it is fitted
+                calibration_of = functools.partial(calibration.pop, name)
+            fitted = fit_or_resume(layer, source, device, recipe, done, calibration_of)
             if name in done:
                 seconds[name] = done[name].seconds
             else:
                 seconds[name] = time.perf_counter() - begin
                 if finished is not None:
-                    finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
-            swap_factors(working, local[name], factors[name])
+                    finished(FinishedLayer(name, fitted, seconds[name], layer.budget))
+            if name not in done:  # journaled layers are read back from the journal when written
+                factors[name] = fitted
+            if copied:
+                swap_factors(working, local[name], fitted)
+            del fitted
             if progress is not None:
-                progress(f"block {index + 1}/{len(stream)} {name}", len(factors), len(layers))
+                progress(f"block {index + 1}/{len(stream)} {name}", len(seconds), len(layers))
         if recipe.distill_steps and planned:
             distill_rows.append(_distill_block(index, reference, working, block_batches, recipe, progress))
             for name in local:
@@ -243,13 +253,18 @@ def streamed_factors(
                     f"{name}.{k}": t.detach().cpu() for k, t in state.items() if k.endswith(".twiddle")
                 }
         with torch.no_grad():  # the next block's distillation trains on these
-            for i, batch in enumerate(block_batches):
+            for i in range(len(block_batches)):
+                # each batch's inputs are let go as its outputs replace them: one batch
+                # of hidden states more than the streams hold, not a second copy of all
+                batch, block_batches[i] = block_batches[i], None
                 streams["hidden"][i] = reference(**batch).float().cpu()
                 if recipe.sequential:
                     streams["compressed"][i] = working(**batch).float().cpu()
+                del batch
         del reference, working, block_batches
         stream.free(index)
-    calibrated = CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, None, seconds)
+    kept = _Kept(factors, done, [layer.name for layer in layers])
+    calibrated = CalibratedFactors(kept, {layer.name: layer.budget for layer in layers}, None, seconds)
     report = {
         "blocks": len(stream),
         "path": choice.path,
@@ -258,6 +273,26 @@ def streamed_factors(
     }
     section = _distill_section(distill_rows, recipe.distill_steps) if distill_rows else None
     return StreamedFactors(calibrated, distilled, section, report)
+
+
+class _Kept(Mapping[str, LayerFactors]):
+    """Every fitted layer's factors: those held in memory, else the journal's (read
+    from disk at each access, see ``journal.Entries``)."""
+
+    def __init__(
+        self, held: Mapping[str, LayerFactors], done: Mapping[str, FinishedLayer], names: Sequence[str]
+    ) -> None:
+        self.held, self.done = held, done
+        self.names = [name for name in names if name in held or name in done]
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        return self.held[name] if name in self.held else self.done[name].factors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _distill_block(
