@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lyoncompress.blocks import BlockInputs, BlockStream, block_index, empty_model, find_blocks
+from lyoncompress.blocks import (
+    BlockInputs,
+    BlockStream,
+    block_index,
+    empty_model,
+    find_blocks,
+    map_large_allocations,
+)
 from lyoncompress.capture import capture_inputs, capture_paired, forward_order
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.data import held_out
@@ -176,6 +183,7 @@ def streamed_factors(
     to feed the next). ``progress`` gets ("block i/N layer", layers done, layers).
     """
     done = {} if done is None else done  # the journal's entries: empty is still the journal
+    map_large_allocations()  # what a block's passes free goes back to the system at once
     device = resolve_device(recipe.device)
     batches = capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     if not batches or not isinstance(batches[0], Mapping):
