@@ -41,11 +41,12 @@ BLOCK_LISTS = ("model.layers", "layers", "encoder.layer", "bert.encoder.layer", 
 
 @dataclass(frozen=True)
 class BlockInputs:
-    """One calibration batch as a block sees it: ``hidden`` ``(B, T, H)`` float32,
+    """One calibration batch as a block sees it: ``hidden`` ``(B, T, H)`` float32 (None
+    once the streaming loop holds the hidden states itself),
     ``mask`` the tokenizer's ``(B, T)`` attention mask (None: every position is real),
     and ``args`` / ``kwargs`` the block's other arguments, one tuple and dict per block."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     mask: torch.Tensor | None
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]

@@ -8,9 +8,14 @@ layers' inputs captured with ``capture`` as the whole-model path does (inside th
 block sequentially with ``--sequential``), the layers fitted by
 ``calibrated.calibrated_layer``, the compressed block distilled against the dense
 one (``--distill-steps``, objective ``block-mse``), the activations pushed through
-it, and the block freed. Peak memory is one block's weights (twice: the dense block
-and its compressed copy) plus the calibration activations (float32, one ``(B, T, H)``
-tensor a batch, twice when sequential) plus the fit's working set, whatever the depth.
+it, and the block freed. Peak memory is one block's weights (twice, dense and a
+compressed copy, only with ``--sequential`` or block-wise distillation) plus the
+calibration activations (float32, one ``(B, T, H)`` tensor a batch, twice when
+sequential, and one batch more while a block's outputs replace its inputs) plus the
+fit's working set, whatever the depth. A fitted layer's factors go to the resume journal
+and are read back from it when the artifact is written (``journal.Entries``), and large
+allocations are mapped on their own (``blocks.map_large_allocations``), so neither the
+finished layers nor the heap's leftovers of earlier blocks add up.
 
 Two activation streams run through the blocks: the dense model's, whose block inputs
 ``X`` non-sequential fits and every sequential target ``X W^T`` use, and (sequential
