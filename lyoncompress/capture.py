@@ -164,8 +164,8 @@ def _stream(
     layers whose input is the same tensor in every batch get one ``_Inputs`` (see
     ``record``); a batch where that stops holding restarts the capture unshared."""
     _check_period(val_every)
-    if share:
-        batches = list(batches)
+    if share:  # read twice if need be: a sequence is kept as it is (it may load batches lazily)
+        batches = batches if isinstance(batches, Sequence) else list(batches)
         with contextlib.suppress(_Unshared):
             return _loop(model, names, batches, max_rows, val_every, keep_rows, share=True)
     return _loop(model, names, batches, max_rows, val_every, keep_rows, share=False)

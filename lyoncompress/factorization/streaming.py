@@ -33,12 +33,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -64,6 +67,7 @@ from lyoncompress.factorization.calibrated import (
 from lyoncompress.factorization.journal import FinishedLayer
 from lyoncompress.factorization.methods import LayerFactors
 from lyoncompress.models import DEMO_MODEL_TYPE
+from lyoncompress.output import file_system_error
 from lyoncompress.plan import LayerPlan
 from lyoncompress.recipe import Recipe
 from lyoncompress.refine.distill import distill
@@ -132,19 +136,56 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _block_batches(
-    inputs: Sequence[BlockInputs],
-    index: int,
-    streams: Mapping[str, list[torch.Tensor]],
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Block ``index``'s batches: each stream's hidden states, the tokenizer's mask
-    (which ``capture`` reads to skip padding) and the block's other arguments."""
-    return [
-        _to({"attention_mask": item.mask, "rest": (item.args[index], item.kwargs[index])}, device)
-        | {key: hidden[i].to(device) for key, hidden in streams.items()}
-        for i, item in enumerate(inputs)
-    ]
+class _Spilled:
+    """One activation stream, a ``(B, T, H)`` float32 tensor per calibration batch, kept
+    in files under ``folder`` rather than in memory: ``stream[i]`` reads batch ``i`` back
+    (exactly: safetensors holds the bytes), ``stream[i] = t`` replaces it."""
+
+    def __init__(self, folder: Path, key: str, count: int) -> None:
+        self.folder, self.key, self.count = folder, key, count
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{self.key}-{index}.safetensors"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return safetensors.torch.load(self._path(index).read_bytes())["hidden"]
+
+    def __setitem__(self, index: int, hidden: torch.Tensor) -> None:
+        try:
+            self._path(index).write_bytes(safetensors.torch.save({"hidden": hidden.contiguous()}))
+        except OSError as err:
+            raise file_system_error(err, self.folder) from err
+
+
+class _BlockBatches(Sequence[dict[str, Any]]):
+    """Block ``index``'s batches, each built when read: each stream's hidden states,
+    the tokenizer's mask (which ``capture`` reads to skip padding) and the block's other
+    arguments; only the batches being used are in memory."""
+
+    def __init__(
+        self,
+        inputs: Sequence[BlockInputs],
+        index: int,
+        streams: Mapping[str, _Spilled],
+        device: torch.device,
+    ) -> None:
+        self.inputs, self.index, self.streams, self.device = inputs, index, streams, device
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        if not 0 <= i < len(self.inputs):
+            raise IndexError(i)
+        item = self.inputs[i]
+        batch = _to(
+            {"attention_mask": item.mask, "rest": (item.args[self.index], item.kwargs[self.index])},
+            self.device,
+        )
+        return batch | {key: hidden[i].to(self.device) for key, hidden in self.streams.items()}
 
 
 def batches_to_fill(batches: Sequence[Mapping[str, Any]], rows: int) -> int:
@@ -196,11 +237,38 @@ def streamed_factors(
     batches = batches[: batches_to_fill(batches, recipe.calib_samples)]
     stream = BlockStream(choice.model, choice.path, source)
     inputs = stream.record(batches)
-    streams = {"hidden": [item.hidden for item in inputs]}
-    if recipe.sequential:
-        streams["compressed"] = list(streams["hidden"])
-    # the streams own the hidden states from here: block 0's inputs are not kept beside them
-    inputs = [dataclasses.replace(item, hidden=None) for item in inputs]
+    scratch = Path(tempfile.mkdtemp(prefix="lyoncompress-stream-"))
+    try:
+        return _streamed(
+            source, layers, recipe, choice, progress, done, finished, device, batches, stream, inputs, scratch
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _streamed(
+    source: Checkpoint,
+    layers: list[LayerPlan],
+    recipe: Recipe,
+    choice: StreamChoice,
+    progress: Callable[[str, int, int], None] | None,
+    done: Mapping[str, FinishedLayer],
+    finished: Callable[[FinishedLayer], None] | None,
+    device: torch.device,
+    batches: Sequence[Mapping[str, Any]],
+    stream: BlockStream,
+    inputs: list[BlockInputs],
+    scratch: Path,
+) -> StreamedFactors:
+    """The block loop of ``streamed_factors``; the activation streams live in ``scratch``."""
+    # the hidden states go to files between passes (``_Spilled``): only the batch a pass
+    # is on is in memory, not the whole calibration set
+    keys = ["hidden", "compressed"] if recipe.sequential else ["hidden"]
+    streams = {key: _Spilled(scratch, key, len(inputs)) for key in keys}
+    for i, item in enumerate(inputs):
+        for key in keys:
+            streams[key][i] = item.hidden
+        inputs[i] = dataclasses.replace(item, hidden=None)
     by_block: dict[int, list[LayerPlan]] = {}
     for layer in layers:
         by_block.setdefault(block_index(choice.path, layer.name), []).append(layer)
@@ -222,7 +290,7 @@ def streamed_factors(
         working = _BlockRunner(
             copy.deepcopy(block) if copied else block, "compressed" if recipe.sequential else "hidden"
         )
-        block_batches = _block_batches(inputs, index, streams, device)
+        block_batches = _BlockBatches(inputs, index, streams, device)
         calibration = {}
         todo = [layer.name for layer in planned if layer.name not in done]
         if todo and not recipe.sequential:
@@ -266,10 +334,7 @@ def streamed_factors(
                     f"{name}.{k}": t.detach().cpu() for k, t in state.items() if k.endswith(".twiddle")
                 }
         with torch.no_grad():  # the next block's distillation trains on these
-            for i in range(len(block_batches)):
-                # each batch's inputs are let go as its outputs replace them: one batch
-                # of hidden states more than the streams hold, not a second copy of all
-                batch, block_batches[i] = block_batches[i], None
+            for i, batch in enumerate(block_batches):
                 streams["hidden"][i] = reference(**batch).float().cpu()
                 if recipe.sequential:
                     streams["compressed"][i] = working(**batch).float().cpu()
