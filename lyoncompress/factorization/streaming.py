@@ -298,6 +298,7 @@ def _streamed(
                 reference, [local[n] for n in todo], block_batches, recipe.calib_samples
             )
             calibration = {name: captured[local[name]] for name in todo}
+            del captured  # the moments are freed as the fits pop them, not at the next block
         order = [layer.name for layer in planned]
         if recipe.sequential and planned:
             back = {v: k for k, v in local.items()}
