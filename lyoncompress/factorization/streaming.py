@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import shutil
 import tempfile
 import time
@@ -136,6 +137,31 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+SCRATCH_PREFIX = "lyoncompress-stream-"
+
+
+def _scratch_folder() -> Path:
+    """A new folder for the spilled activations, in the system's temporary folder and
+    named by this process's id; the folders of processes that are gone (a ``kill -9``)
+    are removed first."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = stale.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: alive
+    return True
+
+
 class _Spilled:
     """One activation stream, a ``(B, T, H)`` float32 tensor per calibration batch, kept
     in files under ``folder`` rather than in memory: ``stream[i]`` reads batch ``i`` back
@@ -237,7 +263,7 @@ def streamed_factors(
     batches = batches[: batches_to_fill(batches, recipe.calib_samples)]
     stream = BlockStream(choice.model, choice.path, source)
     inputs = stream.record(batches)
-    scratch = Path(tempfile.mkdtemp(prefix="lyoncompress-stream-"))
+    scratch = _scratch_folder()
     try:
         return _streamed(
             source, layers, recipe, choice, progress, done, finished, device, batches, stream, inputs, scratch
