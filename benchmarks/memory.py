@@ -240,6 +240,10 @@ def main() -> int:
         help="calibrated: an existing HF folder instead (e.g. SmolLM2-135M), every layer fitted",
     )  # fmt: skip
     parser.add_argument("--stream", default="auto", help="calibrated: factorize --stream")
+    parser.add_argument(
+        "--calib-samples", type=int, default=None,
+        help="calibrated: factorize --calib-samples (default: factorize's, 4096)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.layers is None:
         args.layers = 30 if args.calibrated else 40
@@ -364,6 +368,8 @@ def _run_calibrated(args: argparse.Namespace, workdir: Path) -> int:
         sys.executable, "-m", "lyoncompress.cli", "factorize", str(checkpoint), "-o", str(artifact),
         "--calib", "builtin", "--method", "lowrank", "--stream", args.stream, "--quiet", "--json", *targets,
     ]  # fmt: skip
+    if args.calib_samples is not None:
+        argv += ["--calib-samples", str(args.calib_samples)]
     print(f"factorizing {what} ...", file=sys.stderr)
     run = run_child(argv)
     if run.returncode != 0:
@@ -377,6 +383,7 @@ def _run_calibrated(args: argparse.Namespace, workdir: Path) -> int:
             f"{human(total)} float32 ({checkpoint.name if args.checkpoint else 'synthetic Llama'})",
         ),
         ("layers fitted", f"{len(report['layers'])} ({what}; lowrank, budget 0.5)"),
+        ("calibration rows per split", str(report["recipe"]["calib_samples"])),
         ("stream", json.dumps(report.get("stream"))),
         ("peak RSS (factorize)", human(run.peak_rss)),
         ("peak RSS / checkpoint", f"{run.peak_rss / total:.2f}x"),

@@ -1,7 +1,10 @@
 """Benchmark (not a test): ``factorize --resume`` after a ``kill -9``, on all-MiniLM-L6-v2 MLPs.
 
 Run: ``flock /work/bench.lock env OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python
-benchmarks/resume.py`` (issue 18).
+benchmarks/resume.py`` (issue 18). ``--checkpoint /work/cache/smollm2 --options "--calib
+builtin --method lowrank --stream on" --kill-after 100`` runs the streamed SmolLM2 case (no
+recipe: every layer); ``--whole DIR`` compares with an uninterrupted artifact already
+written by the same command instead of running it again; ``--keep DIR`` keeps the outputs.
 
 Three child processes, each reaped with ``os.wait4`` for its own peak RSS:
 
@@ -85,22 +88,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--options", default="--calib builtin --refine-steps 100")
     parser.add_argument("--kill-after", type=int, default=6, help="layers journaled before the kill")
+    parser.add_argument("--checkpoint", type=pathlib.Path, help="another checkpoint (default MiniLM)")
+    parser.add_argument(
+        "--recipe", default=None, help="recipe file, or 'none' (default: configs/minilm-mlp.yaml for MiniLM)"
+    )
+    parser.add_argument("--whole", type=pathlib.Path, help="an uninterrupted run's artifact: not run again")
+    parser.add_argument("--keep", type=pathlib.Path, help="keep the outputs in this folder")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CI": "true", "PYTHONPATH": str(REPO)}
-    work = pathlib.Path(tempfile.mkdtemp(prefix="resume-bench-"))
-    base = ["factorize", str(checkpoint()), "--recipe", str(CONFIG), *shlex.split(args.options)]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    work = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="resume-bench-"))
+    recipe = args.recipe or (None if args.checkpoint else str(CONFIG))
+    source = args.checkpoint or checkpoint()
+    base = ["factorize", str(source), *(["--recipe", recipe] if recipe and recipe != "none" else [])]
+    base += shlex.split(args.options)
     python = [sys.executable, "-m", "lyoncompress.cli"]
     try:
         machine = platform.processor() or platform.machine()
         print(f"# {machine}, {os.cpu_count()} cores, torch {torch.__version__}")
         print(f"# threads {os.environ.get('OMP_NUM_THREADS', '?')}, load {os.getloadavg()[0]:.1f}")
-        print(f"# options: {args.options}; killed after {args.kill_after} layers")
+        print(f"# {' '.join(base)}; killed after {args.kill_after} layers")
         print("| run | exit | seconds | layers fitted | peak RSS MiB | journal MiB |")
         print("|---|---|---|---|---|---|")
-        code, seconds, rss, text = run([*python, *base, "-o", str(work / "whole"), "--json"], env)
-        report = json.loads(text)
+        whole = args.whole or work / "whole"
+        if args.whole is None:
+            code, seconds, rss, text = run([*python, *base, "-o", str(whole), "--json"], env)
+            report = json.loads(text)
+            print(f"| whole | {code} | {seconds:.1f} | {report['totals']['layers']} | {rss:.0f} | - |")
+        else:
+            report = json.loads((whole / "report.json").read_text())
+            print(f"| whole (given: {whole}) | - | - | {report['totals']['layers']} | - | - |")
         total = report["totals"]["layers"]
-        print(f"| whole | {code} | {seconds:.1f} | {total} | {rss:.0f} | - |")
         killed_env = {**env, "KILL_AFTER": str(args.kill_after)}
         killed = [sys.executable, "-c", KILLED, *base, "-o", str(work / "out")]
         code, seconds, rss, _ = run(killed, killed_env)
@@ -112,7 +131,7 @@ def main() -> None:
         resumed = json.loads(text)
         print(f"| resumed | {code} | {seconds:.1f} | {total - entries} | {rss:.0f} | - |")
         print()
-        same = identical(work / "whole", work / "out")
+        same = identical(whole, work / "out")
         print(f"resumed tensors byte-identical to the uninterrupted run: {same}")
         print(f"journal left after the resumed run: {journal.exists()}")
         print(f"resumed warnings: {[w for w in resumed['warnings'] if 'journal' in w or 'resumed' in w]}")
@@ -122,7 +141,8 @@ def main() -> None:
         for row in report["phases"]:
             print(f"| {row['phase']} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} |")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ padding are left out (``input_rows``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,10 @@ def _hooks(modules: Mapping[str, nn.Module], record: Callable[[str, torch.Tensor
             handle.remove()
 
 
+class _Unshared(Exception):
+    """Raised when layers that shared an input in the first batch do not in a later one."""
+
+
 class _Reached(Exception):
     """Raised by a hook once the watched layer has seen its input: nothing after it
     is needed, so the rest of the forward pass is skipped."""
@@ -118,11 +123,19 @@ class _Inputs:
     are when ``keep_rows``."""
 
     def __init__(self, n: int, max_rows: int, keep_rows: bool, device: torch.device) -> None:
-        self.grams = [torch.zeros(n, n, dtype=torch.float64, device=device) for _ in range(2)]
+        self.n, self.device = n, device
+        self._grams: list[torch.Tensor] | None = None  # made at the first rows: a shared layer's never are
         self.rows = [0, 0]
         self.kept: list[torch.Tensor] = []
         self.max_rows = max_rows
         self.keep_rows = keep_rows
+
+    @property
+    def grams(self) -> list[torch.Tensor]:
+        if self._grams is None:
+            zeros = functools.partial(torch.zeros, self.n, self.n, dtype=torch.float64, device=self.device)
+            self._grams = [zeros(), zeros()]
+        return self._grams
 
     def add(self, split: int, rows: torch.Tensor) -> None:
         rows = rows[: self.max_rows - self.rows[split]]  # (k, n) float64, on the model's device
@@ -144,27 +157,65 @@ def _stream(
     max_rows: int,
     val_every: int,
     keep_rows: bool,
+    share: bool = False,
 ) -> dict[str, _Inputs]:
     """The one capture loop: run ``model`` on ``batches`` until every layer in ``names``
-    has ``max_rows`` rows in both splits (or the batches run out)."""
+    has ``max_rows`` rows in both splits (or the batches run out). With ``share``,
+    layers whose input is the same tensor in every batch get one ``_Inputs`` (see
+    ``record``); a batch where that stops holding restarts the capture unshared."""
     _check_period(val_every)
+    if share:  # read twice if need be: a sequence is kept as it is (it may load batches lazily)
+        batches = batches if isinstance(batches, Sequence) else list(batches)
+        with contextlib.suppress(_Unshared):
+            return _loop(model, names, batches, max_rows, val_every, keep_rows, share=True)
+    return _loop(model, names, batches, max_rows, val_every, keep_rows, share=False)
+
+
+def _loop(
+    model: nn.Module,
+    names: list[str],
+    batches: Iterable[Batch],
+    max_rows: int,
+    val_every: int,
+    keep_rows: bool,
+    share: bool,
+) -> dict[str, _Inputs]:
     modules = dict(model.named_modules())
     layers = {name: modules[name] for name in names}
     device = _device(model)
     inputs = {name: _Inputs(layer.in_features, max_rows, keep_rows, device) for name, layer in layers.items()}
     current: dict[str, Any] = {"split": 0, "mask": None}
+    # a layer fed the very tensor the layer recorded just before it was fed (a Llama's
+    # k/v_proj after q_proj, up_proj after gate_proj) shares that layer's moments: the
+    # same sums of the same rows, computed and held once. Who shares with whom is seen in
+    # the first batch and checked in every other one; the previous input is held until
+    # the next is recorded, so an equal address, shape and stride is the same data
+    alias: dict[str, str] = {}  # layer -> the layer whose moments it shares
+    last: dict[str, Any] = {}  # the input recorded last: its layer, identity and tensor
+    first = [True]
 
     def record(name: str, x: torch.Tensor) -> None:
-        inputs[name].add(current["split"], input_rows(x, current["mask"]))
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+        previous = alias.get(last.get("name", ""), last.get("name"))
+        same = last.get("key") == key
+        last.update(name=name, key=key, x=x)
+        if share and first[0] and same and previous != name:  # (a layer run twice on one input: no)
+            alias[name] = previous
+        elif share and name in alias and not (same and previous == alias[name]):
+            raise _Unshared
+        if name not in alias:
+            inputs[name].add(current["split"], input_rows(x, current["mask"]))
 
     with _hooks(layers, record), torch.inference_mode():
         for index, batch in enumerate(batches):
             current["split"] = 1 if held_out(index, val_every) else 0
             current["mask"] = _mask(batch)
+            last.clear()
             _run(model, batch)
-            if all(i.full for i in inputs.values()):
+            first[0] = False
+            if all(i.full for name, i in inputs.items() if name not in alias):
                 break
-    return inputs
+    return {name: inputs[alias.get(name, name)] for name in names}
 
 
 def capture_inputs(
@@ -200,7 +251,7 @@ def capture_inputs(
     for name in names:
         if not isinstance(modules.get(name), nn.Linear):
             raise InputError(f"{name!r} is not an nn.Linear submodule of the model; check the layer name")
-    inputs = _stream(model, names, batches, max_samples, val_every, keep_rows=False)
+    inputs = _stream(model, names, batches, max_samples, val_every, keep_rows=False, share=True)
     return {name: LayerCalibration(*i.grams, *i.rows) for name, i in inputs.items()}
 
 

@@ -113,3 +113,42 @@ def test_recorded_inputs_and_forward_order_vs_a_plain_pass():
         assert torch.equal(captured["2"][0], torch.tanh(model[0](x)).reshape(-1, 3))
     assert forward_order(model, ["2", "0"], x) == ["0", "2"]
     assert not model[0]._forward_pre_hooks  # every hook removed
+
+
+class _Shared(nn.Module):
+    """``a`` and ``b`` take the same tensor (as a Llama's q/k/v_proj do), ``c`` its own;
+    in batches whose first value is above ``split_above``, ``b`` gets a shifted copy."""
+
+    def __init__(self, split_above: float | None = None) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (
+            nn.Linear(6, 3, dtype=F64),
+            nn.Linear(6, 3, dtype=F64),
+            nn.Linear(3, 2, dtype=F64),
+        )
+        self.split_above = split_above
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        split = self.split_above is not None and float(input_ids[0, 0, 0]) > self.split_above
+        return self.c(self.a(input_ids) + self.b(input_ids + 1 if split else input_ids))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_layers_fed_one_tensor_share_their_moments_only_while_they_are(split):
+    torch.manual_seed(0)
+    batches = _text_batches(9)
+    first = float(batches[0]["input_ids"][0, 0, 0])
+    assert any(float(b["input_ids"][0, 0, 0]) > first for b in batches)  # some later batch splits
+    model = _Shared(first if split else None)
+    calib = capture_inputs(model, ["a", "b", "c"], batches, max_samples=10_000)
+    fit, judge = split_batches(batches)
+    for name in ("a", "b", "c"):
+        alone = capture_inputs(model, [name], batches, max_samples=10_000)[name]
+        assert torch.equal(calib[name].gram_train, alone.gram_train)
+        assert torch.equal(calib[name].gram_val, alone.gram_val)
+        assert (calib[name].rows_train, calib[name].rows_val) == (alone.rows_train, alone.rows_val)
+    x = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in fit])
+    torch.testing.assert_close(calib["a"].gram_train, x.T @ x, rtol=1e-12, atol=1e-12)
+    # one set of moments for a and b while b's input is a's, else b's own (its shifted rows)
+    assert (calib["a"].gram_train is calib["b"].gram_train) == (not split)
+    assert torch.equal(calib["a"].gram_train, calib["b"].gram_train) == (not split)

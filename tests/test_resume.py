@@ -195,3 +195,21 @@ def test_a_journal_killed_before_its_first_entry_resumes_from_the_start(tmp_path
     report = pipeline.factorize(ckpt, tmp_path / "out", WEIGHT, resume=True)
     assert any("0 layer(s)" in w for w in report["warnings"])
     assert not journal_path(tmp_path / "out").exists()
+
+
+def test_the_journal_keeps_finished_layers_on_disk_not_in_memory(tmp_path):
+    from lyoncompress.factorization.journal import FinishedLayer, Journal
+    from lyoncompress.factorization.methods import fit_weight
+
+    weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    factors = fit_weight("lowrank", weight, 0.5, 2, "left-to-right")
+    journal, _ = Journal.open(tmp_path / "out", "stamp", resume=False)
+    journal.record(FinishedLayer("fc1", factors, 1.5, 0.5), {"name": "fc1"}, {})
+    assert list(journal.done) == ["fc1"] and not journal.done._held  # only the file is held
+    first, second = journal.done["fc1"], journal.done["fc1"]
+    assert first.factors is not second.factors  # read again at each access
+    for read in (first.factors, second.factors):
+        assert all(torch.equal(a, b) for a, b in zip(read.twiddles, factors.twiddles, strict=True))
+        assert read.chain == factors.chain and read.rel_error == factors.rel_error
+    reopened, _ = Journal.open(tmp_path / "out", "stamp", resume=True)
+    assert torch.equal(reopened.done["fc1"].factors.twiddles[0], factors.twiddles[0])

@@ -3,8 +3,11 @@ Llama and a tiny BERT built offline: the same factors, one block in memory at a 
 resumable, block-wise distillation, and the fallback that says why it cannot stream."""
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,3 +194,21 @@ def test_block_wise_distillation_never_ends_worse_and_lands_in_the_artifact(tiny
 def test_unknown_stream_mode_is_refused():
     with pytest.raises(InputError, match="stream 'sometimes' is unknown; choose one of auto, on, off"):
         Recipe(stream="sometimes")
+
+
+def test_spilled_activations_of_a_dead_process_are_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{streaming.SCRATCH_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{streaming.SCRATCH_PREFIX}{os.getppid()}-abc"
+    stale.mkdir(), live.mkdir()
+    folder = streaming._scratch_folder()
+    assert folder.is_dir() and folder.name.startswith(f"{streaming.SCRATCH_PREFIX}{os.getpid()}-")
+    assert not stale.exists() and live.exists()
+    spilled = streaming._Spilled(folder, "hidden", 1)
+    hidden = torch.randn(2, 3, 4)
+    spilled[0] = hidden
+    assert torch.equal(spilled[0], hidden) and spilled[0].dtype == torch.float32

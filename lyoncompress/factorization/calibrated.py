@@ -258,7 +258,7 @@ class CalibratedFactors:
     sensitivity each layer's measured sensitivity, and the seconds each layer took
     (its paired capture included when sequential)."""
 
-    factors: dict[str, LayerFactors]
+    factors: Mapping[str, LayerFactors]
     budgets: dict[str, float]
     sensitivity: dict[str, float] | None
     seconds: dict[str, float]
@@ -362,7 +362,7 @@ def _allocate(
 def distill_factors(
     checkpoint: str | Path,
     source: Checkpoint,
-    factors: dict[str, LayerFactors],
+    factors: Mapping[str, LayerFactors],
     calib: str,
     samples: int,
     steps: int,

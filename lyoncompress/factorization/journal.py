@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,13 +79,54 @@ def input_files(path: Path) -> list[Path]:
     return [path]
 
 
-class Journal:
-    """The finished layers of a run (``done``, by layer name) and where new ones go."""
+class Entries(MutableMapping[str, FinishedLayer]):
+    """Finished layers by name, kept on disk: only each entry's file is held in memory,
+    and reading one reads its file again (``_entry``). A layer set here that is not
+    on disk (no file given) is held as it is."""
 
-    def __init__(self, folder: Path, stamp: str, done: dict[str, FinishedLayer]) -> None:
+    def __init__(self) -> None:
+        self._files: dict[str, Path] = {}
+        self._held: dict[str, FinishedLayer] = {}
+
+    def add(self, name: str, path: Path) -> None:
+        self._held.pop(name, None)
+        self._files[name] = path
+
+    def __getitem__(self, name: str) -> FinishedLayer:
+        if name in self._held:
+            return self._held[name]
+        return _entry(self._files[name])
+
+    def __setitem__(self, name: str, finished: FinishedLayer) -> None:
+        self._files.pop(name, None)
+        self._held[name] = finished
+
+    def __delitem__(self, name: str) -> None:
+        if self._held.pop(name, None) is None:
+            del self._files[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._files, *self._held])
+
+    def __len__(self) -> int:
+        return len(self._files) + len(self._held)
+
+
+class Journal:
+    """The finished layers of a run (``done``, by layer name) and where new ones go.
+
+    ``done`` holds no factors in memory: each access reads its entry from the
+    journal folder (``Entries``), so a long run's finished layers cost disk, not RAM.
+    """
+
+    def __init__(self, folder: Path, stamp: str, done: Mapping[str, FinishedLayer]) -> None:
         self.folder = folder
         self.stamp = stamp
-        self.done = done
+        if isinstance(done, Entries):
+            self.done = done
+        else:
+            self.done = Entries()
+            self.done.update(done)
 
     @classmethod
     def open(cls, out: Path, stamp: str, resume: bool) -> tuple[Journal, list[str]]:
@@ -135,10 +176,11 @@ class Journal:
         try:
             if not self.folder.exists():
                 self.create()
-            _write_atomic(self.folder / f"layer-{digest}.safetensors", data)
+            path = self.folder / f"layer-{digest}.safetensors"
+            _write_atomic(path, data)
         except OSError as err:
             raise file_system_error(err, self.folder) from err
-        self.done[finished.name] = finished
+        self.done.add(finished.name, path)
 
     def create(self) -> None:
         """Make the folder and its ``journal.json`` (before the first entry, or before
@@ -158,7 +200,7 @@ class Journal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _read(folder: Path, stamp: str) -> dict[str, FinishedLayer]:
+def _read(folder: Path, stamp: str) -> Entries:
     try:
         header = json.loads((folder / "journal.json").read_text())
     except (OSError, ValueError):
@@ -170,10 +212,9 @@ def _read(folder: Path, stamp: str) -> dict[str, FinishedLayer]:
             f"{folder} was written by a run with a different recipe or checkpoint; "
             "rerun without --resume to start over (the journal is then replaced)"
         )
-    done: dict[str, FinishedLayer] = {}
+    done = Entries()
     for path in sorted(folder.glob("layer-*.safetensors")):
-        finished = _entry(path)
-        done[finished.name] = finished
+        done.add(_entry(path).name, path)  # read whole once: a damaged entry is refused now
     for leftover in folder.glob("*.tmp"):
         leftover.unlink()
     return done

@@ -8,9 +8,14 @@ layers' inputs captured with ``capture`` as the whole-model path does (inside th
 block sequentially with ``--sequential``), the layers fitted by
 ``calibrated.calibrated_layer``, the compressed block distilled against the dense
 one (``--distill-steps``, objective ``block-mse``), the activations pushed through
-it, and the block freed. Peak memory is one block's weights (twice: the dense block
-and its compressed copy) plus the calibration activations (float32, one ``(B, T, H)``
-tensor a batch, twice when sequential) plus the fit's working set, whatever the depth.
+it, and the block freed. Peak memory is one block's weights (twice, dense and a
+compressed copy, only with ``--sequential`` or block-wise distillation) plus the
+calibration activations (float32, one ``(B, T, H)`` tensor a batch, twice when
+sequential, and one batch more while a block's outputs replace its inputs) plus the
+fit's working set, whatever the depth. A fitted layer's factors go to the resume journal
+and are read back from it when the artifact is written (``journal.Entries``), and large
+allocations are mapped on their own (``blocks.map_large_allocations``), so neither the
+finished layers nor the heap's leftovers of earlier blocks add up.
 
 Two activation streams run through the blocks: the dense model's, whose block inputs
 ``X`` non-sequential fits and every sequential target ``X W^T`` use, and (sequential
@@ -26,17 +31,29 @@ distillation trains and judges on them too, held-out batches judging.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
-from lyoncompress.blocks import BlockInputs, BlockStream, block_index, empty_model, find_blocks
+from lyoncompress.blocks import (
+    BlockInputs,
+    BlockStream,
+    block_index,
+    empty_model,
+    find_blocks,
+    map_large_allocations,
+)
 from lyoncompress.capture import capture_inputs, capture_paired, forward_order
 from lyoncompress.checkpoint import Checkpoint
 from lyoncompress.data import held_out
@@ -51,6 +68,7 @@ from lyoncompress.factorization.calibrated import (
 from lyoncompress.factorization.journal import FinishedLayer
 from lyoncompress.factorization.methods import LayerFactors
 from lyoncompress.models import DEMO_MODEL_TYPE
+from lyoncompress.output import file_system_error
 from lyoncompress.plan import LayerPlan
 from lyoncompress.recipe import Recipe
 from lyoncompress.refine.distill import distill
@@ -119,19 +137,81 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _block_batches(
-    inputs: Sequence[BlockInputs],
-    index: int,
-    streams: Mapping[str, list[torch.Tensor]],
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Block ``index``'s batches: each stream's hidden states, the tokenizer's mask
-    (which ``capture`` reads to skip padding) and the block's other arguments."""
-    return [
-        _to({"attention_mask": item.mask, "rest": (item.args[index], item.kwargs[index])}, device)
-        | {key: hidden[i].to(device) for key, hidden in streams.items()}
-        for i, item in enumerate(inputs)
-    ]
+SCRATCH_PREFIX = "lyoncompress-stream-"
+
+
+def _scratch_folder() -> Path:
+    """A new folder for the spilled activations, in the system's temporary folder and
+    named by this process's id; the folders of processes that are gone (a ``kill -9``)
+    are removed first."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = stale.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's: alive
+    return True
+
+
+class _Spilled:
+    """One activation stream, a ``(B, T, H)`` float32 tensor per calibration batch, kept
+    in files under ``folder`` rather than in memory: ``stream[i]`` reads batch ``i`` back
+    (exactly: safetensors holds the bytes), ``stream[i] = t`` replaces it."""
+
+    def __init__(self, folder: Path, key: str, count: int) -> None:
+        self.folder, self.key, self.count = folder, key, count
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{self.key}-{index}.safetensors"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return safetensors.torch.load(self._path(index).read_bytes())["hidden"]
+
+    def __setitem__(self, index: int, hidden: torch.Tensor) -> None:
+        try:
+            self._path(index).write_bytes(safetensors.torch.save({"hidden": hidden.contiguous()}))
+        except OSError as err:
+            raise file_system_error(err, self.folder) from err
+
+
+class _BlockBatches(Sequence[dict[str, Any]]):
+    """Block ``index``'s batches, each built when read: each stream's hidden states,
+    the tokenizer's mask (which ``capture`` reads to skip padding) and the block's other
+    arguments; only the batches being used are in memory."""
+
+    def __init__(
+        self,
+        inputs: Sequence[BlockInputs],
+        index: int,
+        streams: Mapping[str, _Spilled],
+        device: torch.device,
+    ) -> None:
+        self.inputs, self.index, self.streams, self.device = inputs, index, streams, device
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        if not 0 <= i < len(self.inputs):
+            raise IndexError(i)
+        item = self.inputs[i]
+        batch = _to(
+            {"attention_mask": item.mask, "rest": (item.args[self.index], item.kwargs[self.index])},
+            self.device,
+        )
+        return batch | {key: hidden[i].to(self.device) for key, hidden in self.streams.items()}
 
 
 def batches_to_fill(batches: Sequence[Mapping[str, Any]], rows: int) -> int:
@@ -174,7 +254,8 @@ def streamed_factors(
     layers are not fitted again (their block still runs, and is distilled again,
     to feed the next). ``progress`` gets ("block i/N layer", layers done, layers).
     """
-    done = done or {}
+    done = {} if done is None else done  # the journal's entries: empty is still the journal
+    map_large_allocations()  # what a block's passes free goes back to the system at once
     device = resolve_device(recipe.device)
     batches = capture_batches(checkpoint, source.config or {}, recipe.calib, recipe.calib_samples)
     if not batches or not isinstance(batches[0], Mapping):
@@ -182,9 +263,38 @@ def streamed_factors(
     batches = batches[: batches_to_fill(batches, recipe.calib_samples)]
     stream = BlockStream(choice.model, choice.path, source)
     inputs = stream.record(batches)
-    streams = {"hidden": [item.hidden for item in inputs]}
-    if recipe.sequential:
-        streams["compressed"] = list(streams["hidden"])
+    scratch = _scratch_folder()
+    try:
+        return _streamed(
+            source, layers, recipe, choice, progress, done, finished, device, batches, stream, inputs, scratch
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _streamed(
+    source: Checkpoint,
+    layers: list[LayerPlan],
+    recipe: Recipe,
+    choice: StreamChoice,
+    progress: Callable[[str, int, int], None] | None,
+    done: Mapping[str, FinishedLayer],
+    finished: Callable[[FinishedLayer], None] | None,
+    device: torch.device,
+    batches: Sequence[Mapping[str, Any]],
+    stream: BlockStream,
+    inputs: list[BlockInputs],
+    scratch: Path,
+) -> StreamedFactors:
+    """The block loop of ``streamed_factors``; the activation streams live in ``scratch``."""
+    # the hidden states go to files between passes (``_Spilled``): only the batch a pass
+    # is on is in memory, not the whole calibration set
+    keys = ["hidden", "compressed"] if recipe.sequential else ["hidden"]
+    streams = {key: _Spilled(scratch, key, len(inputs)) for key in keys}
+    for i, item in enumerate(inputs):
+        for key in keys:
+            streams[key][i] = item.hidden
+        inputs[i] = dataclasses.replace(item, hidden=None)
     by_block: dict[int, list[LayerPlan]] = {}
     for layer in layers:
         by_block.setdefault(block_index(choice.path, layer.name), []).append(layer)
@@ -199,11 +309,14 @@ def streamed_factors(
             layer.name: f"{BLOCK}.{layer.name.removeprefix(f'{choice.path}.{index}.')}" for layer in planned
         }
         reference = _BlockRunner(block, "hidden")
-        # a block without target layers is its own compressed block: no copy
+        # the compressed block is a copy only where it runs: sequential fits read its
+        # inputs and block-wise distillation trains it; else the factors go straight to
+        # the journal and the dense block alone feeds the next
+        copied = bool(planned) and (recipe.sequential or bool(recipe.distill_steps))
         working = _BlockRunner(
-            copy.deepcopy(block) if planned else block, "compressed" if recipe.sequential else "hidden"
+            copy.deepcopy(block) if copied else block, "compressed" if recipe.sequential else "hidden"
         )
-        block_batches = _block_batches(inputs, index, streams, device)
+        block_batches = _BlockBatches(inputs, index, streams, device)
         calibration = {}
         todo = [layer.name for layer in planned if layer.name not in done]
         if todo and not recipe.sequential:
@@ -211,6 +324,7 @@ def streamed_factors(
                 reference, [local[n] for n in todo], block_batches, recipe.calib_samples
             )
             calibration = {name: captured[local[name]] for name in todo}
+            del captured  # the moments are freed as the fits pop them, not at the next block
         order = [layer.name for layer in planned]
         if recipe.sequential and planned:
             back = {v: k for k, v in local.items()}
@@ -223,18 +337,22 @@ def streamed_factors(
                 calibration_of = functools.partial(
                     capture_paired, reference, working, local[name], block_batches, recipe.calib_samples
                 )
-            else:
-                calibration_of = functools.partial(calibration.__getitem__, name)
-            factors[name] = fit_or_resume(layer, source, device, recipe, done, calibration_of)
+            else:  # each layer's moments are freed once it is fitted
+                calibration_of = functools.partial(calibration.pop, name)
+            fitted = fit_or_resume(layer, source, device, recipe, done, calibration_of)
             if name in done:
                 seconds[name] = done[name].seconds
             else:
                 seconds[name] = time.perf_counter() - begin
                 if finished is not None:
-                    finished(FinishedLayer(name, factors[name], seconds[name], layer.budget))
-            swap_factors(working, local[name], factors[name])
+                    finished(FinishedLayer(name, fitted, seconds[name], layer.budget))
+            if name not in done:  # journaled layers are read back from the journal when written
+                factors[name] = fitted
+            if copied:
+                swap_factors(working, local[name], fitted)
+            del fitted
             if progress is not None:
-                progress(f"block {index + 1}/{len(stream)} {name}", len(factors), len(layers))
+                progress(f"block {index + 1}/{len(stream)} {name}", len(seconds), len(layers))
         if recipe.distill_steps and planned:
             distill_rows.append(_distill_block(index, reference, working, block_batches, recipe, progress))
             for name in local:
@@ -247,9 +365,11 @@ def streamed_factors(
                 streams["hidden"][i] = reference(**batch).float().cpu()
                 if recipe.sequential:
                     streams["compressed"][i] = working(**batch).float().cpu()
+                del batch
         del reference, working, block_batches
         stream.free(index)
-    calibrated = CalibratedFactors(factors, {layer.name: layer.budget for layer in layers}, None, seconds)
+    kept = _Kept(factors, done, [layer.name for layer in layers])
+    calibrated = CalibratedFactors(kept, {layer.name: layer.budget for layer in layers}, None, seconds)
     report = {
         "blocks": len(stream),
         "path": choice.path,
@@ -258,6 +378,26 @@ def streamed_factors(
     }
     section = _distill_section(distill_rows, recipe.distill_steps) if distill_rows else None
     return StreamedFactors(calibrated, distilled, section, report)
+
+
+class _Kept(Mapping[str, LayerFactors]):
+    """Every fitted layer's factors: those held in memory, else the journal's (read
+    from disk at each access, see ``journal.Entries``)."""
+
+    def __init__(
+        self, held: Mapping[str, LayerFactors], done: Mapping[str, FinishedLayer], names: Sequence[str]
+    ) -> None:
+        self.held, self.done = held, done
+        self.names = [name for name in names if name in held or name in done]
+
+    def __getitem__(self, name: str) -> LayerFactors:
+        return self.held[name] if name in self.held else self.done[name].factors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _distill_block(
