@@ -13,7 +13,10 @@ whole file's. ``bytes`` is the sum of the tensor data of the written artifact
 most as large and at least as good, one of the two strictly.
 
 The points are kept in ``OUT/frontier.json``; a later call with the same settings
-reuses the points it finds there, so a long sweep can be run in parts.
+reuses the points it finds there, so a long sweep can be run in parts. Parts may also
+run at the same time into one folder (e.g. one budget each): every call works in a
+scratch folder of its own, and each write merges the points that other calls have
+written since (under a lock on ``OUT/.frontier.lock``), so none is lost.
 
 With a ``FrontierSearch`` (``--min-recovery F [--max-bytes SIZE]``) the report also
 picks, among every measured point, the smallest artifact whose metric is ``>= F`` (and
@@ -24,9 +27,12 @@ measured in this call, else rebuilt and evaluated again).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +60,7 @@ from lyoncompress.report import plot_frontier
 from lyoncompress.structures import get_structure
 
 FRONTIER_VERSION = 1
+SCRATCH = ".frontier-scratch-"  # + the pid of the call that works in it
 Progress = Callable[[str, int, int], None]  # (point label, done, total)
 
 
@@ -315,9 +322,8 @@ def frontier(
     )  # fmt: skip
     measured = dict(known)  # points of earlier parts stay in the report
     out.mkdir(parents=True, exist_ok=True)
-    stage = out / ".frontier-scratch"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    _remove_stale_scratch(out)
+    stage = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-", dir=out))
     kept: Point | None = None  # the smallest passing point measured in this call, on disk
     try:
         factorized: dict[tuple[str, float], tuple[Path, float]] = {}
@@ -361,13 +367,14 @@ def frontier(
                 else:
                     shutil.rmtree(target)
                 # written after every point: an interrupted sweep resumes where it stopped
-                _write(out, settings, [reference, *measured.values()], started)
+                _write(out, settings, reference, measured, started)
             if progress is not None:
                 progress(job.label, done, len(jobs))
         for folder, _ in factorized.values():
             shutil.rmtree(folder)
         section = None
         if search is not None:
+            _write(out, settings, reference, measured, started)  # gains the points of parts run alongside
             section = choose(list(measured.values()), search)
             section["artifact"] = None
             if artifact is not None and section["chosen"] is not None:
@@ -382,7 +389,7 @@ def frontier(
                 section["artifact_passed"] = section["artifact_metric"] >= search.min_recovery
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    document = _write(out, settings, [reference, *measured.values()], started, section)
+    document = _write(out, settings, reference, measured, started, section)
     if plot:
         plot_frontier(document, out / "frontier.png")
     return document
@@ -468,25 +475,70 @@ def _known_points(path: Path, settings: dict[str, Any]) -> dict[str, Point]:
     }
 
 
+def _remove_stale_scratch(out: Path) -> None:
+    """Remove the scratch folders left in ``out`` by calls that are gone (killed); those of
+    running calls (another part measured at the same time) are theirs."""
+    for folder in out.glob(f"{SCRATCH}*"):
+        pid = folder.name.removeprefix(SCRATCH).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on ``out/.frontier.lock`` (where ``fcntl`` exists)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: parts must not run at the same time
+        yield
+        return
+    with open(out / ".frontier.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _write(
     out: Path,
     settings: dict[str, Any],
-    points: list[Point],
+    reference: Point,
+    measured: dict[str, Point],
     started: float,
     search: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    flags = pareto_flags([(p.bytes, p.metric) for p in points])
-    points = [Point(**{**asdict(p), "pareto": flag}) for p, flag in zip(points, flags)]
-    document = {
-        "command": "frontier",
-        "settings": settings,
-        "points": [asdict(p) for p in points],
-        "verdict": verdict(points),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if search is not None:
-        document["search"] = search
-    staging = out / ".frontier.json.tmp"
-    staging.write_text(json.dumps(document, indent=2) + "\n")
-    staging.replace(out / "frontier.json")
+    """Write ``OUT/frontier.json``: the points of ``measured`` and, merged in first, the
+    points other calls with the same settings wrote there meanwhile (``measured`` gains
+    them, so the search and the plot see them too)."""
+    with _locked(out):
+        on_disk = _known_points(out / "frontier.json", settings)
+        for label, point in on_disk.items():
+            measured.setdefault(label, point)
+        order = [*on_disk, *(label for label in measured if label not in on_disk)]
+        points = [reference, *(measured[label] for label in order)]
+        flags = pareto_flags([(p.bytes, p.metric) for p in points])
+        points = [Point(**{**asdict(p), "pareto": flag}) for p, flag in zip(points, flags)]
+        document = {
+            "command": "frontier",
+            "settings": settings,
+            "points": [asdict(p) for p in points],
+            "verdict": verdict(points),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if search is not None:
+            document["search"] = search
+        staging = out / f".frontier.json.{os.getpid()}.tmp"
+        staging.write_text(json.dumps(document, indent=2) + "\n")
+        staging.replace(out / "frontier.json")
     return document

@@ -2,13 +2,22 @@
 
 import json
 import math
+import os
 import random
 from dataclasses import asdict
 
 import pytest
 from safetensors import safe_open
 
-from lyoncompress.frontier import FrontierConfig, Point, file_bytes, pareto_flags, tensor_bytes, verdict
+from lyoncompress.frontier import (
+    FrontierConfig,
+    Point,
+    file_bytes,
+    frontier,
+    pareto_flags,
+    tensor_bytes,
+    verdict,
+)
 from lyoncompress.quantization.pipeline import quantize
 from lyoncompress.recipe import QuantizeConfig
 from tests.helpers import make_mlp_checkpoint
@@ -128,7 +137,7 @@ def test_frontier_cli_measures_every_point(swept):
     assert [p["pareto"] for p in document["points"]] == flags
     assert (root / "rd" / "frontier.png").stat().st_size > 0
     assert json.loads((root / "rd" / "frontier.json").read_text())["points"] == document["points"]
-    assert not (root / "rd" / ".frontier-scratch").exists()
+    assert not list((root / "rd").glob(".frontier-scratch*"))
 
 
 def test_frontier_reuses_measured_points_and_refuses_other_settings(swept, cli):
@@ -286,7 +295,35 @@ def test_artifact_measured_in_this_call_is_kept_not_rebuilt(tmp_path, cli):
     chosen = next(p for p in document["points"] if p["label"] == section["chosen"])
     assert tensor_bytes(tmp_path / "a") == chosen["bytes"] == section["artifact_bytes"]
     assert section["artifact_metric"] == chosen["metric"] >= 0.5
-    assert sorted(p.name for p in (tmp_path / "rd").iterdir()) == ["frontier.json"]
+    assert sorted(p.name for p in (tmp_path / "rd").iterdir()) == [".frontier.lock", "frontier.json"]
+
+
+def test_parts_measured_at_the_same_time_into_one_folder_keep_every_point(tmp_path):
+    """A second part runs (here: nested, from the first one's progress callback) while the
+    first is measuring: its points survive the first part's later writes, each part
+    works in a scratch folder of its own, and a stale one (a killed part's) is removed."""
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "rd"
+    (out / ".frontier-scratch-999999999-x").mkdir(parents=True)  # no such pid: stale
+    config = {"structures": ("lowrank",), "formats": ("int8",), "samples": 32}
+    inner = []
+
+    def second_part(label, done, total):
+        scratch = sorted(p.name for p in out.glob(".frontier-scratch-*"))
+        assert len(scratch) == 1 and scratch[0].startswith(f".frontier-scratch-{os.getpid()}-")
+        if done == 1 and not inner:
+            inner.append(frontier(ckpt, out, FrontierConfig(budgets=(0.5,), **config), plot=False))
+
+    outer = frontier(ckpt, out, FrontierConfig(budgets=(0.25,), **config), plot=False, progress=second_part)
+    labels = [p["label"] for p in outer["points"]]
+    assert "lowrank 0.5 int8" in labels and "lowrank 0.25 int8" in labels
+    assert sorted(labels) == sorted(p["label"] for p in inner[0]["points"] + outer["points"][-1:])
+    on_disk = json.loads((out / "frontier.json").read_text())
+    assert on_disk["points"] == outer["points"]
+    assert [p["pareto"] for p in outer["points"]] == pareto_flags(
+        [(p["bytes"], p["metric"]) for p in outer["points"]]
+    )
+    assert not list(out.glob(".frontier-scratch-*"))
 
 
 @pytest.mark.parametrize(
