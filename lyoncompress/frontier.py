@@ -16,7 +16,10 @@ The points are kept in ``OUT/frontier.json``; a later call with the same setting
 reuses the points it finds there, so a long sweep can be run in parts. Parts may also
 run at the same time into one folder (e.g. one budget each): every call works in a
 scratch folder of its own, and each write merges the points that other calls have
-written since (under a lock on ``OUT/.frontier.lock``), so none is lost.
+written since (under a lock on ``OUT/.frontier.lock``), so none is lost. A call skips
+the points another running call has taken (``OUT/.frontier-claims.json``: a dense point
+by its label, a factorized one by its structure and budget, so that one call factorizes
+it and measures its formats), so the same command started twice splits the sweep.
 
 With a ``FrontierSearch`` (``--min-recovery F [--max-bytes SIZE]``) the report also
 picks, among every measured point, the smallest artifact whose metric is ``>= F`` (and
@@ -328,7 +331,7 @@ def frontier(
     try:
         factorized: dict[tuple[str, float], tuple[Path, float]] = {}
         for done, job in enumerate(jobs, 1):
-            if job.label not in known:
+            if _take(out, settings, job, measured):
                 begin = time.perf_counter()
                 source, ratio = checkpoint, None
                 if job.structure is not None:
@@ -389,6 +392,7 @@ def frontier(
                 section["artifact_passed"] = section["artifact_metric"] >= search.min_recovery
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        _release(out)
     document = _write(out, settings, reference, measured, started, section)
     if plot:
         plot_frontier(document, out / "frontier.png")
@@ -473,6 +477,50 @@ def _known_points(path: Path, settings: dict[str, Any]) -> dict[str, Point]:
         for p in document["points"]
         if p["kind"] != "reference"
     }
+
+
+def _take(out: Path, settings: dict[str, Any], job: _Job, measured: dict[str, Point]) -> bool:
+    """Whether this call measures ``job``: not measured yet (``measured`` gains the points
+    other calls wrote meanwhile) and its unit not taken by another running call; if so,
+    the unit is claimed for this call."""
+    unit = job.label if job.structure is None else f"{job.structure} {job.budget:g}"
+    with _locked(out):
+        for label, point in _known_points(out / "frontier.json", settings).items():
+            measured.setdefault(label, point)
+        if job.label in measured:
+            return False
+        claims = _read_claims(out)
+        holder = claims.get(unit)
+        if holder is not None and holder != os.getpid() and _alive(holder):
+            return False
+        _write_claims(out, {k: v for k, v in claims.items() if _alive(v)} | {unit: os.getpid()})
+    return True
+
+
+def _read_claims(out: Path) -> dict[str, int]:
+    path = out / ".frontier-claims.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:  # pragma: no cover - written whole by os.replace
+        return {}
+
+
+def _write_claims(out: Path, claims: dict[str, int]) -> None:
+    """Replace the claims file (removed when no claim is left); call under ``_locked``."""
+    path = out / ".frontier-claims.json"
+    if not claims:
+        path.unlink(missing_ok=True)
+        return
+    staging = out / f".frontier-claims.{os.getpid()}.tmp"
+    staging.write_text(json.dumps(claims))
+    staging.replace(path)
+
+
+def _release(out: Path) -> None:
+    """Drop this call's claims, and those of calls that are gone."""
+    with _locked(out):
+        claims = _read_claims(out)
+        _write_claims(out, {k: v for k, v in claims.items() if v != os.getpid() and _alive(v)})
 
 
 def _remove_stale_scratch(out: Path) -> None:

@@ -298,10 +298,16 @@ def test_artifact_measured_in_this_call_is_kept_not_rebuilt(tmp_path, cli):
     assert sorted(p.name for p in (tmp_path / "rd").iterdir()) == [".frontier.lock", "frontier.json"]
 
 
-def test_parts_measured_at_the_same_time_into_one_folder_keep_every_point(tmp_path):
+def test_parts_measured_at_the_same_time_into_one_folder_keep_every_point(tmp_path, monkeypatch):
     """A second part runs (here: nested, from the first one's progress callback) while the
-    first is measuring: its points survive the first part's later writes, each part
-    works in a scratch folder of its own, and a stale one (a killed part's) is removed."""
+    first is measuring: its points survive the first part's later writes, no point is
+    measured twice (the first part takes the dense points the second one wrote), each
+    part works in a scratch folder of its own, and a stale one (a killed part's) is removed."""
+    import lyoncompress.frontier as module
+
+    quantized = []
+    real = module.quantize
+    monkeypatch.setattr(module, "quantize", lambda *a, **k: quantized.append(a[1].name) or real(*a, **k))
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "rd"
     (out / ".frontier-scratch-999999999-x").mkdir(parents=True)  # no such pid: stale
@@ -324,6 +330,22 @@ def test_parts_measured_at_the_same_time_into_one_folder_keep_every_point(tmp_pa
         [(p["bytes"], p["metric"]) for p in outer["points"]]
     )
     assert not list(out.glob(".frontier-scratch-*"))
+    assert len(quantized) == len(labels) - 1  # every point but the reference, once
+
+
+def test_a_point_taken_by_another_running_part_is_skipped(tmp_path):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "rd"
+    out.mkdir()
+    # a live process other than this one (the parent) holds the dense int8 round-to-nearest
+    # point and the factorized budget; a dead one held the feedback point
+    claims = {"dense int8 rtn": os.getppid(), "lowrank 0.5": os.getppid(), "dense int8 feedback": 999999999}
+    (out / ".frontier-claims.json").write_text(json.dumps(claims))
+    config = FrontierConfig(structures=("lowrank",), budgets=(0.5,), formats=("int8",), samples=32)
+    document = frontier(ckpt, out, config, plot=False)
+    assert [p["label"] for p in document["points"]] == ["dense float (reference)", "dense int8 feedback"]
+    taken = json.loads((out / ".frontier-claims.json").read_text())
+    assert taken == {"dense int8 rtn": os.getppid(), "lowrank 0.5": os.getppid()}  # its own released
 
 
 @pytest.mark.parametrize(
