@@ -13,6 +13,9 @@ the calibration text never contains. Points accumulate in ``--out`` (default
     flock /work/bench.lock env OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python \\
         benchmarks/frontier.py --structure lowrank --budget 0.5
 
+The same command started twice (or more) at the same time into one ``--out`` splits
+the sweep: each part skips the points another running part has taken.
+
 ``--min-recovery F [--max-bytes SIZE] [--artifact DIR]`` adds the search over formats
 (``frontier --min-recovery``) over every point in ``--out``.
 """

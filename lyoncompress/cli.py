@@ -614,7 +614,13 @@ def quantize(
 def frontier(
     checkpoint: Annotated[Path, typer.Argument(help="Runnable model folder (config.json with model_type).")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for frontier.json/.png; points there are reused.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for frontier.json/.png; points there are reused, and parts run at the "
+            "same time into it split the sweep.",
+        ),
     ],
     recipe: RecipeOption = None,
     task: Annotated[
