@@ -54,6 +54,10 @@ def main() -> None:
     parser.add_argument("--min-recovery", type=float, help="search over formats: the gate")
     parser.add_argument("--max-bytes", help="search over formats: the size limit, e.g. 20MB")
     parser.add_argument("--artifact", type=pathlib.Path, help="write the chosen point here")
+    parser.add_argument(
+        "--factorized", type=pathlib.Path, action="append", default=[],
+        help="repeatable: a factorize output (same options) to use instead of factorizing again",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.smollm2 is not None:
@@ -74,7 +78,9 @@ def main() -> None:
     recipe = Recipe(targets=(targets,), calib="builtin", refine_steps=args.refine_steps)
     started = time.perf_counter()
     search = None if args.min_recovery is None else FrontierSearch(args.min_recovery, args.max_bytes)
-    document = frontier(model, args.out, config, recipe, search=search, artifact=args.artifact)
+    document = frontier(
+        model, args.out, config, recipe, search=search, artifact=args.artifact, factorized=args.factorized
+    )
     console = Console()
     console.print(tables.frontier_table(document))
     console.print(document["verdict"])

@@ -653,6 +653,13 @@ def frontier(
         list[str] | None, typer.Option(help="Plain weights quantized with every point ['re:.*': all].")
     ] = None,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Draw frontier.png (plot extra).")] = True,
+    factorized: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A factorize output of CHECKPOINT with these options, used for the points of its "
+            "structure and budget instead of factorizing again; repeatable."
+        ),
+    ] = None,
     min_recovery: Annotated[
         float | None,
         typer.Option(
@@ -705,7 +712,15 @@ def frontier(
     )
     with _LayerProgress(_show_progress(quiet, as_json), "measuring") as progress:
         document = measure_frontier(
-            checkpoint, out, config, options, plot=plot, progress=progress, search=search, artifact=artifact
+            checkpoint,
+            out,
+            config,
+            options,
+            plot=plot,
+            progress=progress,
+            search=search,
+            artifact=artifact,
+            factorized=tuple(factorized or ()),
         )
     if as_json:
         _print_json(document)

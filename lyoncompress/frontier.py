@@ -37,7 +37,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,7 @@ def frontier(
     progress: Progress | None = None,
     search: FrontierSearch | None = None,
     artifact: str | Path | None = None,
+    factorized: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Measure the gated metric against whole-artifact bytes; write ``OUT/frontier.json``
     (and ``OUT/frontier.png`` with ``plot``).
@@ -281,6 +282,10 @@ def frontier(
         artifact: write the chosen point there (needs ``search``; must not exist). It is
             the very artifact measured when this call measured it; else it is rebuilt
             (factorize + quantize) and evaluated again (``artifact_metric``).
+        factorized: folders written by ``factorize`` to use instead of factorizing again
+            (``--factorized``): each serves the points of its structure and budget; it
+            must come from ``checkpoint`` with ``recipe``'s options (its ``report.json``
+            says so), and is read, never changed.
 
     Returns:
         ``{"settings", "points", "verdict", "seconds"}`` (and ``search``); each point has
@@ -300,6 +305,7 @@ def frontier(
             raise InputError("--artifact writes the point chosen by the search; add --min-recovery F")
         if artifact.exists():
             raise InputError(f"--artifact {artifact} exists; remove it or choose another folder")
+    given = _given_factorized(checkpoint, recipe, factorized)
     gate = SearchConfig(min_recovery=1.0, task=config.task, data=config.data, samples=config.samples)
     task, metric = gated_metric(checkpoint, gate)
     if config.data is not None:
@@ -329,21 +335,21 @@ def frontier(
     stage = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-", dir=out))
     kept: Point | None = None  # the smallest passing point measured in this call, on disk
     try:
-        factorized: dict[tuple[str, float], tuple[Path, float]] = {}
+        made: dict[tuple[str, float], tuple[Path, float]] = {}  # factorized here, in the scratch
         for done, job in enumerate(jobs, 1):
             if _take(out, settings, job, measured):
                 begin = time.perf_counter()
                 source, ratio = checkpoint, None
                 if job.structure is not None:
                     key = (job.structure, job.budget)
-                    if key not in factorized:
-                        for folder, _ in factorized.values():  # its formats are all measured
+                    if key not in made and key not in given:
+                        for folder, _ in made.values():  # its formats are all measured
                             shutil.rmtree(folder)
-                        factorized.clear()
+                        made.clear()
                         folder = stage / f"fact-{done}"
                         report = factorize(checkpoint, folder, recipe.replace(method=key[0], budget=key[1]))
-                        factorized[key] = (folder, report["totals"]["ratio"])
-                    source, ratio = factorized[key]
+                        made[key] = (folder, report["totals"]["ratio"])
+                    source, ratio = given[key] if key in given else made[key]
                 target = stage / f"point-{done}"
                 quantize(source, target, job.quantize)
                 value = float(evaluate(target, checkpoint, eval_config)["tasks"][task][metric])
@@ -373,7 +379,7 @@ def frontier(
                 _write(out, settings, reference, measured, started)
             if progress is not None:
                 progress(job.label, done, len(jobs))
-        for folder, _ in factorized.values():
+        for folder, _ in made.values():
             shutil.rmtree(folder)
         section = None
         if search is not None:
@@ -386,7 +392,7 @@ def frontier(
                     shutil.move(str(stage / "best"), str(artifact))
                     section.update(artifact_metric=chosen.metric, rebuilt=False)
                 else:
-                    value = _build(checkpoint, chosen, config, recipe, stage, artifact, eval_config)
+                    value = _build(checkpoint, chosen, config, recipe, stage, artifact, eval_config, given)
                     section.update(artifact_metric=value, rebuilt=True)
                 section.update(artifact=str(artifact), artifact_bytes=tensor_bytes(artifact))
                 section["artifact_passed"] = section["artifact_metric"] >= search.min_recovery
@@ -416,6 +422,7 @@ def _build(
     stage: Path,
     artifact: Path,
     eval_config: EvalConfig,
+    given: dict[tuple[str, float], tuple[Path, float]],
 ) -> float:
     """Rebuild a point measured by an earlier part into ``artifact``; its metric, evaluated again."""
     options = QuantizeConfig(
@@ -426,12 +433,56 @@ def _build(
         include_dense=config.include_dense,
     )
     source = checkpoint
-    if point.kind == "factorized":
+    if point.kind == "factorized" and (point.structure, point.budget) in given:
+        source = given[point.structure, point.budget][0]
+    elif point.kind == "factorized":
         source = stage / "rebuild"
         factorize(checkpoint, source, recipe.replace(method=point.structure, budget=point.budget))
     quantize(source, artifact, options)
     (task,) = eval_config.tasks
     return float(evaluate(artifact, checkpoint, eval_config)["tasks"][task][SEARCH_METRICS[task]])
+
+
+# options that do not change the factors (where they are computed, how the file is cut)
+_NEUTRAL_OPTIONS = ("device", "stream", "max_shard_size")
+
+
+def _given_factorized(
+    checkpoint: Path, recipe: Recipe, folders: Sequence[str | Path]
+) -> dict[tuple[str, float], tuple[Path, float]]:
+    """``--factorized`` folders by (structure, budget), with their parameter ratio, after
+    checking that each was factorized from ``checkpoint`` with ``recipe``'s options."""
+    given: dict[tuple[str, float], tuple[Path, float]] = {}
+    for folder in map(Path, folders):
+        try:
+            report = json.loads((folder / "report.json").read_text())
+            options, source = report["recipe"], report["source"]
+        except (OSError, ValueError, KeyError):
+            raise InputError(
+                f"--factorized {folder}: not a folder written by factorize (no report.json)"
+            ) from None
+        if report.get("command") != "factorize":
+            raise InputError(f"--factorized {folder}: written by {report.get('command')!r}, not by factorize")
+        if Path(source).resolve() != checkpoint.resolve():
+            raise InputError(f"--factorized {folder}: factorized from {source}, not from {checkpoint}")
+        wanted = json.loads(
+            json.dumps(recipe.replace(method=options["method"], budget=options["budget"]).to_dict())
+        )
+        differ = sorted(
+            k
+            for k in set(wanted) | set(options)
+            if k not in _NEUTRAL_OPTIONS and wanted.get(k) != options.get(k)
+        )
+        if differ:
+            shown = ", ".join(f"{k} {options.get(k)!r} (frontier: {wanted.get(k)!r})" for k in differ)
+            raise InputError(f"--factorized {folder}: factorized with other options: {shown}")
+        key = (options["method"], float(options["budget"]))
+        if key in given:
+            raise InputError(
+                f"--factorized {folder}: {given[key][0]} is already {key[0]} at budget {key[1]:g}"
+            )
+        given[key] = (folder, float(report["totals"]["ratio"]))
+    return given
 
 
 def _jobs(config: FrontierConfig) -> list[_Job]:
