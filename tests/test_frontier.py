@@ -364,3 +364,35 @@ def test_search_bad_values_exit_2(tmp_path, cli, extra, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "rd").exists()
+
+
+def test_factorized_folders_replace_factorizing_and_are_checked(tmp_path, cli, monkeypatch):
+    import lyoncompress.frontier as module
+
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    config = FrontierConfig(structures=("lowrank",), budgets=(0.5,), formats=("int8",), samples=32)
+    fresh = frontier(ckpt, tmp_path / "fresh", config, plot=False)
+    given = tmp_path / "fact"
+    assert cli("factorize", ckpt, "-o", given, "--method", "lowrank", "--budget", "0.5", "-q").exit_code == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in given.iterdir())
+
+    def no_factorize(*args, **kwargs):
+        raise AssertionError("factorized again")
+
+    monkeypatch.setattr(module, "factorize", no_factorize)
+    reused = frontier(ckpt, tmp_path / "reused", config, plot=False, factorized=[given])
+    assert [(p["label"], p["bytes"], p["params_ratio"]) for p in reused["points"]] == [
+        (p["label"], p["bytes"], p["params_ratio"]) for p in fresh["points"]
+    ]
+    metrics = {p["label"]: p["metric"] for p in fresh["points"]}
+    assert all(p["metric"] == pytest.approx(metrics[p["label"]], abs=1e-6) for p in reused["points"])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in given.iterdir()) == before  # untouched
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    made = cli("factorize", ckpt, "-o", other, "--method", "lowrank", "--budget", "0.5", "--depth", "3", "-q")
+    assert made.exit_code == 0, made.output
+    for folder, message in [(other, "other options: depth"), (ckpt, "not a folder written by factorize")]:
+        args = ["frontier", ckpt, "-o", tmp_path / "bad", "--structure", "lowrank", "--budget", "0.5"]
+        result = cli(*args, "--factorized", folder, "--no-plot")
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "bad").exists()
