@@ -79,6 +79,8 @@ def main() -> None:
 
     def progress(done: int, total: int, best: float) -> None:
         nonlocal measuring
+        if done % 10 == 0:
+            print(f"  step {done}/{total}: {time.perf_counter() - started - measuring:.0f} s", flush=True)
         if done in args.at and done < total:
             t = time.perf_counter()
             ppl = text_perplexity(model, tokenizer, texts)
