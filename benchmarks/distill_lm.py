@@ -49,6 +49,12 @@ def main() -> None:
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default=None, help="default: the objective's")
     parser.add_argument("--at", type=int, nargs="*", default=(), help="steps at which to measure perplexity")
     parser.add_argument("--samples", type=int, default=256, help="held-out eval sentences")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="held-out check interval (default: distill's, steps // 10)",
+    )
     parser.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
     args = parser.parse_args()
     if not (args.start / "report.json").is_file():
