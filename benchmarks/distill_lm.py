@@ -98,7 +98,15 @@ def main() -> None:
             )
 
     result = distill(
-        reference, model, train, val, args.steps, args.lr, progress=progress, schedule=args.schedule
+        reference,
+        model,
+        train,
+        val,
+        args.steps,
+        args.lr,
+        args.eval_every,
+        progress=progress,
+        schedule=args.schedule,
     )
     seconds = time.perf_counter() - started - measuring
     final = text_perplexity(model, tokenizer, texts)
