@@ -183,7 +183,8 @@ def _print_distilled(report: dict[str, Any]) -> None:
                     f"after {picked['steps']} steps{mark}"
                 )
         err_console.print(
-            f"distillation ({d['steps']} steps, lr {d['lr']:g}): held-out {d['objective']} "
+            f"distillation ({d['steps']} steps, lr {d['lr']:g}"
+            f"{', ' + d['schedule'] if 'schedule' in d else ''}): held-out {d['objective']} "
             f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
         )
 

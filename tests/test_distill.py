@@ -10,7 +10,7 @@ from lyoncompress.butterfly import lowrank
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DemoMLP
 from lyoncompress.refine.aware import activation_aware_lowrank
-from lyoncompress.refine.distill import OBJECTIVES, _held_out, default_objective, distill
+from lyoncompress.refine.distill import OBJECTIVES, SCHEDULES, _held_out, default_objective, distill
 from tests.helpers import random_llama
 
 transformers = pytest.importorskip("transformers")
@@ -94,3 +94,33 @@ def test_layers_mse_distillation_lowers_the_held_out_error(tiny_bert):
     assert _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, _batches(2, 3)) == pytest.approx(
         result.val_after, rel=1e-6
     )
+
+
+def test_schedules_rise_then_decay_to_zero():
+    steps = 200
+    warm = [SCHEDULES["warmup-cosine"](s, steps) for s in range(steps)]
+    assert warm[0] == pytest.approx(1 / 20) and warm[19] == pytest.approx(1.0)  # 10% linear warm-up
+    assert warm[:20] == sorted(warm[:20]) and warm[19:] == sorted(warm[19:], reverse=True)
+    assert warm[-1] < 1e-2
+    assert SCHEDULES["cosine"](0, steps) == 1.0 and SCHEDULES["cosine"](100, steps) == pytest.approx(0.5)
+    assert {SCHEDULES["constant"](s, steps) for s in range(steps)} == {1.0}
+    assert SCHEDULES["warmup-cosine"](0, 1) == 1.0  # one step: no warm-up to speak of
+
+
+def test_distill_reports_its_schedule_and_held_out_history(tiny_bert):
+    compressed = _compressed(tiny_bert, 4)
+    result = distill(
+        tiny_bert,
+        compressed,
+        _batches(4, 2),
+        _batches(2, 3),
+        steps=20,
+        lr=3e-3,
+        eval_every=10,
+        schedule="warmup-cosine",
+    )
+    assert result.schedule == "warmup-cosine"
+    assert [s for s, _ in result.history] == [0, 10, 20]
+    assert result.history[0][1] == result.val_before and result.val_after == min(v for _, v in result.history)
+    with pytest.raises(ValueError, match="unknown distillation schedule 'linear'; registered: constant"):
+        distill(tiny_bert, compressed, _batches(1, 2), _batches(1, 3), steps=1, schedule="linear")
