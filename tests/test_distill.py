@@ -94,3 +94,66 @@ def test_layers_mse_distillation_lowers_the_held_out_error(tiny_bert):
     assert _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, _batches(2, 3)) == pytest.approx(
         result.val_after, rel=1e-6
     )
+
+
+def test_layers_embedding_adds_the_pooled_cosine_distance_to_layers_mse(tiny_bert, monkeypatch):
+    from lyoncompress.refine import distill as module
+
+    compressed = _compressed(tiny_bert, 4)
+    batches = _batches(3, 1)
+    num = den = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            keep = batch["attention_mask"].bool()
+            ours = compressed(**batch, output_hidden_states=True).hidden_states
+            theirs = tiny_bert(**batch, output_hidden_states=True).hidden_states
+            batch_den = sum(float(ref[keep].square().sum()) for ref in theirs[1:])
+            num += sum(float((m[keep] - r[keep]).square().sum()) for m, r in zip(ours[1:], theirs[1:]))
+            # brute force: each sentence's mean over its real tokens, then the cosine
+            cosines = [
+                torch.nn.functional.cosine_similarity(
+                    ours[-1][i][keep[i]].mean(0), theirs[-1][i][keep[i]].mean(0), dim=0
+                )
+                for i in range(len(keep))
+            ]
+            num += 0.5 * batch_den * float(1 - torch.stack(cosines).mean())
+            den += batch_den
+    monkeypatch.setattr(module, "EMBEDDING_WEIGHT", 0.5)
+    value = _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, batches)
+    assert value == pytest.approx(math.sqrt(num / den), rel=1e-6)
+    monkeypatch.setattr(module, "EMBEDDING_WEIGHT", 0.0)  # weight 0 is layers-mse exactly
+    assert _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, batches) == pytest.approx(
+        _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, batches), rel=1e-9
+    )
+
+
+def test_layers_embedding_distillation_lowers_both_terms(tiny_bert):
+    compressed = _compressed(tiny_bert, 4)
+    val = _batches(2, 3)
+    mse_before = _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, val)
+    result = distill(
+        tiny_bert, compressed, _batches(8, 2), val, steps=60, lr=3e-3, objective="layers-embedding"
+    )
+    assert result.objective == "layers-embedding" and result.val_after < 0.7 * result.val_before
+    assert _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, val) == pytest.approx(
+        result.val_after, rel=1e-6
+    )
+    assert _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, val) < 0.8 * mse_before
+
+
+def test_warmup_ramps_the_step_then_decays_over_the_rest():
+    from lyoncompress.refine.distill import _schedule
+
+    factors = [_schedule(10, 4, decay=True)(step) for step in range(10)]
+    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert factors[4] == 1.0 and factors[4:] == sorted(factors[4:], reverse=True)
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert [_schedule(10, 0, decay=True)(s) for s in range(3)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(3)]
+    )  # no warm-up: the cosine decay as before
+    assert [_schedule(10, 2, decay=False)(s) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def test_warmup_of_all_the_steps_is_refused(tiny_bert):
+    with pytest.raises(ValueError, match="warmup 5"):
+        distill(tiny_bert, _compressed(tiny_bert, 4), _batches(2, 2), _batches(1, 3), steps=5, warmup=5)

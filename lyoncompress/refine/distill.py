@@ -79,6 +79,38 @@ def _all_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch)
 
 
+def _pooled(hidden: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Mean of the real tokens' states ``(B, T, H)`` → ``(B, H)``: the sentence embedding
+    ``eval --task embeddings`` compares (its cosine ignores the normalisation)."""
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def _all_hidden_and_pooled(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_all_hidden``'s rows ``(rows, layers · H)`` and the pooled last hidden states ``(B, H)``."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            "the layers-embedding objective needs tokenized text batches (a transformers encoder)"
+        )
+    states = model(**batch, output_hidden_states=True).hidden_states[1:]
+    return _real_rows(torch.cat(states, dim=-1), batch), _pooled(states[-1], batch)
+
+
+# weight of the embedding term of ``layers-embedding``: 1 - cosine against the squared
+# relative error of all hidden states
+EMBEDDING_WEIGHT = 1.0
+
+
+def _squared_error_and_cosine(
+    student: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # numerator / denominator = ‖S − T‖² / ‖T‖² + w · mean over sentences of (1 − cos(s, t));
+    # summed over batches it weights each batch's cosine term by its ‖T‖² (its real tokens)
+    num, den = _squared_error(student[0], teacher[0])
+    distance = 1 - F.cosine_similarity(student[1], teacher[1], dim=-1).mean()
+    return num + EMBEDDING_WEIGHT * den * distance, den
+
+
 def _block_output(model: nn.Module, batch: Batch) -> torch.Tensor:
     """A block runner's output rows (``factorization.streaming``): the block's hidden
     states of real tokens."""
@@ -124,6 +156,15 @@ OBJECTIVES: dict[str, Objective] = {
     "layers-mse": Objective(
         _all_hidden,
         _squared_error,
+        lambda num, den: math.sqrt(num / max(den, 1e-30)),
+        default_lr=2e-4,
+        decay=True,
+    ),
+    # layers-mse plus what the embeddings task judges: 1 - cosine of the mean-pooled last
+    # hidden states, weighted EMBEDDING_WEIGHT (the square root keeps weight 0 = layers-mse)
+    "layers-embedding": Objective(
+        _all_hidden_and_pooled,
+        _squared_error_and_cosine,
         lambda num, den: math.sqrt(num / max(den, 1e-30)),
         default_lr=2e-4,
         decay=True,
@@ -176,6 +217,20 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if name.endswith(".twiddle")]
 
 
+def _schedule(steps: int, warmup: int, decay: bool) -> Callable[[int], float]:
+    """The step size's factor at each step: linear warm-up over ``warmup`` steps, then a
+    cosine decay to 0 over the rest (``decay``) or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if not decay:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+    return factor
+
+
 def distill(
     reference: nn.Module,
     compressed: nn.Module,
@@ -187,6 +242,7 @@ def distill(
     objective: str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     params: Sequence[nn.Parameter] | None = None,
+    warmup: int = 0,
 ) -> DistillResult:
     """Adam on the twiddles of ``compressed`` (everything else frozen), in place.
 
@@ -203,6 +259,8 @@ def distill(
             value so far).
         params: the parameters to train (default: ``factor_parameters(compressed)``);
             quantization-aware distillation passes the latent weights and their scales.
+        warmup: steps of linear warm-up from 0 to ``lr`` before the schedule (the cosine
+            decay then runs over the remaining steps).
 
     Returns:
         ``DistillResult`` with the held-out objective before and after.
@@ -214,6 +272,8 @@ def distill(
     """
     if not train or not val:
         raise ValueError("distillation needs at least one training and one held-out batch")
+    if warmup < 0 or (steps > 0 and warmup >= steps):
+        raise ValueError(f"warmup {warmup} must be >= 0 and below the steps ({steps})")
     name = objective or default_objective(reference)
     if name not in OBJECTIVES:
         raise ValueError(f"unknown distillation objective {name!r}; registered: {', '.join(OBJECTIVES)}")
@@ -229,10 +289,7 @@ def distill(
     best = before = _held_out(chosen, reference, compressed, val)
     best_state = copy.deepcopy(compressed.state_dict())
     optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))) if chosen.decay else 1.0,
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, warmup, chosen.decay))
     for step in range(steps):
         batch = train[step % len(train)]
         with torch.no_grad():
