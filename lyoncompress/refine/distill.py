@@ -184,6 +184,10 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# what ``distill_objective`` may name: ``block-mse`` is the streaming path's own
+WHOLE_MODEL_OBJECTIVES = tuple(name for name in OBJECTIVES if name != "block-mse")
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a transformers ``*ForCausalLM`` (the same rule as ``eval``'s kinds)."""
     architectures = getattr(getattr(model, "config", None), "architectures", None) or []
