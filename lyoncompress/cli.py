@@ -240,6 +240,15 @@ def factorize(
             "1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
         ),
     ] = None,
+    distill_objective: Annotated[
+        str | None,
+        typer.Option(
+            help="What the distillation matches: layers-mse (every layer's hidden states), layers-embedding "
+            "(those plus the pooled sentence embedding's cosine), hidden-mse (final outputs) or logits-kl "
+            "(causal LMs' next-token distributions) [layers-mse for encoders, logits-kl for causal LMs, "
+            "hidden-mse otherwise]."
+        ),
+    ] = None,
     distill_select_steps: Annotated[
         int | None,
         typer.Option(
@@ -376,6 +385,7 @@ def factorize(
         refine_sweeps=refine_sweeps,
         distill_steps=distill_steps,
         distill_lr=distill_lr,
+        distill_objective=distill_objective,
         distill_select_steps=distill_select_steps,
         sequential=sequential,
         permute=permute,

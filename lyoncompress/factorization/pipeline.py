@@ -295,6 +295,7 @@ def _run(
             recipe.distill_lr,
             progress,
             recipe.device,
+            recipe.distill_objective,
         )
         distill_section = {
             "objective": result.objective,
