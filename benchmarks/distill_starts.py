@@ -28,10 +28,10 @@ import torch
 
 from lyoncompress.artifact import load_artifact
 from lyoncompress.checkpoint import open_checkpoint
-from lyoncompress.data import BUILTIN, calibration_batches, distill_split
+from lyoncompress.data import BUILTIN, TEXT_BATCH, calibration_batches, distill_split, regrouped_by_length
 from lyoncompress.evaluation.tasks import EvalContext, embeddings_task
 from lyoncompress.models import load_compressed, load_reference
-from lyoncompress.refine.distill import distill
+from lyoncompress.refine.distill import OBJECTIVES, distill
 
 
 def checkpoint() -> Path:
@@ -80,6 +80,11 @@ def main() -> None:
     parser.add_argument("--start", action="append", required=True, help="NAME=ARTIFACT, repeatable")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=4e-4, help="peak Adam step (cosine decay to 0)")
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default=None, help="default: the model's")
+    parser.add_argument("--schedule", help="a distill SCHEDULES name [the objective's]")
+    parser.add_argument(
+        "--batch", type=int, default=TEXT_BATCH, help="sentences per training step (the same text regrouped)"
+    )
     parser.add_argument("--samples", type=int, default=256, help="held-out sentences for eval")
     parser.add_argument(
         "--select-steps",
@@ -102,10 +107,13 @@ def main() -> None:
     reference = load_reference(ckpt)
     batches = list(calibration_batches(ckpt, open_checkpoint(ckpt).config or {}, BUILTIN, 4096))
     train, val = distill_split(batches)
+    if args.batch != TEXT_BATCH:
+        train = regrouped_by_length(train, args.batch)
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; {len(train)} training / {len(val)} held-out batches, "
-        f"{args.steps} steps, lr {args.lr:g}"
+        f"{args.steps} steps, lr {args.lr:g}, objective {args.objective or 'default'}, "
+        f"schedule {args.schedule or 'default'}, batch {args.batch}"
     )
     if args.select_steps:
         select(reference, starts, train, val, args.select_steps, args.lr)
@@ -119,7 +127,16 @@ def main() -> None:
         model = load_compressed(artifact)
         before = embedding_metrics(ckpt, artifact, model, args.samples)
         started = time.perf_counter()
-        result = distill(reference, model, train, val, args.steps, args.lr)
+        result = distill(
+            reference,
+            model,
+            train,
+            val,
+            args.steps,
+            args.lr,
+            objective=args.objective,
+            schedule=args.schedule,
+        )
         seconds = time.perf_counter() - started
         after = embedding_metrics(ckpt, artifact, model, args.samples)
         print(

@@ -183,7 +183,8 @@ def _print_distilled(report: dict[str, Any]) -> None:
                     f"after {picked['steps']} steps{mark}"
                 )
         err_console.print(
-            f"distillation ({d['steps']} steps, lr {d['lr']:g}): held-out {d['objective']} "
+            f"distillation ({d['steps']} steps, lr {d['lr']:g}"
+            f"{', ' + d['schedule'] if 'schedule' in d else ''}): held-out {d['objective']} "
             f"{d['val_output_error_before']:.4f} -> {d['val_output_error_after']:.4f}"
         )
 
@@ -237,6 +238,15 @@ def factorize(
         typer.Option(
             help="Learning rate of the distillation [2e-4 decayed to 0 for encoders' layers-mse; "
             "1e-4 for causal LMs' logits-kl; 5e-5 otherwise]."
+        ),
+    ] = None,
+    distill_objective: Annotated[
+        str | None,
+        typer.Option(
+            help="What the distillation matches: layers-mse (every layer's hidden states), layers-embedding "
+            "(those plus the pooled sentence embedding's cosine), hidden-mse (final outputs) or logits-kl "
+            "(causal LMs' next-token distributions) [layers-mse for encoders, logits-kl for causal LMs, "
+            "hidden-mse otherwise]."
         ),
     ] = None,
     distill_select_steps: Annotated[
@@ -375,6 +385,7 @@ def factorize(
         refine_sweeps=refine_sweeps,
         distill_steps=distill_steps,
         distill_lr=distill_lr,
+        distill_objective=distill_objective,
         distill_select_steps=distill_select_steps,
         sequential=sequential,
         permute=permute,

@@ -94,6 +94,10 @@ class Recipe:
             close to a good solution, and larger steps undo the layer-wise fit); None:
             the objective's default (2e-4, decayed to 0, for every layer's hidden
             states; 1e-4 for causal-LM logits; 5e-5 for final outputs).
+        distill_objective: what the distillation matches, a name of
+            ``refine.distill.OBJECTIVES`` (``layers-mse``, ``layers-embedding``,
+            ``hidden-mse``, ``logits-kl``); None: the model's default
+            (``refine.distill.default_objective``).
         distill_select_steps: pick the whole-model start of the distillation by a short
             distillation of this many steps from each candidate (0: none; needs
             ``distill_steps`` and method ``auto``): the layer-wise choice, and for each
@@ -134,6 +138,7 @@ class Recipe:
     refine_sweeps: int = 0
     distill_steps: int = 0
     distill_lr: float | None = None
+    distill_objective: str | None = None
     distill_select_steps: int = 0
     sequential: bool = False
     permute: bool = False
@@ -174,6 +179,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refine_sweeps": (int,),
     "distill_steps": (int,),
     "distill_lr": (float, type(None)),
+    "distill_objective": (str, type(None)),
     "distill_select_steps": (int,),
     "sequential": (bool,),
     "permute": (bool,),
@@ -258,6 +264,7 @@ def validate(recipe: Recipe, where: str) -> None:
         raise InputError(f"distill_lr {recipe.distill_lr} must be > 0")
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
+    _check_objective(recipe)
     _check_select(recipe)
     if recipe.device not in DEVICES:
         raise InputError(f"device {recipe.device!r} is unknown; choose one of {', '.join(DEVICES)}")
@@ -274,6 +281,23 @@ def validate(recipe: Recipe, where: str) -> None:
     for pattern in (*recipe.targets, *recipe.ignore, *(o.pattern for o in recipe.layers)):
         compile_pattern(pattern, where)
     parse_size(recipe.max_shard_size)
+
+
+def _check_objective(recipe: Recipe) -> None:
+    from lyoncompress.refine.distill import WHOLE_MODEL_OBJECTIVES
+
+    name = recipe.distill_objective
+    if name is None:
+        return
+    if name not in WHOLE_MODEL_OBJECTIVES:
+        raise InputError(
+            f"distill_objective {name!r} is unknown; choose one of {', '.join(WHOLE_MODEL_OBJECTIVES)}"
+        )
+    if recipe.stream == "on":
+        raise InputError(
+            f"distill_objective {name!r} is for whole-model distillation; --stream on distils block by "
+            "block (block-mse): drop --distill-objective or use --stream auto or off"
+        )
 
 
 def _check_select(recipe: Recipe) -> None:

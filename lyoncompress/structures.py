@@ -378,7 +378,9 @@ def _aware_lowrank(context: FitContext, chains: list[Chain]) -> Start | None:
     if not chains:
         return None
     chain = chains[0]
-    return chain, activation_aware_lowrank(context.weight, context.gram_train, chain.patterns[0].c), []
+    # the layer's whitening is the Cholesky factor of gram_train this fit needs (same damping)
+    chol, rank = context.whitening.chol, chain.patterns[0].c
+    return chain, activation_aware_lowrank(context.weight, context.gram_train, rank, chol=chol), []
 
 
 def _refined_chains(context: FitContext, chains: list[Chain]) -> Start | None:

@@ -118,7 +118,7 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
 
     seen = {}
 
-    def fake_distill(reference, compressed, train, val, steps, lr, progress=None):
+    def fake_distill(reference, compressed, train, val, steps, lr, progress=None, objective=None):
         seen.update(train=train, val=val)
         return DistillResult(1.0, 1.0, steps)
 
@@ -148,7 +148,7 @@ def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
     batches = [text_batch(i) for i in range(12)]
     seen = {}
 
-    def fake_distill(reference, compressed, train, val, steps, lr, progress=None):
+    def fake_distill(reference, compressed, train, val, steps, lr, progress=None, objective=None):
         seen.update(train=train, val=val)
         return DistillResult(1.0, 1.0, steps)
 

@@ -10,7 +10,7 @@ from lyoncompress.butterfly import lowrank
 from lyoncompress.layers import ButterflyLinear
 from lyoncompress.models import DemoMLP
 from lyoncompress.refine.aware import activation_aware_lowrank
-from lyoncompress.refine.distill import OBJECTIVES, _held_out, default_objective, distill
+from lyoncompress.refine.distill import OBJECTIVES, SCHEDULES, _held_out, default_objective, distill
 from tests.helpers import random_llama
 
 transformers = pytest.importorskip("transformers")
@@ -94,3 +94,78 @@ def test_layers_mse_distillation_lowers_the_held_out_error(tiny_bert):
     assert _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, _batches(2, 3)) == pytest.approx(
         result.val_after, rel=1e-6
     )
+
+
+def test_schedules_rise_then_decay_to_zero():
+    steps = 200
+    warm = [SCHEDULES["warmup-cosine"](s, steps) for s in range(steps)]
+    assert warm[0] == pytest.approx(1 / 20) and warm[19] == pytest.approx(1.0)  # 10% linear warm-up
+    assert warm[:20] == sorted(warm[:20]) and warm[19:] == sorted(warm[19:], reverse=True)
+    assert warm[-1] < 1e-2
+    assert SCHEDULES["cosine"](0, steps) == 1.0 and SCHEDULES["cosine"](100, steps) == pytest.approx(0.5)
+    assert {SCHEDULES["constant"](s, steps) for s in range(steps)} == {1.0}
+    assert SCHEDULES["warmup-cosine"](0, 1) == 1.0  # one step: no warm-up to speak of
+
+
+def test_distill_reports_its_schedule_and_held_out_history(tiny_bert):
+    compressed = _compressed(tiny_bert, 4)
+    result = distill(
+        tiny_bert,
+        compressed,
+        _batches(4, 2),
+        _batches(2, 3),
+        steps=20,
+        lr=3e-3,
+        eval_every=10,
+        schedule="warmup-cosine",
+    )
+    assert result.schedule == "warmup-cosine"
+    assert [s for s, _ in result.history] == [0, 10, 20]
+    assert result.history[0][1] == result.val_before and result.val_after == min(v for _, v in result.history)
+    with pytest.raises(ValueError, match="unknown distillation schedule 'linear'; registered: constant"):
+        distill(tiny_bert, compressed, _batches(1, 2), _batches(1, 3), steps=1, schedule="linear")
+
+
+def test_layers_embedding_adds_the_pooled_cosine_distance_to_layers_mse(tiny_bert, monkeypatch):
+    from lyoncompress.refine import distill as module
+
+    compressed = _compressed(tiny_bert, 4)
+    batches = _batches(3, 1)
+    num = den = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            keep = batch["attention_mask"].bool()
+            ours = compressed(**batch, output_hidden_states=True).hidden_states
+            theirs = tiny_bert(**batch, output_hidden_states=True).hidden_states
+            batch_den = sum(float(ref[keep].square().sum()) for ref in theirs[1:])
+            num += sum(float((m[keep] - r[keep]).square().sum()) for m, r in zip(ours[1:], theirs[1:]))
+            # brute force: each sentence's mean over its real tokens, then the cosine
+            cosines = [
+                torch.nn.functional.cosine_similarity(
+                    ours[-1][i][keep[i]].mean(0), theirs[-1][i][keep[i]].mean(0), dim=0
+                )
+                for i in range(len(keep))
+            ]
+            num += 0.5 * batch_den * float(1 - torch.stack(cosines).mean())
+            den += batch_den
+    monkeypatch.setattr(module, "EMBEDDING_WEIGHT", 0.5)
+    value = _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, batches)
+    assert value == pytest.approx(math.sqrt(num / den), rel=1e-6)
+    monkeypatch.setattr(module, "EMBEDDING_WEIGHT", 0.0)  # weight 0 is layers-mse exactly
+    assert _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, batches) == pytest.approx(
+        _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, batches), rel=1e-9
+    )
+
+
+def test_layers_embedding_distillation_lowers_both_terms(tiny_bert):
+    compressed = _compressed(tiny_bert, 4)
+    val = _batches(2, 3)
+    mse_before = _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, val)
+    result = distill(
+        tiny_bert, compressed, _batches(8, 2), val, steps=60, lr=3e-3, objective="layers-embedding"
+    )
+    assert result.objective == "layers-embedding" and result.val_after < 0.7 * result.val_before
+    assert _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, val) == pytest.approx(
+        result.val_after, rel=1e-6
+    )
+    assert _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, val) < 0.8 * mse_before

@@ -63,7 +63,7 @@ def test_the_winner_is_the_lowest_short_distillation_score(tmp_path, monkeypatch
     real_distill = calibrated.distill
     planted = iter([0.30, 0.10, 0.20, 0.25])  # in candidate order: the second one wins
 
-    def short_run(reference, compressed, train, val, steps, lr, progress=None):
+    def short_run(reference, compressed, train, val, steps, lr, progress=None, objective=None):
         result = real_distill(reference, compressed, train, val, steps, lr)
         if steps == 2:  # the short runs; the full one (7 steps) is left alone
             return type(result)(result.val_before, next(planted), steps, result.objective, result.lr)
@@ -157,3 +157,50 @@ def test_select_steps_in_a_recipe_file_must_be_an_integer(tmp_path, cli):
     recipe.write_text("calib: builtin\ndistill_steps: 4\ndistill_select_steps: two\n")
     result = cli("factorize", ckpt, "-o", tmp_path / "out", "--recipe", recipe)
     assert result.exit_code == 2 and "distill_select_steps" in result.output
+
+
+def test_distill_objective_reaches_the_distillation_and_its_report(tmp_path, cli, tiny_bert):
+    """``--distill-objective layers-embedding``: the run distils with it, the report names
+    it, and the written model's held-out value of that objective is the reported one."""
+    out = tmp_path / "out"
+    args = ["factorize", tiny_bert, "-o", out, "--calib", "builtin", "--calib-samples", "256"]
+    result = cli(
+        *args,
+        "--refine-steps",
+        "5",
+        "--distill-steps",
+        "6",
+        "--distill-objective",
+        "layers-embedding",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    distilled = json.loads(result.stdout)["distill"]
+    assert distilled["objective"] == "layers-embedding"
+    assert distilled["val_output_error_after"] <= distilled["val_output_error_before"]
+    source = open_checkpoint(tiny_bert)
+    _, val = distill_split(list(calibration_batches(tiny_bert, source.config or {}, BUILTIN, 256)))
+    value = _held_out(OBJECTIVES["layers-embedding"], load_reference(tiny_bert), load_compressed(out), val)
+    assert value == pytest.approx(distilled["val_output_error_after"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--distill-objective", "layers-kl"],
+            "distill_objective 'layers-kl' is unknown; choose one of layers-mse",
+        ),
+        (["--distill-objective", "block-mse"], "is unknown"),
+        (["--distill-objective", "hidden-mse", "--stream", "on"], "--stream on distils block by block"),
+    ],
+    ids=["unknown", "streaming-only", "streamed"],
+)
+def test_bad_distill_objective_exits_2(tmp_path, cli, options, message):
+    ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")
+    result = cli(
+        "factorize", ckpt, "-o", tmp_path / "out", "--calib", "builtin", "--distill-steps", "4", *options
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from lyoncompress.refine import (
     output_error,
     refine_layer,
     search_permutation,
+    sqrt_factor,
 )
 from lyoncompress.structures import AUTO, choose_structure, hybrid_start
 
@@ -125,6 +126,30 @@ def test_shared_whitening_and_energy_change_no_number():
     approx = chain.to_dense(start)
     energy = output_energy(w, g_val)
     assert output_error(w, approx, g_val, energy) == pytest.approx(output_error(w, approx, g_val), rel=1e-12)
+
+
+def test_damped_factor_in_place_equals_the_explicit_ridge_bit_for_bit():
+    # the in-place ridge on the diagonal must give the numbers of G + δ·I exactly, on a
+    # well-conditioned moment and on a rank-deficient one (fewer samples than features)
+    for x in (_inputs(200, 24, seed=3), _inputs(10, 24, seed=4)):
+        g = gram(x)
+        for damping in (1e-4, 1e-2):
+            delta = damping * float(torch.diagonal(g).mean())
+            explicit = torch.linalg.cholesky(g + delta * torch.eye(24, dtype=F64))
+            assert torch.equal(sqrt_factor(g, damping), explicit)
+        assert torch.equal(g, gram(x))  # the caller's moment is not modified
+    whitening = Whitening.of(g, 1e-3)
+    assert torch.equal(whitening.gram, whitening.chol @ whitening.chol.T)
+    assert whitening.gram is whitening.gram  # computed once
+
+
+def test_activation_aware_lowrank_with_a_given_factor_changes_no_number():
+    w = torch.randn(12, 24, generator=torch.Generator().manual_seed(5), dtype=F64)
+    g = gram(_inputs(300, 24, seed=6))
+    own = activation_aware_lowrank(w, g, 5)
+    shared = activation_aware_lowrank(w, g, 5, chol=Whitening.of(g).chol)
+    for mine, theirs in zip(shared, own):
+        assert torch.equal(mine, theirs)
 
 
 def test_least_squares_error_solves_the_output_side_factor_exactly():

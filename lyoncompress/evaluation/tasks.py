@@ -7,7 +7,7 @@ model, and the one number its gate checks (``recovery`` or ``output_error``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,26 +249,31 @@ def embeddings_task(ctx: EvalContext) -> TaskResult:
     return TaskResult(metrics, gate="recovery", gate_value=cosine)
 
 
+def text_perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str]) -> float:
+    """Token-weighted perplexity of a causal LM over ``texts``, one text at a time
+    (each truncated to ``TEXT_MAX_LENGTH`` tokens; texts under two tokens are skipped)."""
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=TEXT_MAX_LENGTH)[
+                "input_ids"
+            ]
+            if ids.shape[1] < 2:
+                continue
+            loss = model(input_ids=ids, labels=ids).loss
+            nll += float(loss) * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    if tokens == 0:
+        raise InputError("perplexity needs texts of at least two tokens")
+    return float(torch.tensor(nll / tokens).exp())
+
+
 def perplexity_task(ctx: EvalContext) -> TaskResult:
     """Perplexity of both causal LMs on the texts; recovery = ppl_reference / ppl_compressed."""
     texts = ctx.texts()
-    values = []
-    for model in (ctx.reference_model, ctx.compressed_model):
-        nll, tokens = 0.0, 0
-        with torch.no_grad():
-            for text in texts:
-                ids = ctx.tokenizer(text, return_tensors="pt", truncation=True, max_length=TEXT_MAX_LENGTH)[
-                    "input_ids"
-                ]
-                if ids.shape[1] < 2:
-                    continue
-                loss = model(input_ids=ids, labels=ids).loss
-                nll += float(loss) * (ids.shape[1] - 1)
-                tokens += ids.shape[1] - 1
-        if tokens == 0:
-            raise InputError("perplexity needs texts of at least two tokens")
-        values.append(float(torch.tensor(nll / tokens).exp()))
-    reference, compressed = values
+    reference, compressed = (
+        text_perplexity(m, ctx.tokenizer, texts) for m in (ctx.reference_model, ctx.compressed_model)
+    )
     metrics = {
         "reference_perplexity": reference,
         "compressed_perplexity": compressed,

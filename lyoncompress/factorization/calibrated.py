@@ -369,11 +369,13 @@ def distill_factors(
     lr: float | None,
     progress: Callable[[str, int, int], None] | None = None,
     device: str = "auto",
+    objective: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
     """Distil the layer-wise ``factors`` against the reference model, in memory: they are
     swapped into the model of ``source`` (the checkpoint, permuted when ``--permute``
     permuted it) and trained there, on ``device`` (see ``resolve_device``); ``progress``
-    gets (description, steps done, steps) after each step.
+    gets (description, steps done, steps) after each step; ``objective``: a name of
+    ``OBJECTIVES`` (None: the model's default).
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
     The held-out batches (``data.held_out``, as in layer-wise calibration), up to
@@ -382,7 +384,16 @@ def distill_factors(
     """
     data = _DistillData.of(checkpoint, source, calib, samples, device)
     compressed = data.compressed(factors)
-    result = distill(data.reference, compressed, data.train, data.val, steps, lr, progress=_steps(progress))
+    result = distill(
+        data.reference,
+        compressed,
+        data.train,
+        data.val,
+        steps,
+        lr,
+        objective=objective,
+        progress=_steps(progress),
+    )
     twiddles = {
         name: t.detach().cpu() for name, t in compressed.state_dict().items() if name.endswith(".twiddle")
     }
@@ -488,6 +499,7 @@ def select_by_distillation(
             data.val,
             steps,
             recipe.distill_lr,
+            objective=recipe.distill_objective,
             progress=_steps(progress, f"selecting the start: {label}"),
         )
         tried.append(

@@ -295,13 +295,16 @@ def _run(
             recipe.distill_lr,
             progress,
             recipe.device,
+            recipe.distill_objective,
         )
         distill_section = {
             "objective": result.objective,
             "lr": result.lr,
+            "schedule": result.schedule,
             "steps": result.steps,
             "val_output_error_before": result.val_before,
             "val_output_error_after": result.val_after,
+            "val_history": [list(check) for check in result.history],  # (steps done, held-out value)
         } | ({"select": selection.report} if selection is not None else {})
         phases.done("distill")
     stream = _stream(source, plan, recipe, calibrated, layers, rows, progress, distilled, journal, journaled)

@@ -26,7 +26,11 @@ from lyoncompress.refine.gram import check_gram, sqrt_factor
 
 
 def activation_aware_lowrank(
-    weight: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 1e-4
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    rank: int,
+    damping: float = 1e-4,
+    chol: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Twiddles ``U (1, 1, m, r)`` and ``V (1, 1, r, n)`` of the chain ``lowrank(m, n, r)``
     minimising the output error ``‖X (W - U V)^T‖_F`` on inputs with ``X^T X = gram``.
@@ -37,6 +41,8 @@ def activation_aware_lowrank(
         rank: ``1 <= rank <= min(m, n)``.
         damping: added to ``gram`` as ``damping · mean(diag gram) · I`` before the
             Cholesky factorisation (see ``sqrt_factor``).
+        chol: ``sqrt_factor(gram, damping)`` when the caller has it already
+            (``Whitening.chol``): not computed again, nor held twice.
 
     Returns:
         ``[U, V]`` in ``weight``'s dtype, with the singular values split evenly
@@ -53,7 +59,8 @@ def activation_aware_lowrank(
     check_gram(gram, n)
     if not 1 <= rank <= min(m, n):
         raise InputError(f"rank {rank} must be between 1 and min(m, n) = {min(m, n)} for a {m}x{n} weight")
-    chol = sqrt_factor(gram, damping)  # (n, n) lower triangular
+    if chol is None:
+        chol = sqrt_factor(gram, damping)  # (n, n) lower triangular
     p, s, qh = torch.linalg.svd(weight.to(torch.float64) @ chol, full_matrices=False)
     root = s[:rank].sqrt()
     u = p[:, :rank] * root  # (m, r)

@@ -8,6 +8,7 @@ with the number of calibration samples.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,25 +39,37 @@ def sqrt_factor(gram: torch.Tensor, damping: float = 1e-4) -> torch.Tensor:
     direction (fewer samples than features, dead units), and stops an
     activation-aware fit from trusting directions it has barely seen.
     """
-    g = gram.to(torch.float64)
-    scale = float(torch.diagonal(g).mean().clamp_min(1e-300))
-    eye = torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
-    return torch.linalg.cholesky(g + damping * scale * eye)
+    return torch.linalg.cholesky(_damped(gram, damping))
+
+
+def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """A float64 copy of ``G + δ I``, ``δ = damping · mean(diag G)``. The ridge is added
+    to the copy's diagonal in place: the same numbers as ``G + δ · I``, without two more
+    ``(n, n)`` float64 temporaries (38 MiB at ``n = 1536``, a streamed run's peak)."""
+    damped = gram.to(torch.float64, copy=True)
+    diagonal = damped.diagonal()
+    diagonal += damping * float(diagonal.mean().clamp_min(1e-300))
+    return damped
 
 
 @dataclass(frozen=True)
 class Whitening:
     """``L`` lower triangular with ``L L^T = G + δI`` (see ``sqrt_factor``), and that damped
     ``G``: computed once per layer and shared by every refinement of it, since the
-    Cholesky factor and the product cost ``n³`` each (a tenth of a second at ``n = 1536``)."""
+    Cholesky factor and the product cost ``n³`` each (a tenth of a second at ``n = 1536``).
+    The damped ``G`` is made on first use: a fit without refinement (activation-aware low
+    rank) never reads it, and it is one more ``(n, n)`` float64 at the fit's peak."""
 
     chol: torch.Tensor  # (n, n) float64
-    gram: torch.Tensor  # (n, n) float64, = chol @ chol.T
+
+    @functools.cached_property
+    def gram(self) -> torch.Tensor:
+        """``chol @ chol.T``, ``(n, n)`` float64."""
+        return self.chol @ self.chol.T
 
     @classmethod
     def of(cls, gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
-        chol = sqrt_factor(gram, damping)
-        return cls(chol, chol @ chol.T)
+        return cls(sqrt_factor(gram, damping))
 
 
 def output_energy(weight: torch.Tensor, gram: torch.Tensor) -> float:
@@ -92,12 +105,9 @@ def corrected_target(
     corrects what earlier compressed layers got wrong. The ridge ``δ = damping ·
     mean(diag G~)`` keeps the correction from trusting directions seen too rarely.
     """
-    g = gram_work.to(torch.float64)
-    scale = float(torch.diagonal(g).mean().clamp_min(1e-300))
-    eye = torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
     # G~ is symmetric: (W C) (G~ + δI)^{-1} = solve((G~ + δI), (W C)^T)^T
     rhs = (weight.to(torch.float64) @ cross.to(torch.float64)).T
-    return torch.linalg.solve(g + damping * scale * eye, rhs).T.to(weight.dtype)
+    return torch.linalg.solve(_damped(gram_work, damping), rhs).T.to(weight.dtype)
 
 
 def paired_output_error(
