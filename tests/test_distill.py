@@ -48,6 +48,32 @@ def _compressed(model, rank: int):
     return compressed
 
 
+def _brute_layers_objective(compressed, reference, batches, embedding_weight: float) -> float:
+    """layers-mse by brute force, plus ``embedding_weight`` x (1 - mean pooled cosine) per batch.
+
+    Each batch's cosine term is weighted by that batch's share of the denominator, as the
+    objective sums it; weight 0 is layers-mse itself.
+    """
+    num = den = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            keep = batch["attention_mask"].bool()
+            ours = compressed(**batch, output_hidden_states=True).hidden_states
+            theirs = reference(**batch, output_hidden_states=True).hidden_states
+            batch_den = sum(float(ref[keep].square().sum()) for ref in theirs[1:])  # embeddings left out
+            num += sum(float((m[keep] - r[keep]).square().sum()) for m, r in zip(ours[1:], theirs[1:]))
+            # each sentence's mean over its real tokens, then the cosine
+            cosines = [
+                torch.nn.functional.cosine_similarity(
+                    ours[-1][i][keep[i]].mean(0), theirs[-1][i][keep[i]].mean(0), dim=0
+                )
+                for i in range(len(keep))
+            ]
+            num += embedding_weight * batch_den * float(1 - torch.stack(cosines).mean())
+            den += batch_den
+    return math.sqrt(num / den)
+
+
 def test_default_objective_by_model_kind(tiny_bert):
     assert default_objective(tiny_bert) == "layers-mse"
     assert default_objective(DemoMLP([8, 6, 4, 2])) == "hidden-mse"
@@ -57,17 +83,8 @@ def test_default_objective_by_model_kind(tiny_bert):
 def test_layers_mse_is_the_relative_error_of_every_real_hidden_state(tiny_bert):
     compressed = _compressed(tiny_bert, 4)
     batches = _batches(3, 1)
-    num = den = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            keep = batch["attention_mask"].bool()
-            ours = compressed(**batch, output_hidden_states=True).hidden_states
-            theirs = tiny_bert(**batch, output_hidden_states=True).hidden_states
-            for mine, ref in zip(ours[1:], theirs[1:]):  # embeddings' output left out
-                num += float((mine[keep] - ref[keep]).square().sum())
-                den += float(ref[keep].square().sum())
     value = _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, batches)
-    assert value == pytest.approx(math.sqrt(num / den), rel=1e-6)
+    assert value == pytest.approx(_brute_layers_objective(compressed, tiny_bert, batches, 0.0), rel=1e-6)
     assert value > 0.01  # rank 4 of 32x64 loses visibly
 
 
@@ -131,26 +148,10 @@ def test_layers_embedding_adds_the_pooled_cosine_distance_to_layers_mse(tiny_ber
 
     compressed = _compressed(tiny_bert, 4)
     batches = _batches(3, 1)
-    num = den = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            keep = batch["attention_mask"].bool()
-            ours = compressed(**batch, output_hidden_states=True).hidden_states
-            theirs = tiny_bert(**batch, output_hidden_states=True).hidden_states
-            batch_den = sum(float(ref[keep].square().sum()) for ref in theirs[1:])
-            num += sum(float((m[keep] - r[keep]).square().sum()) for m, r in zip(ours[1:], theirs[1:]))
-            # brute force: each sentence's mean over its real tokens, then the cosine
-            cosines = [
-                torch.nn.functional.cosine_similarity(
-                    ours[-1][i][keep[i]].mean(0), theirs[-1][i][keep[i]].mean(0), dim=0
-                )
-                for i in range(len(keep))
-            ]
-            num += 0.5 * batch_den * float(1 - torch.stack(cosines).mean())
-            den += batch_den
+    expected = _brute_layers_objective(compressed, tiny_bert, batches, 0.5)
     monkeypatch.setattr(module, "EMBEDDING_WEIGHT", 0.5)
     value = _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, batches)
-    assert value == pytest.approx(math.sqrt(num / den), rel=1e-6)
+    assert value == pytest.approx(expected, rel=1e-6)
     monkeypatch.setattr(module, "EMBEDDING_WEIGHT", 0.0)  # weight 0 is layers-mse exactly
     assert _held_out(OBJECTIVES["layers-embedding"], tiny_bert, compressed, batches) == pytest.approx(
         _held_out(OBJECTIVES["layers-mse"], tiny_bert, compressed, batches), rel=1e-9
