@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from lyoncompress.errors import InputError
 from lyoncompress.evaluation import evaluate
 from lyoncompress.factorization.budget_search import gated_metric
 from lyoncompress.factorization.pipeline import factorize
+from lyoncompress.processes import alive, owned_scratch_folder
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.pipeline import INTEGER_FORMATS, default_rescale, quantize
 from lyoncompress.recipe import (
@@ -331,8 +331,7 @@ def frontier(
     )  # fmt: skip
     measured = dict(known)  # points of earlier parts stay in the report
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_scratch(out)
-    stage = Path(tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-", dir=out))
+    stage = owned_scratch_folder(out, SCRATCH)  # those of killed calls are removed
     kept: Point | None = None  # the smallest passing point measured in this call, on disk
     try:
         made: dict[tuple[str, float], tuple[Path, float]] = {}  # factorized here, in the scratch
@@ -542,9 +541,9 @@ def _take(out: Path, settings: dict[str, Any], job: _Job, measured: dict[str, Po
             return False
         claims = _read_claims(out)
         holder = claims.get(unit)
-        if holder is not None and holder != os.getpid() and _alive(holder):
+        if holder is not None and holder != os.getpid() and alive(holder):
             return False
-        _write_claims(out, {k: v for k, v in claims.items() if _alive(v)} | {unit: os.getpid()})
+        _write_claims(out, {k: v for k, v in claims.items() if alive(v)} | {unit: os.getpid()})
     return True
 
 
@@ -571,26 +570,7 @@ def _release(out: Path) -> None:
     """Drop this call's claims, and those of calls that are gone."""
     with _locked(out):
         claims = _read_claims(out)
-        _write_claims(out, {k: v for k, v in claims.items() if v != os.getpid() and _alive(v)})
-
-
-def _remove_stale_scratch(out: Path) -> None:
-    """Remove the scratch folders left in ``out`` by calls that are gone (killed); those of
-    running calls (another part measured at the same time) are theirs."""
-    for folder in out.glob(f"{SCRATCH}*"):
-        pid = folder.name.removeprefix(SCRATCH).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        _write_claims(out, {k: v for k, v in claims.items() if v != os.getpid() and alive(v)})
 
 
 @contextlib.contextmanager

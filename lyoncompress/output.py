@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lyoncompress.errors import InputError
+from lyoncompress.processes import alive
 
 QUANT_METHOD = "lyoncompress"
 # the scratch folders a run makes beside OUT: staging, a replaced OUT, distillation, search
@@ -168,13 +169,7 @@ def _alive(tag: str) -> bool:
     if not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: alive
-    return not started or _start_time(pid) in ("", started)
+    return alive(pid) and (not started or _start_time(pid) in ("", started))
 
 
 def _acquire(lock: Path, path: Path) -> list[str]:

@@ -26,6 +26,7 @@ LAYERS = {
     "lyoncompress.cpu_routes": 0,
     "lyoncompress.schema": 0,
     "lyoncompress.distributed": 0,
+    "lyoncompress.processes": 0,
     "lyoncompress.artifact": 1,
     "lyoncompress.checkpoint": 1,
     "lyoncompress.output": 1,

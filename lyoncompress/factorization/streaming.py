@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 import shutil
 import tempfile
 import time
@@ -70,6 +69,7 @@ from lyoncompress.factorization.methods import LayerFactors
 from lyoncompress.models import DEMO_MODEL_TYPE
 from lyoncompress.output import file_system_error
 from lyoncompress.plan import LayerPlan
+from lyoncompress.processes import owned_scratch_folder
 from lyoncompress.recipe import Recipe
 from lyoncompress.refine.distill import distill
 
@@ -144,22 +144,7 @@ def _scratch_folder() -> Path:
     """A new folder for the spilled activations, in the system's temporary folder and
     named by this process's id; the folders of processes that are gone (a ``kill -9``)
     are removed first."""
-    root = Path(tempfile.gettempdir())
-    for stale in root.glob(f"{SCRATCH_PREFIX}*-*"):
-        pid = stale.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's: alive
-    return True
+    return owned_scratch_folder(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
 
 
 class _Spilled:
