@@ -28,7 +28,7 @@ import torch
 
 from lyoncompress.artifact import load_artifact
 from lyoncompress.checkpoint import open_checkpoint
-from lyoncompress.data import BUILTIN, TEXT_BATCH, calibration_batches, distill_split, regrouped_by_length
+from lyoncompress.data import BUILTIN, TEXT_BATCH, calibration_batches, distill_split
 from lyoncompress.evaluation.tasks import EvalContext, embeddings_task
 from lyoncompress.models import load_compressed, load_reference
 from lyoncompress.refine.distill import OBJECTIVES, distill
@@ -106,9 +106,7 @@ def main() -> None:
     ckpt = checkpoint()
     reference = load_reference(ckpt)
     batches = list(calibration_batches(ckpt, open_checkpoint(ckpt).config or {}, BUILTIN, 4096))
-    train, val = distill_split(batches)
-    if args.batch != TEXT_BATCH:
-        train = regrouped_by_length(train, args.batch)
+    train, val = distill_split(batches, train_batch=args.batch)  # as factorize --distill-batch
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; {len(train)} training / {len(val)} held-out batches, "

@@ -249,6 +249,13 @@ def factorize(
             "hidden-mse otherwise]."
         ),
     ] = None,
+    distill_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Sentences per distillation step for text models, the training text regrouped by "
+            "length [0: the calibration batch, 16]."
+        ),
+    ] = None,
     distill_select_steps: Annotated[
         int | None,
         typer.Option(
@@ -386,6 +393,7 @@ def factorize(
         distill_steps=distill_steps,
         distill_lr=distill_lr,
         distill_objective=distill_objective,
+        distill_batch=distill_batch,
         distill_select_steps=distill_select_steps,
         sequential=sequential,
         permute=permute,

@@ -383,17 +383,24 @@ DISTILL_VAL_BATCHES = 16
 
 
 def distill_split(
-    batches: Sequence[Any], val_batches: int = DISTILL_VAL_BATCHES
+    batches: Sequence[Any], val_batches: int = DISTILL_VAL_BATCHES, train_batch: int = 0
 ) -> tuple[list[Any], list[Any]]:
     """``batches`` as (training, held-out) lists for end-to-end distillation: the first
     ``val_batches`` held-out batches (``held_out``) judge, every other batch trains; text
     training batches are regrouped by length (``regrouped_by_length``) so that steps do
-    not compute on padding."""
+    not compute on padding, ``train_batch`` samples each (0: ``TEXT_BATCH``). The held-out
+    batches stay as they are, so a larger training batch is judged on the same text."""
     judged = [i for i in range(len(batches)) if held_out(i)][:val_batches]
     val = [batches[i] for i in judged]
     train = [b for i, b in enumerate(batches) if i not in judged]
-    if train and isinstance(train[0], Mapping):
-        train = regrouped_by_length(list(train), TEXT_BATCH)
+    text = bool(train) and isinstance(train[0], Mapping) and "attention_mask" in train[0]
+    if train_batch and not text:
+        raise InputError(
+            f"--distill-batch {train_batch} regroups tokenized text; this model's calibration "
+            "batches are tensors: leave --distill-batch out"
+        )
+    if text:
+        train = regrouped_by_length(list(train), train_batch or TEXT_BATCH)
     return train, val
 
 

@@ -98,6 +98,10 @@ class Recipe:
             ``refine.distill.OBJECTIVES`` (``layers-mse``, ``layers-embedding``,
             ``hidden-mse``, ``logits-kl``); None: the model's default
             (``refine.distill.default_objective``).
+        distill_batch: sentences per distillation step for text models, the training
+            text regrouped by length (0: the calibration batch, 16). On MiniLM (MLPs at
+            50%) 32 beat 16 at 1000 steps (cosine 0.9575 against 0.9545), at twice the
+            cost of a step.
         distill_select_steps: pick the whole-model start of the distillation by a short
             distillation of this many steps from each candidate (0: none; needs
             ``distill_steps`` and method ``auto``): the layer-wise choice, and for each
@@ -139,6 +143,7 @@ class Recipe:
     distill_steps: int = 0
     distill_lr: float | None = None
     distill_objective: str | None = None
+    distill_batch: int = 0
     distill_select_steps: int = 0
     sequential: bool = False
     permute: bool = False
@@ -180,6 +185,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "distill_steps": (int,),
     "distill_lr": (float, type(None)),
     "distill_objective": (str, type(None)),
+    "distill_batch": (int,),
     "distill_select_steps": (int,),
     "sequential": (bool,),
     "permute": (bool,),
@@ -265,6 +271,7 @@ def validate(recipe: Recipe, where: str) -> None:
     if recipe.distill_steps and not recipe.calib:
         raise InputError("distill_steps needs calibration data: add --calib builtin (or a data file)")
     _check_objective(recipe)
+    _check_batch(recipe)
     _check_select(recipe)
     if recipe.device not in DEVICES:
         raise InputError(f"device {recipe.device!r} is unknown; choose one of {', '.join(DEVICES)}")
@@ -297,6 +304,16 @@ def _check_objective(recipe: Recipe) -> None:
         raise InputError(
             f"distill_objective {name!r} is for whole-model distillation; --stream on distils block by "
             "block (block-mse): drop --distill-objective or use --stream auto or off"
+        )
+
+
+def _check_batch(recipe: Recipe) -> None:
+    if recipe.distill_batch < 0:
+        raise InputError(f"distill_batch {recipe.distill_batch} must be >= 0 (0: the calibration batch)")
+    if recipe.distill_batch and recipe.stream == "on":
+        raise InputError(
+            "distill_batch is for whole-model distillation; --stream on distils block by block on "
+            "the captured batches: drop --distill-batch or use --stream auto or off"
         )
 
 

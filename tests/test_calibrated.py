@@ -9,6 +9,7 @@ import torch
 from lyoncompress.artifact import load_artifact
 from lyoncompress.data import DISTILL_VAL_BATCHES
 from lyoncompress.models import load_compressed
+from lyoncompress.recipe import Recipe
 from tests.helpers import make_mlp_checkpoint
 
 
@@ -126,13 +127,16 @@ def test_distillation_holds_out_a_capped_number_of_batches(tmp_path, monkeypatch
     monkeypatch.setattr(calibrated, "load_reference", lambda checkpoint: nn.Linear(2, 2))
     monkeypatch.setattr(calibrated, "distill", fake_distill)
     source = SimpleNamespace(config=None)  # no layer to swap in: only the batches matter here
-    calibrated.distill_factors(tmp_path, source, {}, "builtin", 64, steps=1, lr=None)
+    calibrated.distill_factors(
+        tmp_path, source, {}, Recipe(calib="builtin", calib_samples=64, distill_steps=1)
+    )
     # every 4th batch, the first DISTILL_VAL_BATCHES of them; all the others train
     assert seen["val"] == list(range(3, 4 * DISTILL_VAL_BATCHES, 4))
     assert seen["train"] == [i for i in range(100) if i not in seen["val"]]
 
 
-def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
+@pytest.mark.parametrize("distill_batch", [0, 5])
+def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch, distill_batch):
     # padding is wasted compute: training batches are regrouped so each holds similar
     # lengths; the held-out batches stay as they were
     from torch import nn
@@ -156,9 +160,13 @@ def test_distillation_trains_on_text_regrouped_by_length(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrated, "load_reference", lambda checkpoint: nn.Linear(2, 2))
     monkeypatch.setattr(calibrated, "distill", fake_distill)
     source = SimpleNamespace(config=None)  # no layer to swap in: only the batches matter here
-    calibrated.distill_factors(tmp_path, source, {}, "builtin", 64, steps=1, lr=None)
+    recipe = Recipe(calib="builtin", calib_samples=64, distill_steps=1, distill_batch=distill_batch)
+    calibrated.distill_factors(tmp_path, source, {}, recipe)
     assert seen["val"] == [batches[3], batches[7], batches[11]]
     train = seen["train"]
+    size = distill_batch or calibrated.TEXT_BATCH  # the training samples, that many a step
+    rows = sorted((len(b["attention_mask"]) for b in train), reverse=True)  # the remainder last
+    assert sum(rows) == 9 * calibrated.TEXT_BATCH and rows[:-1] == [size] * (len(rows) - 1)
     real = sum(int(b["attention_mask"].sum()) for b in train)
     assert real == sum(int(batches[i]["attention_mask"].sum()) for i in range(12) if i % 4 != 3)
     padded_before = sum(batches[i]["attention_mask"].numel() for i in range(12) if i % 4 != 3)

@@ -193,8 +193,12 @@ def test_distill_objective_reaches_the_distillation_and_its_report(tmp_path, cli
         ),
         (["--distill-objective", "block-mse"], "is unknown"),
         (["--distill-objective", "hidden-mse", "--stream", "on"], "--stream on distils block by block"),
+        (["--distill-batch", "-1"], "distill_batch -1 must be >= 0"),
+        (["--distill-batch", "32", "--stream", "on"], "--stream on distils block by block"),
+        # the demo MLP's calibration batches are tensors, not text to regroup
+        (["--distill-batch", "32"], "--distill-batch 32 regroups tokenized text"),
     ],
-    ids=["unknown", "streaming-only", "streamed"],
+    ids=["unknown", "streaming-only", "streamed", "negative-batch", "streamed-batch", "tensor-batch"],
 )
 def test_bad_distill_objective_exits_2(tmp_path, cli, options, message):
     ckpt, _ = make_mlp_checkpoint(tmp_path / "ckpt")

@@ -363,35 +363,31 @@ def distill_factors(
     checkpoint: str | Path,
     source: Checkpoint,
     factors: Mapping[str, LayerFactors],
-    calib: str,
-    samples: int,
-    steps: int,
-    lr: float | None,
+    recipe: Recipe,
     progress: Callable[[str, int, int], None] | None = None,
-    device: str = "auto",
-    objective: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], DistillResult]:
     """Distil the layer-wise ``factors`` against the reference model, in memory: they are
     swapped into the model of ``source`` (the checkpoint, permuted when ``--permute``
-    permuted it) and trained there, on ``device`` (see ``resolve_device``); ``progress``
-    gets (description, steps done, steps) after each step; ``objective``: a name of
-    ``OBJECTIVES`` (None: the model's default).
+    permuted it) and trained there as ``recipe``'s ``distill_*`` keys say, on its
+    ``device`` (see ``resolve_device``); ``progress`` gets (description, steps done,
+    steps) after each step.
 
     Returns the distilled twiddles by artifact tensor name, and the held-out errors.
     The held-out batches (``data.held_out``, as in layer-wise calibration), up to
     ``data.DISTILL_VAL_BATCHES`` of them, judge; every other batch trains, text regrouped by
-    length (``regrouped_by_length``) so that steps do not compute on padding.
+    length (``regrouped_by_length``, ``distill_batch`` sentences a step) so that steps do
+    not compute on padding.
     """
-    data = _DistillData.of(checkpoint, source, calib, samples, device)
+    data = _DistillData.of(checkpoint, source, recipe)
     compressed = data.compressed(factors)
     result = distill(
         data.reference,
         compressed,
         data.train,
         data.val,
-        steps,
-        lr,
-        objective=objective,
+        recipe.distill_steps,
+        recipe.distill_lr,
+        objective=recipe.distill_objective,
         progress=_steps(progress),
     )
     twiddles = {
@@ -424,14 +420,15 @@ class _DistillData:
     device: torch.device
 
     @classmethod
-    def of(cls, checkpoint: str | Path, source: Checkpoint, calib: str, samples: int, device: str):
-        batches = list(calibration_batches(checkpoint, source.config or {}, calib, samples))
-        train, val = distill_split(batches)
+    def of(cls, checkpoint: str | Path, source: Checkpoint, recipe: Recipe):
+        config = source.config or {}
+        batches = list(calibration_batches(checkpoint, config, recipe.calib, recipe.calib_samples))
+        train, val = distill_split(batches, train_batch=recipe.distill_batch)
         if not train or not val:
             raise InputError(
                 f"--distill-steps needs at least {VAL_EVERY} calibration batches; give more --calib data"
             )
-        target = resolve_device(device)
+        target = resolve_device(recipe.device)
         train, val = ([_on_device(b, target) for b in part] for part in (train, val))
         return cls(source, load_reference(checkpoint).to(target), train, val, target)
 
@@ -486,7 +483,7 @@ def select_by_distillation(
     earlier). Each short run keeps its best held-out state, so the winner's score is at
     most every candidate's error before distillation, the layer-wise choice's included."""
     options = whole_model_candidates(factors)
-    data = _DistillData.of(checkpoint, source, recipe.calib, recipe.calib_samples, recipe.device)
+    data = _DistillData.of(checkpoint, source, recipe)
     steps = recipe.distill_select_steps
     tried: list[dict[str, Any]] = []
     best: tuple[float, str, dict[str, LayerFactors]] | None = None

@@ -285,18 +285,7 @@ def _run(
             selection = select_by_distillation(checkpoint, source, calibrated.factors, recipe, progress)
             calibrated = dataclasses.replace(calibrated, factors=selection.factors)
             phases.done("distill select")
-        distilled, result = distill_factors(
-            checkpoint,
-            source,
-            calibrated.factors,
-            recipe.calib,
-            recipe.calib_samples,
-            recipe.distill_steps,
-            recipe.distill_lr,
-            progress,
-            recipe.device,
-            recipe.distill_objective,
-        )
+        distilled, result = distill_factors(checkpoint, source, calibrated.factors, recipe, progress)
         distill_section = {
             "objective": result.objective,
             "lr": result.lr,
