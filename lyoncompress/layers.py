@@ -87,6 +87,7 @@ class ButterflyLinear(nn.Module):
         self.lowrank = _factor_list(self.lowrank_chain, dtype, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._two_gemms = _plain_lowrank(chain, lowrank_rank)
+        self._gemm_views: tuple = ()  # (parameters' storage key, V (r, n), U (m, r)), see _gemm_weights
 
     @classmethod
     def from_twiddles(
@@ -150,7 +151,28 @@ class ButterflyLinear(nn.Module):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._two_gemms and not torch.is_grad_enabled() and x.device.type == "cpu" and backend() is None:
+            # inference on a plain U V: the two GEMMs and nothing else (at one row, as in
+            # decoding, the per-call Python work of the general path cost ~20 us a layer)
+            if x.shape[-1] != self.in_features:
+                raise PatternError(
+                    f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
+                )
+            v, u = self._gemm_weights()
+            return F.linear(F.linear(x, v), u, self.bias)
         return self._product(x, self.twiddles, self.lowrank_twiddles)
+
+    def _gemm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2-D views ``V (r, n)`` and ``U (m, r)`` of a plain low rank's twiddles,
+        kept between calls while both parameters keep their storage (``load_state_dict``
+        with ``assign``, ``.to()`` or ``.data =`` give them new storage: the views follow)."""
+        u_twiddle, v_twiddle = (factor.twiddle for factor in self.factors)
+        if torch.compiler.is_compiling():
+            return v_twiddle[0, 0], u_twiddle[0, 0]
+        key = (id(u_twiddle), u_twiddle.data_ptr(), id(v_twiddle), v_twiddle.data_ptr())
+        if not self._gemm_views or self._gemm_views[0] != key:
+            self._gemm_views = (key, v_twiddle[0, 0], u_twiddle[0, 0])
+        return self._gemm_views[1], self._gemm_views[2]
 
     def _product(self, x: torch.Tensor, twiddles: list[torch.Tensor], lowrank_twiddles: list[torch.Tensor]):
         """``x @ (X_1 … X_L + U V).T + bias`` for the given (float) twiddles."""
