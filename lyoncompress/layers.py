@@ -35,6 +35,8 @@ from lyoncompress.quantization.payloads import (
     codes_and_row_scale,
     dequantize_payload,
     dequantize_state,
+    int4_halves,
+    int4_pairs,
 )
 from lyoncompress.schema import LayerRecord
 
@@ -209,15 +211,49 @@ class ButterflyLinear(nn.Module):
 
 class _QuantFactor(nn.Module):
     """Holds one factor's payload as buffers (``factors.{ℓ}.qdata``, ``.scale`` …) of the
-    dtypes and shapes of the format's layout."""
+    dtypes and shapes of the format's layout.
+
+    int4 codes are held in the ``halves`` nibble order (``quantization.payloads``), which
+    unpacks faster than the artifact's ``pairs``: ``load_state_dict`` repacks them as it
+    loads, ``state_dict`` and ``payload`` give the artifact's order back, and codes set
+    some other way stay in ``pairs`` until ``repack`` is called (``nibbles`` says which).
+    """
 
     def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], device) -> None:
         super().__init__()
         for field, (dtype, shape) in layout.items():
             self.register_buffer(field, torch.zeros(shape, dtype=dtype, device=device))
+        self.nibbles = "pairs"
+
+    def held(self) -> dict[str, torch.Tensor]:
+        """The payload as held in memory (int4 codes in the order ``nibbles``)."""
+        return {key: buffer for key, buffer in self._buffers.items() if buffer is not None}
 
     def payload(self) -> dict[str, torch.Tensor]:
-        return {key: buffer for key, buffer in self._buffers.items() if buffer is not None}
+        """The payload as the artifact stores it."""
+        held = self.held()
+        if self.nibbles == "halves":
+            held["qdata"] = int4_pairs(held["qdata"])
+        return held
+
+    def repack(self) -> None:
+        """Hold int4 codes in the ``halves`` order (a no-op for other formats, or done)."""
+        codes = self._buffers.get("qdata")
+        if self.nibbles == "pairs" and codes is not None and codes.dtype == torch.uint8 and not codes.is_meta:
+            with torch.no_grad():
+                self._buffers["qdata"] = int4_halves(codes)
+            self.nibbles = "halves"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.nibbles == "halves":
+            destination[f"{prefix}qdata"] = int4_pairs(destination[f"{prefix}qdata"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if f"{prefix}qdata" in state_dict:  # the artifact's order, copied or assigned
+            self.nibbles = "pairs"
+            self.repack()
 
     def _apply(self, fn, recurse=True):
         # codes and scales keep their storage dtype through model.to(dtype) / .half():
@@ -285,7 +321,7 @@ class QuantizedButterflyLinear(ButterflyLinear):
         if factors is None:
             return []
         return [
-            dequantize_payload(factor.payload(), pattern.twiddle_shape, dtype)
+            dequantize_payload(factor.held(), pattern.twiddle_shape, dtype, factor.nibbles)
             for factor, pattern in zip(factors, chain.patterns)
         ]
 
@@ -296,6 +332,12 @@ class QuantizedButterflyLinear(ButterflyLinear):
     @property
     def lowrank_twiddles(self) -> list[torch.Tensor]:
         return self._float(self.lowrank, self.lowrank_chain, self._float_dtype())
+
+    def repack(self) -> None:
+        """Hold int4 codes in the nibble order that unpacks fastest (``_QuantFactor``);
+        ``load_state_dict`` does it already, a loader that sets buffers directly calls this."""
+        for factor in [*self.factors, *(self.lowrank or [])]:
+            factor.repack()
 
     def _float_dtype(self) -> torch.dtype:
         return self.bias.dtype if self.bias is not None else self.dtype
@@ -313,20 +355,22 @@ class QuantizedButterflyLinear(ButterflyLinear):
         A factor ``(b, c)`` applied to fewer than ``c`` rows has its scale multiply the
         ``rows * b`` outputs rather than the ``b * c`` codes (at one row a pass over ``b``
         numbers instead of ``b * c``); on more rows the codes are scaled. None for grouped
-        scales."""
+        scales. Without autograd, int4 codes are unpacked into a reusable scratch buffer."""
         if x.shape[-1] != self.in_features:
             raise PatternError(
                 f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
             )
-        split = [
-            codes_and_row_scale(factor.payload(), pattern.twiddle_shape, x.dtype)
-            for factor, pattern in zip(self.factors, self.chain.patterns)
-        ]
-        if None in split:
+        factors = list(self.factors)
+        if any(f.scale.ndim and f.scale.shape[-1] != 1 for f in factors if "scale" in f._buffers):
             return None
+        scratch = not torch.is_grad_enabled()  # one factor's codes at a time, used at once
         rows = x.numel() // self.in_features
         h = x
-        for index, (codes, scale) in zip((1, 0), reversed(split)):  # V first, then U
+        for index in (1, 0):  # V first, then U
+            factor, pattern = factors[index], self.chain.patterns[index]
+            codes, scale = codes_and_row_scale(
+                factor.held(), pattern.twiddle_shape, x.dtype, factor.nibbles, scratch
+            )
             bias = self.bias if index == 0 else None  # fused into U's GEMM or its scaling
             if scale is not None and rows < codes.shape[1]:
                 h = F.linear(h, codes)
