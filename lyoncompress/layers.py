@@ -316,6 +316,8 @@ class QuantizedButterflyLinear(ButterflyLinear):
         self.lowrank = _payload_list(self.lowrank_chain, fmt, group_size, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._two_gemms = _plain_lowrank(chain, lowrank_rank)
+        # one scale per row (or tensor) of every factor: the GEMMs can run on the codes
+        self._row_scaled = group_size is None or all(p.c == group_size for p in chain.patterns)
 
     def _float(self, factors: nn.ModuleList | None, chain: Chain | None, dtype: torch.dtype):
         if factors is None:
@@ -354,31 +356,40 @@ class QuantizedButterflyLinear(ButterflyLinear):
         """``U V`` with a scale per row (or per tensor) of each, as two GEMMs on the codes.
         A factor ``(b, c)`` applied to fewer than ``c`` rows has its scale multiply the
         ``rows * b`` outputs rather than the ``b * c`` codes (at one row a pass over ``b``
-        numbers instead of ``b * c``); on more rows the codes are scaled. None for grouped
-        scales. Without autograd, int4 codes are unpacked into a reusable scratch buffer."""
+        numbers instead of ``b * c``); on more rows the codes are scaled. The codes' unit
+        (``1/16`` for int4 held as ``halves``) is carried along and applied with the last
+        scale. None for grouped scales. Without autograd, int4 codes are unpacked into a
+        reusable scratch buffer, one factor at a time."""
         if x.shape[-1] != self.in_features:
             raise PatternError(
                 f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
             )
-        factors = list(self.factors)
-        if any(f.scale.ndim and f.scale.shape[-1] != 1 for f in factors if "scale" in f._buffers):
+        if not self._row_scaled:
             return None
-        scratch = not torch.is_grad_enabled()  # one factor's codes at a time, used at once
+        scratch = not torch.is_grad_enabled()
         rows = x.numel() // self.in_features
-        h = x
-        for index in (1, 0):  # V first, then U
-            factor, pattern = factors[index], self.chain.patterns[index]
-            codes, scale = codes_and_row_scale(
+        u_factor, v_factor = self.factors
+        u_pattern, v_pattern = self.chain.patterns
+        h, pending = x, 1.0  # the true activations are h * pending
+        for factor, pattern, bias in ((v_factor, v_pattern, None), (u_factor, u_pattern, self.bias)):
+            codes, scale, unit = codes_and_row_scale(
                 factor.held(), pattern.twiddle_shape, x.dtype, factor.nibbles, scratch
             )
-            bias = self.bias if index == 0 else None  # fused into U's GEMM or its scaling
-            if scale is not None and rows < codes.shape[1]:
+            pending *= unit
+            if scale is not None and rows < codes.shape[1]:  # scale the outputs
                 h = F.linear(h, codes)
-                h = h * scale if bias is None else torch.addcmul(bias, h, scale)
-            else:
-                codes = codes if scale is None else codes.mul_(scale.unsqueeze(-1) if scale.ndim else scale)
-                h = F.linear(h, codes, bias)
-        return h
+                if bias is not None:
+                    h, pending = torch.addcmul(bias, h, scale, value=pending), 1.0
+                else:
+                    h = h * scale
+            else:  # scale the codes (in place: they are a fresh or scratch tensor)
+                if scale is not None:
+                    column = scale.unsqueeze(-1) if scale.ndim else scale
+                    codes = codes.mul_(column if pending == 1 else column * pending)
+                elif pending != 1:
+                    codes = codes.mul_(pending)
+                h, pending = F.linear(h, codes, bias), 1.0
+        return h if pending == 1 else h.mul_(pending)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.format}, group_size={self.group_size}"

@@ -9,8 +9,13 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.butterfly import lowrank, monarch, square_butterfly
 from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
 from lyoncompress.models import load_compressed
-from lyoncompress.quantization.formats import get_format
-from lyoncompress.quantization.payloads import dequantize_payload
+from lyoncompress.quantization.formats import get_format, pack_int4, unpack_int4
+from lyoncompress.quantization.payloads import (
+    codes_and_row_scale,
+    dequantize_payload,
+    int4_halves,
+    int4_pairs,
+)
 from tests.helpers import make_mlp_checkpoint
 
 FORMATS = [("int8", None), ("int8", 2), ("int4", None), ("int4", 2), ("fp8-e4m3", None), ("bf16", None)]
@@ -108,6 +113,7 @@ def test_load_compressed_keeps_the_stored_bytes(artifacts, fmt):
     for name in art.layers:
         layer = model.get_submodule(name)
         assert isinstance(layer, QuantizedButterflyLinear)
+        assert all(f.nibbles == ("halves" if fmt == "int4" else "pairs") for f in layer.factors)
         for key, tensor in layer.state_dict().items():
             stored = art.load(f"{name}.{key}")
             assert tensor.dtype == stored.dtype and torch.equal(tensor, stored)
@@ -154,3 +160,77 @@ def test_plain_lowrank_scaled_gemms_vs_dequantized_float(fmt, group_size, rows, 
             layer(x)
     else:
         torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [1, 5, 6, 153])
+def test_int4_nibble_orders_round_trip_every_byte(c):
+    half = (c + 1) // 2
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(2 * half * 16)[: 16 * 2 * half]
+    codes = codes.view(16, 2 * half)[torch.randperm(16, generator=torch.Generator().manual_seed(c))]
+    codes[:, c:] = 0  # an odd c's padding code, as pack_int4 writes it
+    packed = pack_int4(codes[:, :c])  # (16, half), every nibble value in every position
+    halves = int4_halves(packed)
+    assert halves.dtype == torch.uint8 and halves.shape == packed.shape
+    assert torch.equal(int4_pairs(halves), packed)
+    # byte k of a row holds codes k (low nibble) and k + half (high nibble)
+    low_high = unpack_int4(halves, 2 * half)
+    assert torch.equal(low_high[:, 0::2], codes[:, :half]) and torch.equal(low_high[:, 1::2], codes[:, half:])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 1, 7, 5), (1, 1, 4, 153)], ids=str)
+@pytest.mark.parametrize("group_size", [None, 1, "row"])
+def test_int4_halves_dequantize_bit_exact_vs_format(shape, group_size, rng):
+    fmt = get_format("int4")
+    group = shape[-1] if group_size == "row" else group_size
+    payload = fmt.quantize(torch.randn(shape, dtype=torch.float64, generator=rng), group)
+    halves = payload | {"qdata": int4_halves(payload["qdata"])}
+    for dtype in (torch.float32, torch.float64):
+        exact = fmt.dequantize(payload, shape, dtype)
+        assert torch.equal(dequantize_payload(halves, shape, dtype, "halves"), exact)
+        assert torch.equal(dequantize_payload(payload, shape, dtype, "pairs"), exact)
+        if shape[:2] == (1, 1) and group != 1:
+            for scratch in (False, True):
+                codes, scale, unit = codes_and_row_scale(halves, shape, dtype, "halves", scratch)
+                assert unit == 1 / 16
+                rebuilt = codes * (scale.unsqueeze(-1) if scale.ndim else scale) * unit
+                assert torch.equal(rebuilt, exact[0, 0])
+
+
+def test_int4_layer_holds_halves_and_gives_back_the_artifact_bytes(rng):
+    layer, reference = _quantized(lowrank(10, 7, 3), "int4", None, 0, rng)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert [f.nibbles for f in layer.factors] == ["halves", "halves"]
+    for factor, key in zip(layer.factors, ("factors.0", "factors.1")):
+        assert torch.equal(factor.payload()["qdata"], stored[f"{key}.qdata"])
+        assert factor.qdata.shape == stored[f"{key}.qdata"].shape  # the same bytes in memory
+        assert not torch.equal(factor.qdata, stored[f"{key}.qdata"])  # in another order
+    x = torch.randn(4, 7, generator=rng)
+    expected = reference(x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.load_state_dict(stored)  # copied into the held buffers: repacked again
+    assert [f.nibbles for f in layer.factors] == ["halves", "halves"]
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    # codes set without load_state_dict (as transformers does) stay in the artifact's order
+    for factor, key in zip(layer.factors, ("factors.0", "factors.1")):
+        factor.qdata = stored[f"{key}.qdata"].clone()
+        factor.nibbles = "pairs"
+    before = layer(x)
+    layer.repack()
+    assert [f.nibbles for f in layer.factors] == ["halves", "halves"]
+    assert torch.equal(layer(x), before)
+    assert all(torch.equal(v, stored[k]) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_inference_scratch_vs_autograd_path(fmt, rows, rng):
+    first, reference = _quantized(lowrank(10, 8, 4), fmt, None, 0, rng)
+    second, _ = _quantized(lowrank(10, 8, 4), fmt, None, 0, rng)
+    x = torch.randn(rows, 8, generator=rng)
+    graded = first(x.clone().requires_grad_())  # fresh codes, kept for backward
+    with torch.inference_mode():
+        y = first(x)
+        other = second(x)  # reuses the scratch buffer
+        again = first(x)
+    assert torch.equal(y, graded.detach()) and torch.equal(again, y) and not torch.equal(other, y)
+    torch.testing.assert_close(y, reference(x), rtol=1e-6, atol=1e-6)

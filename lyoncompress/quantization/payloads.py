@@ -101,32 +101,33 @@ def codes_and_row_scale(
     dtype: torch.dtype,
     nibbles: str = "pairs",
     scratch: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """A dense factor's payload (``shape`` ``(1, 1, b, c)``) as its unscaled codes ``(b, c)``
-    in ``dtype`` and the scale of each of its ``b`` output rows (``()`` per tensor, None
-    without a scale), so that ``x @ W.T == (x @ codes.T) * scale``: the scale then
-    multiplies the ``b`` outputs instead of the ``b * c`` weights. None when the scale
-    varies along a row (groups): only ``dequantize_payload`` applies then.
+) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """A dense factor's payload (``shape`` ``(1, 1, b, c)``) as codes ``(b, c)`` in
+    ``dtype``, the scale of each of its ``b`` output rows (``()`` per tensor, None without
+    a scale) and the unit the codes are counted in, so that
+    ``x @ W.T == (x @ codes.T) * scale * unit``: the scale then multiplies the ``b``
+    outputs instead of the ``b * c`` weights. The unit is 1, or ``1/16`` for int4 codes
+    held as ``halves`` (which unpack to ``16 * code``); a power of two, so the products
+    are the same bit for bit wherever it is applied. None when the scale varies along a
+    row (groups): only ``dequantize_payload`` applies then.
 
-    int4 codes held as ``halves`` come back as ``16 * codes`` with ``scale / 16`` (the same
-    products, bit for bit). ``scratch``: unpack them into this thread's reusable buffer
-    (no allocation, no page faults), valid until the next call; only for a result that is
-    used at once and not kept by autograd.
+    ``scratch``: unpack int4 codes into this thread's reusable buffer (no allocation),
+    valid until the next call; only for a result used at once and not kept by autograd.
 
     Example:
-        >>> codes, scale = codes_and_row_scale(payload, (1, 1, 1536, 153), torch.float32)
-        >>> y = F.linear(x, codes) * scale
+        >>> codes, scale, unit = codes_and_row_scale(payload, (1, 1, 1536, 153), torch.float32)
+        >>> y = F.linear(x, codes) * scale * unit
     """
     if "values" in payload:
-        return payload["values"].reshape(shape[-2:]).to(dtype), None
+        return payload["values"].reshape(shape[-2:]).to(dtype), None, 1.0
     codes, scale = payload["qdata"], payload["scale"]
     if scale.ndim and scale.shape[-1] != 1:
         return None
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     values, unit = _codes(codes, shape[-1], work, nibbles, scratch)
     values = values.reshape(shape[-2:]).to(dtype)
-    scale = scale.to(dtype) * unit if unit != 1 else scale.to(dtype)
-    return values, scale.reshape(-1) if scale.ndim else scale
+    scale = scale.to(dtype)
+    return values, scale.reshape(-1) if scale.ndim else scale, unit
 
 
 def int4_halves(packed: torch.Tensor) -> torch.Tensor:
