@@ -35,8 +35,8 @@ from lyoncompress.quantization.payloads import (
     codes_and_row_scale,
     dequantize_payload,
     dequantize_state,
-    int4_halves,
     int4_pairs,
+    int4_rows,
 )
 from lyoncompress.schema import LayerRecord
 
@@ -211,18 +211,19 @@ class ButterflyLinear(nn.Module):
 
 class _QuantFactor(nn.Module):
     """Holds one factor's payload as buffers (``factors.{ℓ}.qdata``, ``.scale`` …) of the
-    dtypes and shapes of the format's layout.
+    dtypes and shapes of the format's layout, for a twiddle of ``shape``.
 
-    int4 codes are held in the ``halves`` nibble order (``quantization.payloads``), which
+    int4 codes are held in the ``rows`` nibble order (``quantization.payloads``), which
     unpacks faster than the artifact's ``pairs``: ``load_state_dict`` repacks them as it
-    loads, ``state_dict`` and ``payload`` give the artifact's order back, and codes set
+    loads, ``state_dict`` and ``payload`` give the artifact's bytes back, and codes set
     some other way stay in ``pairs`` until ``repack`` is called (``nibbles`` says which).
     """
 
-    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], device) -> None:
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], shape, device) -> None:
         super().__init__()
-        for field, (dtype, shape) in layout.items():
-            self.register_buffer(field, torch.zeros(shape, dtype=dtype, device=device))
+        for field, (dtype, field_shape) in layout.items():
+            self.register_buffer(field, torch.zeros(field_shape, dtype=dtype, device=device))
+        self.shape = tuple(shape)
         self.nibbles = "pairs"
 
     def held(self) -> dict[str, torch.Tensor]:
@@ -232,26 +233,32 @@ class _QuantFactor(nn.Module):
     def payload(self) -> dict[str, torch.Tensor]:
         """The payload as the artifact stores it."""
         held = self.held()
-        if self.nibbles == "halves":
-            held["qdata"] = int4_pairs(held["qdata"])
+        if self.nibbles == "rows":
+            held["qdata"] = int4_pairs(held["qdata"], self.shape[-2])
         return held
 
     def repack(self) -> None:
-        """Hold int4 codes in the ``halves`` order (a no-op for other formats, or done)."""
+        """Hold int4 codes in the ``rows`` order (a no-op for other formats, or done)."""
         codes = self._buffers.get("qdata")
         if self.nibbles == "pairs" and codes is not None and codes.dtype == torch.uint8 and not codes.is_meta:
             with torch.no_grad():
-                self._buffers["qdata"] = int4_halves(codes)
-            self.nibbles = "halves"
+                self._buffers["qdata"] = int4_rows(codes, self.shape[-1])
+            self.nibbles = "rows"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.nibbles == "halves":
-            destination[f"{prefix}qdata"] = int4_pairs(destination[f"{prefix}qdata"])
+        if self.nibbles == "rows":
+            destination[f"{prefix}qdata"] = int4_pairs(destination[f"{prefix}qdata"], self.shape[-2])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = f"{prefix}qdata"
+        if key in state_dict and self.nibbles == "rows":  # back to the artifact's shape first
+            self._buffers["qdata"] = torch.empty(
+                (*self.shape[:-1], (self.shape[-1] + 1) // 2), dtype=torch.uint8, device=self.qdata.device
+            )
+            self.nibbles = "pairs"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if f"{prefix}qdata" in state_dict:  # the artifact's order, copied or assigned
+        if key in state_dict:  # the artifact's order, copied or assigned
             self.nibbles = "pairs"
             self.repack()
 
@@ -357,7 +364,7 @@ class QuantizedButterflyLinear(ButterflyLinear):
         A factor ``(b, c)`` applied to fewer than ``c`` rows has its scale multiply the
         ``rows * b`` outputs rather than the ``b * c`` codes (at one row a pass over ``b``
         numbers instead of ``b * c``); on more rows the codes are scaled. The codes' unit
-        (``1/16`` for int4 held as ``halves``) is carried along and applied with the last
+        (``1/16`` for int4 held as ``rows``) is carried along and applied with the last
         scale. None for grouped scales. Without autograd, int4 codes are unpacked into a
         reusable scratch buffer, one factor at a time."""
         if x.shape[-1] != self.in_features:
@@ -403,7 +410,7 @@ def _plain_lowrank(chain: Chain, lowrank_rank: int) -> bool:
 
 def _payload_list(chain: Chain, fmt, group_size: int | None, device) -> nn.ModuleList:
     return nn.ModuleList(
-        _QuantFactor(fmt.layout(shape, group_size), device) for shape in chain.twiddle_shapes
+        _QuantFactor(fmt.layout(shape, group_size), shape, device) for shape in chain.twiddle_shapes
     )
 
 

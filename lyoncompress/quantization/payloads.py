@@ -10,11 +10,13 @@ result is bit-identical to the format's), which is what a ``QuantizedButterflyLi
 runs on every forward pass.
 
 int4 codes are held in memory in one of two nibble orders (``NIBBLE_ORDERS``): ``pairs``,
-the artifact's (``formats.pack_int4``: codes ``2k`` and ``2k+1`` share byte ``k``), or
-``halves`` (codes ``k`` and ``k + ceil(c/2)`` share byte ``k``), which a layer repacks to
-at load because it unpacks in two passes that each write one contiguous half of a row
-(the nibble moved to the top of a byte is ``16 * code``; the ``1/16`` goes into the scale,
-exactly, as a power of two). Both hold the same bytes.
+the artifact's (``formats.pack_int4``: codes ``(i, 2k)`` and ``(i, 2k+1)`` share byte
+``(i, k)``, shape ``(a, d, b, ceil(c/2))``), or ``rows`` (codes ``(i, k)`` and
+``(i + ceil(b/2), k)`` share byte ``(i, k)``, shape ``(a, d, ceil(b/2), c)``), which a layer
+repacks to at load: it unpacks in two passes that each write one contiguous block of
+rows (the nibble moved to the top of a byte is ``16 * code``; the ``1/16`` goes into the
+scale, exactly, as a power of two). Both hold ``b * c / 2`` bytes, give or take a row or
+column of padding.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from lyoncompress.errors import FormatError, InputError
 from lyoncompress.quantization.formats import Payload, get_format, pack_int4, unpack_int4
 
-NIBBLE_ORDERS = ("pairs", "halves")
+NIBBLE_ORDERS = ("pairs", "rows")
 from lyoncompress.schema import LayerRecord
 
 
@@ -85,7 +87,7 @@ def dequantize_payload(
     codes, scale = payload["qdata"], payload["scale"]
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     # a fresh float tensor of the codes, scaled in place (one pass fewer than a promoting multiply)
-    values, unit = _codes(codes, shape[-1], work, nibbles)
+    values, unit = _codes(codes, shape, work, nibbles)
     values = values.reshape(shape) if values.shape != shape else values
     scale = scale.to(work) * unit if unit != 1 else scale.to(work)
     if scale.ndim == 0 or scale.shape[-1] == 1:  # per tensor, or per row of block: broadcasts
@@ -107,7 +109,7 @@ def codes_and_row_scale(
     a scale) and the unit the codes are counted in, so that
     ``x @ W.T == (x @ codes.T) * scale * unit``: the scale then multiplies the ``b``
     outputs instead of the ``b * c`` weights. The unit is 1, or ``1/16`` for int4 codes
-    held as ``halves`` (which unpack to ``16 * code``); a power of two, so the products
+    held as ``rows`` (which unpack to ``16 * code``); a power of two, so the products
     are the same bit for bit wherever it is applied. None when the scale varies along a
     row (groups): only ``dequantize_payload`` applies then.
 
@@ -124,46 +126,51 @@ def codes_and_row_scale(
     if scale.ndim and scale.shape[-1] != 1:
         return None
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    values, unit = _codes(codes, shape[-1], work, nibbles, scratch)
+    values, unit = _codes(codes, shape, work, nibbles, scratch)
     values = values.reshape(shape[-2:]).to(dtype)
     scale = scale.to(dtype)
     return values, scale.reshape(-1) if scale.ndim else scale, unit
 
 
-def int4_halves(packed: torch.Tensor) -> torch.Tensor:
-    """int4 codes from the ``pairs`` nibble order (the artifact's) to ``halves``: same
-    shape, dtype and bytes, byte ``k`` of a row holding codes ``k`` and ``k + ceil(c/2)``."""
-    half = packed.shape[-1]
-    codes = unpack_int4(packed, 2 * half)  # (..., 2 * half), an odd c's padding code last
-    return pack_int4(torch.stack((codes[..., :half], codes[..., half:]), dim=-1).flatten(-2))
+def int4_rows(packed: torch.Tensor, c: int) -> torch.Tensor:
+    """int4 codes from the ``pairs`` nibble order (the artifact's, ``(..., b, ceil(c/2))``)
+    to ``rows`` (``(..., ceil(b/2), c)``): byte ``(i, k)`` holds codes ``(i, k)`` (low
+    nibble) and ``(i + ceil(b/2), k)`` (high nibble; zero padding for an odd ``b``)."""
+    codes = unpack_int4(packed, c).to(torch.int16)  # (..., b, c)
+    b = codes.shape[-2]
+    top = (b + 1) // 2
+    if b % 2:
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, 1))  # a zero row
+    return ((codes[..., :top, :] & 0xF) | ((codes[..., top:, :] & 0xF) << 4)).to(torch.uint8)
 
 
-def int4_pairs(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``int4_halves``: back to the artifact's nibble order."""
-    codes = unpack_int4(packed, 2 * packed.shape[-1])  # (..., 2 * half): low, high, low, …
-    return pack_int4(torch.cat((codes[..., 0::2], codes[..., 1::2]), dim=-1))
+def int4_pairs(packed: torch.Tensor, b: int) -> torch.Tensor:
+    """Inverse of ``int4_rows``: ``(..., ceil(b/2), c)`` back to the artifact's order."""
+    signed = packed.view(torch.int8)
+    codes = torch.cat(((signed << 4) >> 4, signed >> 4), dim=-2)[..., :b, :]  # (..., b, c)
+    return pack_int4(codes)
 
 
 def _codes(
-    codes: torch.Tensor, c: int, dtype: torch.dtype, nibbles: str, scratch: bool = False
+    codes: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, nibbles: str, scratch: bool = False
 ) -> tuple[torch.Tensor, float]:
-    """The stored codes as floats ``(..., c)`` and the unit they are counted in."""
+    """The stored codes of a twiddle of ``shape`` as floats and the unit they are counted in."""
     if codes.dtype != torch.uint8:
         return codes.to(dtype), 1.0
     if nibbles == "pairs":
-        return _unpack_int4(codes, c, dtype), 1.0
-    if nibbles != "halves":
+        return _unpack_int4(codes, shape[-1], dtype), 1.0
+    if nibbles != "rows":
         raise ValueError(f"nibble order {nibbles!r} is not one of {', '.join(NIBBLE_ORDERS)}")
-    half = codes.shape[-1]
-    shape = (*codes.shape[:-1], 2 * half)
-    out = _scratch(shape, dtype, codes.device) if scratch else torch.empty(shape, dtype=dtype, device=codes.device)
+    top = codes.shape[-2]
+    full = (*codes.shape[:-2], 2 * top, codes.shape[-1])
+    out = _scratch(full, dtype, codes.device) if scratch else torch.empty(full, dtype=dtype, device=codes.device)
     signed = codes.view(torch.int8)
-    # each pass reads the bytes once and writes one contiguous half of every row, computed
-    # in int8 and stored as float: the low nibble shifted up and the high nibble masked
-    # are both 16 * their code, exactly
-    torch.bitwise_left_shift(signed, 4, out=out[..., :half])
-    torch.bitwise_and(signed, -16, out=out[..., half:])
-    return out[..., :c], 1.0 / 16
+    # each pass reads the bytes once and writes one contiguous block of rows, computed in
+    # int8 and stored as float: the low nibble shifted up and the high nibble masked are
+    # both 16 * their code, exactly
+    torch.bitwise_left_shift(signed, 4, out=out[..., :top, :])
+    torch.bitwise_and(signed, -16, out=out[..., top:, :])
+    return out[..., : shape[-2], :], 1.0 / 16
 
 
 _scratch_pool = threading.local()
