@@ -85,8 +85,22 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> tuple[fl
     return prefilled - start, (done - prefilled) / (new - 1), torch.cat(tokens, dim=1)
 
 
+def _new_cache(model: torch.nn.Module, kind: str, length: int):
+    """None (the model starts a ``DynamicCache``, which grows each layer's keys and values by
+    ``torch.cat`` every token) or a ``StaticCache`` of ``length`` tokens (written in place)."""
+    if kind == "dynamic":
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
 def interleaved_round(
-    models: dict[str, torch.nn.Module], prompt: torch.Tensor, new: int, shuffle: random.Random
+    models: dict[str, torch.nn.Module],
+    prompt: torch.Tensor,
+    new: int,
+    shuffle: random.Random,
+    cache_kind: str = "dynamic",
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """One round: each model's prefill seconds, then ``new - 1`` decode steps per model,
     taken in turns (a shuffled order per token); returns prefill and per-token seconds."""
@@ -94,8 +108,9 @@ def interleaved_round(
     shuffle.shuffle(order)
     prefill, steps, state = {}, {label: [] for label in models}, {}
     for label in order:
+        cache = _new_cache(models[label], cache_kind, prompt.shape[1] + new)
         start = time.perf_counter()
-        out = models[label](input_ids=prompt, use_cache=True)
+        out = models[label](input_ids=prompt, past_key_values=cache, use_cache=True)
         prefill[label] = time.perf_counter() - start
         state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))  # (1, 1)
     for _ in range(new - 1):
@@ -117,6 +132,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="decoded tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="KV cache: transformers' default DynamicCache (torch.cat per token) or a StaticCache",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the artifacts here (default: a temp folder)")
     parser.add_argument(
         "--reuse",
@@ -154,7 +175,7 @@ def main() -> None:
         for label, model in models.items():
             agree[label] = float((generate(model, prompt[:, :16], 4)[2] == reference).float().mean())
         for _ in range(args.repeats):
-            first, steps = interleaved_round(models, prompt, args.new, shuffle)
+            first, steps = interleaved_round(models, prompt, args.new, shuffle, args.cache)
             for label in models:
                 prefill[label].append(first[label])
                 decode[label] += steps[label]
@@ -163,7 +184,8 @@ def main() -> None:
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} rounds, medians "
         "(decode: of every token, models taken in turns per token); "
-        f"SmolLM2-135M, batch 1, prefill {args.prompt} tokens, greedy decode {args.new} tokens"
+        f"SmolLM2-135M, batch 1, prefill {args.prompt} tokens, greedy decode {args.new} tokens, "
+        f"{args.cache} KV cache"
     )
     print(
         "| model | prefill ms | vs dense | decode ms/token | vs dense | MLP layers MB | vs dense float32 |"

@@ -221,7 +221,9 @@ def _classes() -> tuple[type, type]:
             model._keys_to_ignore_on_load_unexpected = ignored | set(placeholders)
             return model
 
-        def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        def _process_model_after_weight_loading(
+            self, model: PreTrainedModel, **kwargs: Any
+        ) -> PreTrainedModel:
             # transformers sets the codes as the artifact stores them, without load_state_dict:
             # repack int4 codes into the order the layers unpack fastest (same bytes)
             for module in model.modules():

@@ -163,7 +163,11 @@ def _codes(
         raise ValueError(f"nibble order {nibbles!r} is not one of {', '.join(NIBBLE_ORDERS)}")
     top = codes.shape[-2]
     full = (*codes.shape[:-2], 2 * top, codes.shape[-1])
-    out = _scratch(full, dtype, codes.device) if scratch else torch.empty(full, dtype=dtype, device=codes.device)
+    out = (
+        _scratch(full, dtype, codes.device)
+        if scratch
+        else torch.empty(full, dtype=dtype, device=codes.device)
+    )
     signed = codes.view(torch.int8)
     # each pass reads the bytes once and writes one contiguous block of rows, computed in
     # int8 and stored as float: the low nibble shifted up and the high nibble masked are
