@@ -9,7 +9,7 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.butterfly import lowrank, monarch, square_butterfly
 from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
 from lyoncompress.models import load_compressed
-from lyoncompress.quantization.formats import get_format, pack_int4, unpack_int4
+from lyoncompress.quantization.formats import get_format, pack_int4
 from lyoncompress.quantization.payloads import (
     codes_and_row_scale,
     dequantize_payload,

@@ -28,9 +28,9 @@ import torch
 
 from lyoncompress.errors import FormatError, InputError
 from lyoncompress.quantization.formats import Payload, get_format, pack_int4, unpack_int4
-
-NIBBLE_ORDERS = ("pairs", "rows")
 from lyoncompress.schema import LayerRecord
+
+NIBBLE_ORDERS = ("pairs", "rows")  # int4 codes in memory: the artifact's order, or rows
 
 
 def dequantize_state(
