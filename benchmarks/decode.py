@@ -24,6 +24,7 @@ What it does:
    resident bytes of the compressed layers. The last column is the share of the first 4
    greedy tokens (of a 16-token prompt) that equal the dense model's: weight-only low rank
    at 50% is a speed point, not an accurate model.
+   ``--cache static`` decodes with a ``StaticCache`` instead of the default ``DynamicCache``.
 
 Decode at batch 1 is a chain of matrix-vector products, bound by the bytes each token
 reads: the 30 MLPs hold 80M of the model's 135M parameters (the tied 28M-parameter
