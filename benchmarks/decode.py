@@ -15,12 +15,16 @@ What it does:
 2. Loads each artifact with ``load_compressed`` (quantized ones stay quantized) and the
    dense model with ``load_reference``.
 3. Per round, in a shuffled order, every model prefills the same ``--prompt`` random
-   tokens at batch 1 and then decodes ``--new`` tokens greedily with its KV cache
-   (one token per forward, as ``generate`` does). Reports the medians over ``--repeats``
-   rounds of prefill time and decode time per token, each as a ratio to the dense model's
-   median in the same run, and the resident bytes of the compressed layers. The last
-   column is the share of the first 4 greedy tokens (of a 16-token prompt) that equal the
-   dense model's: weight-only low rank at 50% is a speed point, not an accurate model.
+   tokens at batch 1 (timed); then the models decode ``--new`` tokens greedily with their
+   KV caches (one token per forward, as ``generate`` does), interleaved token by token in
+   a shuffled order, so that every model's k-th token sees the same machine state (a
+   shared VM's load drifts over the seconds a whole generation takes). Reports the median
+   over ``--repeats`` rounds of prefill time, the median over all rounds and tokens of the
+   time per decoded token, each as a ratio to the dense model's in the same run, and the
+   resident bytes of the compressed layers. The last column is the share of the first 4
+   greedy tokens (of a 16-token prompt) that equal the dense model's: weight-only low rank
+   at 50% is a speed point, not an accurate model.
+   ``--cache static`` decodes with a ``StaticCache`` instead of the default ``DynamicCache``.
 
 Decode at batch 1 is a chain of matrix-vector products, bound by the bytes each token
 reads: the 30 MLPs hold 80M of the model's 135M parameters (the tied 28M-parameter
@@ -82,6 +86,46 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> tuple[fl
     return prefilled - start, (done - prefilled) / (new - 1), torch.cat(tokens, dim=1)
 
 
+def _new_cache(model: torch.nn.Module, kind: str, length: int):
+    """None (the model starts a ``DynamicCache``, which grows each layer's keys and values by
+    ``torch.cat`` every token) or a ``StaticCache`` of ``length`` tokens (written in place)."""
+    if kind == "dynamic":
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def interleaved_round(
+    models: dict[str, torch.nn.Module],
+    prompt: torch.Tensor,
+    new: int,
+    shuffle: random.Random,
+    cache_kind: str = "dynamic",
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """One round: each model's prefill seconds, then ``new - 1`` decode steps per model,
+    taken in turns (a shuffled order per token); returns prefill and per-token seconds."""
+    order = list(models)
+    shuffle.shuffle(order)
+    prefill, steps, state = {}, {label: [] for label in models}, {}
+    for label in order:
+        cache = _new_cache(models[label], cache_kind, prompt.shape[1] + new)
+        start = time.perf_counter()
+        out = models[label](input_ids=prompt, past_key_values=cache, use_cache=True)
+        prefill[label] = time.perf_counter() - start
+        state[label] = (out.past_key_values, out.logits[:, -1:].argmax(-1))  # (1, 1)
+    for _ in range(new - 1):
+        shuffle.shuffle(order)
+        for label in order:
+            cache, token = state[label]
+            start = time.perf_counter()
+            out = models[label](input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            steps[label].append(time.perf_counter() - start)
+            state[label] = (out.past_key_values, token)
+    return prefill, steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="SmolLM2-135M as an HF folder")
@@ -89,6 +133,12 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="decoded tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="KV cache: transformers' default DynamicCache (torch.cat per token) or a StaticCache",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the artifacts here (default: a temp folder)")
     parser.add_argument(
         "--reuse",
@@ -120,22 +170,23 @@ def main() -> None:
     prefill: dict[str, list[float]] = {label: [] for label in models}
     decode: dict[str, list[float]] = {label: [] for label in models}
     agree: dict[str, float] = {}
-    order, shuffle = list(models), random.Random(0)
+    shuffle = random.Random(0)
     with torch.inference_mode():
         reference = generate(dense, prompt[:, :16], 4)[2]  # warm-up (caches the CPU routes)
         for label, model in models.items():
             agree[label] = float((generate(model, prompt[:, :16], 4)[2] == reference).float().mean())
         for _ in range(args.repeats):
-            shuffle.shuffle(order)
-            for label in order:
-                first, per_token, _ = generate(models[label], prompt, args.new)
-                prefill[label].append(first)
-                decode[label].append(per_token)
+            first, steps = interleaved_round(models, prompt, args.new, shuffle, args.cache)
+            for label in models:
+                prefill[label].append(first[label])
+                decode[label] += steps[label]
 
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved rounds, medians; "
-        f"SmolLM2-135M, batch 1, prefill {args.prompt} tokens, greedy decode {args.new} tokens"
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} rounds, medians "
+        "(decode: of every token, models taken in turns per token); "
+        f"SmolLM2-135M, batch 1, prefill {args.prompt} tokens, greedy decode {args.new} tokens, "
+        f"{args.cache} KV cache"
     )
     print(
         "| model | prefill ms | vs dense | decode ms/token | vs dense | MLP layers MB | vs dense float32 |"

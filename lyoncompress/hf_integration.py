@@ -47,7 +47,7 @@ from torch import nn
 
 from lyoncompress.artifact import FORMAT_VERSION, QUANT_METHOD, placeholder_name
 from lyoncompress.errors import FormatError, InputError
-from lyoncompress.layers import swap_in
+from lyoncompress.layers import QuantizedButterflyLinear, swap_in
 from lyoncompress.schema import LayerRecord, check_format_version, layer_table
 
 if TYPE_CHECKING:
@@ -219,6 +219,16 @@ def _classes() -> tuple[type, type]:
             # placeholders as unexpected keys in a warning on every load
             ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignored | set(placeholders)
+            return model
+
+        def _process_model_after_weight_loading(
+            self, model: PreTrainedModel, **kwargs: Any
+        ) -> PreTrainedModel:
+            # transformers sets the codes as the artifact stores them, without load_state_dict:
+            # repack int4 codes into the order the layers unpack fastest (same bytes)
+            for module in model.modules():
+                if isinstance(module, QuantizedButterflyLinear):
+                    module.repack()
             return model
 
         def is_serializable(self) -> bool:

@@ -35,6 +35,8 @@ from lyoncompress.quantization.payloads import (
     codes_and_row_scale,
     dequantize_payload,
     dequantize_state,
+    int4_pairs,
+    int4_rows,
 )
 from lyoncompress.schema import LayerRecord
 
@@ -87,6 +89,7 @@ class ButterflyLinear(nn.Module):
         self.lowrank = _factor_list(self.lowrank_chain, dtype, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._two_gemms = _plain_lowrank(chain, lowrank_rank)
+        self._gemm_views: tuple = ()  # (parameters' storage key, V (r, n), U (m, r)), see _gemm_weights
 
     @classmethod
     def from_twiddles(
@@ -150,7 +153,28 @@ class ButterflyLinear(nn.Module):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._two_gemms and not torch.is_grad_enabled() and x.device.type == "cpu" and backend() is None:
+            # inference on a plain U V: the two GEMMs and nothing else (at one row, as in
+            # decoding, the per-call Python work of the general path cost ~20 us a layer)
+            if x.shape[-1] != self.in_features:
+                raise PatternError(
+                    f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
+                )
+            v, u = self._gemm_weights()
+            return F.linear(F.linear(x, v), u, self.bias)
         return self._product(x, self.twiddles, self.lowrank_twiddles)
+
+    def _gemm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2-D views ``V (r, n)`` and ``U (m, r)`` of a plain low rank's twiddles,
+        kept between calls while both parameters keep their storage (``load_state_dict``
+        with ``assign``, ``.to()`` or ``.data =`` give them new storage: the views follow)."""
+        u_twiddle, v_twiddle = (factor.twiddle for factor in self.factors)
+        if torch.compiler.is_compiling():
+            return v_twiddle[0, 0], u_twiddle[0, 0]
+        key = (id(u_twiddle), u_twiddle.data_ptr(), id(v_twiddle), v_twiddle.data_ptr())
+        if not self._gemm_views or self._gemm_views[0] != key:
+            self._gemm_views = (key, v_twiddle[0, 0], u_twiddle[0, 0])
+        return self._gemm_views[1], self._gemm_views[2]
 
     def _product(self, x: torch.Tensor, twiddles: list[torch.Tensor], lowrank_twiddles: list[torch.Tensor]):
         """``x @ (X_1 … X_L + U V).T + bias`` for the given (float) twiddles."""
@@ -187,15 +211,56 @@ class ButterflyLinear(nn.Module):
 
 class _QuantFactor(nn.Module):
     """Holds one factor's payload as buffers (``factors.{ℓ}.qdata``, ``.scale`` …) of the
-    dtypes and shapes of the format's layout."""
+    dtypes and shapes of the format's layout, for a twiddle of ``shape``.
 
-    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], device) -> None:
+    int4 codes are held in the ``rows`` nibble order (``quantization.payloads``), which
+    unpacks faster than the artifact's ``pairs``: ``load_state_dict`` repacks them as it
+    loads, ``state_dict`` and ``payload`` give the artifact's bytes back, and codes set
+    some other way stay in ``pairs`` until ``repack`` is called (``nibbles`` says which).
+    """
+
+    def __init__(self, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], shape, device) -> None:
         super().__init__()
-        for field, (dtype, shape) in layout.items():
-            self.register_buffer(field, torch.zeros(shape, dtype=dtype, device=device))
+        for field, (dtype, field_shape) in layout.items():
+            self.register_buffer(field, torch.zeros(field_shape, dtype=dtype, device=device))
+        self.shape = tuple(shape)
+        self.nibbles = "pairs"
+
+    def held(self) -> dict[str, torch.Tensor]:
+        """The payload as held in memory (int4 codes in the order ``nibbles``)."""
+        return {key: buffer for key, buffer in self._buffers.items() if buffer is not None}
 
     def payload(self) -> dict[str, torch.Tensor]:
-        return {key: buffer for key, buffer in self._buffers.items() if buffer is not None}
+        """The payload as the artifact stores it."""
+        held = self.held()
+        if self.nibbles == "rows":
+            held["qdata"] = int4_pairs(held["qdata"], self.shape[-2])
+        return held
+
+    def repack(self) -> None:
+        """Hold int4 codes in the ``rows`` order (a no-op for other formats, or done)."""
+        codes = self._buffers.get("qdata")
+        if self.nibbles == "pairs" and codes is not None and codes.dtype == torch.uint8 and not codes.is_meta:
+            with torch.no_grad():
+                self._buffers["qdata"] = int4_rows(codes, self.shape[-1])
+            self.nibbles = "rows"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.nibbles == "rows":
+            destination[f"{prefix}qdata"] = int4_pairs(destination[f"{prefix}qdata"], self.shape[-2])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = f"{prefix}qdata"
+        if key in state_dict and self.nibbles == "rows":  # back to the artifact's shape first
+            self._buffers["qdata"] = torch.empty(
+                (*self.shape[:-1], (self.shape[-1] + 1) // 2), dtype=torch.uint8, device=self.qdata.device
+            )
+            self.nibbles = "pairs"
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if key in state_dict:  # the artifact's order, copied or assigned
+            self.nibbles = "pairs"
+            self.repack()
 
     def _apply(self, fn, recurse=True):
         # codes and scales keep their storage dtype through model.to(dtype) / .half():
@@ -258,12 +323,14 @@ class QuantizedButterflyLinear(ButterflyLinear):
         self.lowrank = _payload_list(self.lowrank_chain, fmt, group_size, device) if lowrank_rank else None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._two_gemms = _plain_lowrank(chain, lowrank_rank)
+        # one scale per row (or tensor) of every factor: the GEMMs can run on the codes
+        self._row_scaled = group_size is None or all(p.c == group_size for p in chain.patterns)
 
     def _float(self, factors: nn.ModuleList | None, chain: Chain | None, dtype: torch.dtype):
         if factors is None:
             return []
         return [
-            dequantize_payload(factor.payload(), pattern.twiddle_shape, dtype)
+            dequantize_payload(factor.held(), pattern.twiddle_shape, dtype, factor.nibbles)
             for factor, pattern in zip(factors, chain.patterns)
         ]
 
@@ -274,6 +341,12 @@ class QuantizedButterflyLinear(ButterflyLinear):
     @property
     def lowrank_twiddles(self) -> list[torch.Tensor]:
         return self._float(self.lowrank, self.lowrank_chain, self._float_dtype())
+
+    def repack(self) -> None:
+        """Hold int4 codes in the nibble order that unpacks fastest (``_QuantFactor``);
+        ``load_state_dict`` does it already, a loader that sets buffers directly calls this."""
+        for factor in [*self.factors, *(self.lowrank or [])]:
+            factor.repack()
 
     def _float_dtype(self) -> torch.dtype:
         return self.bias.dtype if self.bias is not None else self.dtype
@@ -290,29 +363,40 @@ class QuantizedButterflyLinear(ButterflyLinear):
         """``U V`` with a scale per row (or per tensor) of each, as two GEMMs on the codes.
         A factor ``(b, c)`` applied to fewer than ``c`` rows has its scale multiply the
         ``rows * b`` outputs rather than the ``b * c`` codes (at one row a pass over ``b``
-        numbers instead of ``b * c``); on more rows the codes are scaled. None for grouped
-        scales."""
+        numbers instead of ``b * c``); on more rows the codes are scaled. The codes' unit
+        (``1/16`` for int4 held as ``rows``) is carried along and applied with the last
+        scale. None for grouped scales. Without autograd, int4 codes are unpacked into a
+        reusable scratch buffer, one factor at a time."""
         if x.shape[-1] != self.in_features:
             raise PatternError(
                 f"{type(self).__name__} takes inputs with {self.in_features} features, got {x.shape[-1]}"
             )
-        split = [
-            codes_and_row_scale(factor.payload(), pattern.twiddle_shape, x.dtype)
-            for factor, pattern in zip(self.factors, self.chain.patterns)
-        ]
-        if None in split:
+        if not self._row_scaled:
             return None
+        scratch = not torch.is_grad_enabled()
         rows = x.numel() // self.in_features
-        h = x
-        for index, (codes, scale) in zip((1, 0), reversed(split)):  # V first, then U
-            bias = self.bias if index == 0 else None  # fused into U's GEMM or its scaling
-            if scale is not None and rows < codes.shape[1]:
+        u_factor, v_factor = self.factors
+        u_pattern, v_pattern = self.chain.patterns
+        h, pending = x, 1.0  # the true activations are h * pending
+        for factor, pattern, bias in ((v_factor, v_pattern, None), (u_factor, u_pattern, self.bias)):
+            codes, scale, unit = codes_and_row_scale(
+                factor.held(), pattern.twiddle_shape, x.dtype, factor.nibbles, scratch
+            )
+            pending *= unit
+            if scale is not None and rows < codes.shape[1]:  # scale the outputs
                 h = F.linear(h, codes)
-                h = h * scale if bias is None else torch.addcmul(bias, h, scale)
-            else:
-                codes = codes if scale is None else codes.mul_(scale.unsqueeze(-1) if scale.ndim else scale)
-                h = F.linear(h, codes, bias)
-        return h
+                if bias is not None:
+                    h, pending = torch.addcmul(bias, h, scale, value=pending), 1.0
+                else:
+                    h = h * scale
+            else:  # scale the codes (in place: they are a fresh or scratch tensor)
+                if scale is not None:
+                    column = scale.unsqueeze(-1) if scale.ndim else scale
+                    codes = codes.mul_(column if pending == 1 else column * pending)
+                elif pending != 1:
+                    codes = codes.mul_(pending)
+                h, pending = F.linear(h, codes, bias), 1.0
+        return h if pending == 1 else h.mul_(pending)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.format}, group_size={self.group_size}"
@@ -326,7 +410,7 @@ def _plain_lowrank(chain: Chain, lowrank_rank: int) -> bool:
 
 def _payload_list(chain: Chain, fmt, group_size: int | None, device) -> nn.ModuleList:
     return nn.ModuleList(
-        _QuantFactor(fmt.layout(shape, group_size), device) for shape in chain.twiddle_shapes
+        _QuantFactor(fmt.layout(shape, group_size), shape, device) for shape in chain.twiddle_shapes
     )
 
 

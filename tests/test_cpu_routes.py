@@ -109,3 +109,46 @@ def test_wrong_feature_count_is_refused():
     layer = ButterflyLinear(8, 8, monarch(8, 8, 2))
     with pytest.raises(PatternError, match="8 features, got 5"):
         layer(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (4, 3)], ids=str)
+def test_plain_lowrank_inference_path_vs_dense(lead, with_bias, rng):
+    chain = lowrank(13, 7, 4)
+    twiddles = _twiddles(chain, rng)
+    bias = torch.randn(13, dtype=torch.float64, generator=rng) if with_bias else None
+    layer = ButterflyLinear.from_twiddles(chain, twiddles, bias)
+    x = torch.randn(*lead, 7, dtype=torch.float64, generator=rng)
+    expected = x @ chain.to_dense(twiddles).T + (0 if bias is None else bias)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)  # cached views
+        with pytest.raises(PatternError, match="takes inputs with 7 features, got 6"):
+            layer(torch.randn(2, 6, dtype=torch.float64))
+
+
+def test_plain_lowrank_inference_views_follow_new_parameters(rng):
+    chain = lowrank(9, 6, 3)
+    layer = ButterflyLinear.from_twiddles(chain, _twiddles(chain, rng))
+    x = torch.randn(2, 6, dtype=torch.float64, generator=rng)
+    with torch.no_grad():
+        layer(x)  # caches the views of the first twiddles
+        replaced = _twiddles(chain, rng)
+        state = {f"factors.{i}.twiddle": t for i, t in enumerate(replaced)}
+        layer.load_state_dict(state, assign=True)
+        torch.testing.assert_close(layer(x), x @ chain.to_dense(replaced).T, rtol=0, atol=1e-12)
+        swapped = _twiddles(chain, rng)
+        for factor, twiddle in zip(layer.factors, swapped):
+            factor.twiddle.data = twiddle
+        torch.testing.assert_close(layer(x), x @ chain.to_dense(swapped).T, rtol=0, atol=1e-12)
+        layer.float()
+        torch.testing.assert_close(
+            layer(x.float()), (x @ chain.to_dense(swapped).T).float(), rtol=1e-6, atol=1e-6
+        )
+        for factor in layer.factors:
+            factor.twiddle.mul_(2)  # in place: the views see it
+        expected = x.float() @ chain.to_dense([2 * t.float() for t in swapped]).T
+        torch.testing.assert_close(layer(x.float()), expected, rtol=1e-6, atol=1e-6)
+    y = layer(x.float().requires_grad_())  # training: the general path, with gradients
+    y.sum().backward()
+    assert all(factor.twiddle.grad is not None for factor in layer.factors)

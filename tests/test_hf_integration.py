@@ -115,6 +115,8 @@ def test_from_pretrained_quantized_vs_load_compressed(artifact, tmp_path, fmt, c
     codes = {"int8": torch.int8, "int4": torch.uint8, "fp8-e4m3": torch.float8_e4m3fn}[fmt]
     assert layer.factors[0].qdata.dtype == codes
     assert layer.factors[0].scale.dtype == torch.float32
+    # int4 codes repacked after loading into the order the layer unpacks fastest
+    assert layer.factors[0].nibbles == ("rows" if fmt == "int4" else "pairs")
     expected = _embeddings(load_compressed(out))
     assert float((_embeddings(model) - expected).abs().max()) <= 1e-5
 

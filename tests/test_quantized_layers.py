@@ -9,8 +9,13 @@ from lyoncompress.artifact import load_artifact
 from lyoncompress.butterfly import lowrank, monarch, square_butterfly
 from lyoncompress.layers import ButterflyLinear, QuantizedButterflyLinear
 from lyoncompress.models import load_compressed
-from lyoncompress.quantization.formats import get_format
-from lyoncompress.quantization.payloads import dequantize_payload
+from lyoncompress.quantization.formats import get_format, pack_int4
+from lyoncompress.quantization.payloads import (
+    codes_and_row_scale,
+    dequantize_payload,
+    int4_pairs,
+    int4_rows,
+)
 from tests.helpers import make_mlp_checkpoint
 
 FORMATS = [("int8", None), ("int8", 2), ("int4", None), ("int4", 2), ("fp8-e4m3", None), ("bf16", None)]
@@ -108,11 +113,18 @@ def test_load_compressed_keeps_the_stored_bytes(artifacts, fmt):
     for name in art.layers:
         layer = model.get_submodule(name)
         assert isinstance(layer, QuantizedButterflyLinear)
+        assert all(f.nibbles == ("rows" if fmt == "int4" else "pairs") for f in layer.factors)
         for key, tensor in layer.state_dict().items():
             stored = art.load(f"{name}.{key}")
             assert tensor.dtype == stored.dtype and torch.equal(tensor, stored)
         stored_bytes = sum(art.load(f"{name}.{key}").nbytes for key in layer.state_dict())
-        assert _resident(layer) == stored_bytes  # nothing dequantized is kept
+        # int4 codes held in rows: ceil(b/2) * c bytes a factor instead of b * ceil(c/2)
+        repacked = sum(
+            (f.shape[-2] + 1) // 2 * f.shape[-1] - f.shape[-2] * ((f.shape[-1] + 1) // 2)
+            for f in layer.factors
+            if fmt == "int4"
+        )
+        assert _resident(layer) == stored_bytes + repacked  # nothing dequantized is kept
         # small demo layers: scales and the float32 bias weigh more than in MiniLM
         ratio = _resident(layer) / _resident(float_model.get_submodule(name))
         assert ratio < {"int8": 0.4, "int4": 0.25, "fp8-e4m3": 0.4}[fmt]
@@ -154,3 +166,80 @@ def test_plain_lowrank_scaled_gemms_vs_dequantized_float(fmt, group_size, rows, 
             layer(x)
     else:
         torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("b,c", [(1, 1), (5, 6), (6, 5), (7, 7), (16, 153)])
+def test_int4_nibble_orders_round_trip_every_byte(b, c):
+    cycle = torch.arange(-8, 8, dtype=torch.int8).repeat(b * c)[: b * c]
+    codes = cycle[torch.randperm(b * c, generator=torch.Generator().manual_seed(c))].view(1, 1, b, c)
+    packed = pack_int4(codes)  # (1, 1, b, ceil(c/2)): the artifact's order
+    rows = int4_rows(packed, c)
+    top = (b + 1) // 2
+    assert rows.dtype == torch.uint8 and rows.shape == (1, 1, top, c)
+    assert torch.equal(int4_pairs(rows, b), packed)
+    # byte (i, k) holds codes (i, k) in its low nibble and (i + ceil(b/2), k) in its high one
+    signed = rows.view(torch.int8)
+    padded = torch.cat((codes, torch.zeros(1, 1, 2 * top - b, c, dtype=torch.int8)), dim=-2)
+    assert torch.equal((signed << 4) >> 4, padded[..., :top, :])
+    assert torch.equal(signed >> 4, padded[..., top:, :])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 1, 7, 5), (1, 1, 4, 153), (1, 1, 153, 4)], ids=str)
+@pytest.mark.parametrize("group_size", [None, 1, "row"])
+def test_int4_rows_dequantize_bit_exact_vs_format(shape, group_size, rng):
+    fmt = get_format("int4")
+    group = shape[-1] if group_size == "row" else group_size
+    payload = fmt.quantize(torch.randn(shape, dtype=torch.float64, generator=rng), group)
+    rows = payload | {"qdata": int4_rows(payload["qdata"], shape[-1])}
+    for dtype in (torch.float32, torch.float64):
+        exact = fmt.dequantize(payload, shape, dtype)
+        assert torch.equal(dequantize_payload(rows, shape, dtype, "rows"), exact)
+        assert torch.equal(dequantize_payload(payload, shape, dtype, "pairs"), exact)
+        if shape[:2] == (1, 1) and group != 1:
+            for scratch in (False, True):
+                codes, scale, unit = codes_and_row_scale(rows, shape, dtype, "rows", scratch)
+                assert unit == 1 / 16
+                rebuilt = codes * (scale.unsqueeze(-1) if scale.ndim else scale) * unit
+                assert torch.equal(rebuilt, exact[0, 0])
+
+
+def test_int4_layer_holds_rows_and_gives_back_the_artifact_bytes(rng):
+    layer, reference = _quantized(lowrank(10, 7, 3), "int4", None, 0, rng)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert [f.nibbles for f in layer.factors] == ["rows", "rows"]
+    for factor, key in zip(layer.factors, ("factors.0", "factors.1")):
+        assert torch.equal(factor.payload()["qdata"], stored[f"{key}.qdata"])
+        b, c = factor.shape[-2:]
+        assert factor.qdata.shape == (1, 1, (b + 1) // 2, c)
+    x = torch.randn(4, 7, generator=rng)
+    expected = reference(x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.load_state_dict(stored)  # copied into fresh buffers of the artifact's shape, repacked
+    assert [f.nibbles for f in layer.factors] == ["rows", "rows"]
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    layer.load_state_dict(stored, assign=True)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    # codes set without load_state_dict (as transformers does) stay in the artifact's order
+    for factor, key in zip(layer.factors, ("factors.0", "factors.1")):
+        factor.qdata = stored[f"{key}.qdata"].clone()
+        factor.nibbles = "pairs"
+    before = layer(x)
+    layer.repack()
+    assert [f.nibbles for f in layer.factors] == ["rows", "rows"]
+    assert torch.equal(layer(x), before)
+    assert all(torch.equal(v, stored[k]) for k, v in layer.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_inference_scratch_vs_autograd_path(fmt, rows, rng):
+    first, reference = _quantized(lowrank(10, 8, 4), fmt, None, 0, rng)
+    second, _ = _quantized(lowrank(10, 8, 4), fmt, None, 0, rng)
+    x = torch.randn(rows, 8, generator=rng)
+    graded = first(x.clone().requires_grad_())  # fresh codes, kept for backward
+    with torch.inference_mode():
+        y = first(x)
+        other = second(x)  # reuses the scratch buffer
+        again = first(x)
+    assert torch.equal(y, graded.detach()) and torch.equal(again, y) and not torch.equal(other, y)
+    torch.testing.assert_close(y, reference(x), rtol=1e-6, atol=1e-6)
