@@ -325,7 +325,10 @@ def _streamed(
             )
             calibration = {name: captured[local[name]] for name in todo}
             del captured  # the moments are freed as the fits pop them, not at the next block
-        order = [layer.name for layer in planned]
+        # independent fits go narrowest input first: a layer's fit then has beside it only
+        # the moments of layers at least as wide (a Llama down_proj's, 5632 wide: not the
+        # three 2048-wide pairs of the attention and the MLP's gate/up, 192 MiB)
+        order = [layer.name for layer in sorted(planned, key=lambda layer: layer.shape[1])]
         if recipe.sequential and planned:
             back = {v: k for k, v in local.items()}
             order = [back[n] for n in forward_order(reference, list(back), block_batches[0])]
