@@ -219,7 +219,7 @@ class BlockStream:
         block = self.blocks[index]
         self.loaded -= sum(p.numel() for p in block.parameters() if p.device.type != "meta")
         release(block)
-        _return_freed_memory()
+        return_freed_memory()
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -245,10 +245,12 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(name) if name else None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand freed heap pages back to the system: glibc keeps the blocks' freed tensors
     and the fits' work arrays in its arenas, so without this the resident size grows
-    block after block (SmolLM2: +100 MB a block) although nothing is held."""
+    block after block (SmolLM2: +100 MB a block) although nothing is held. Called after
+    each block, and inside a block after the capture and after each fit: a 5632-wide
+    Llama block's capture left ~180 MiB of freed heap resident under the fits' peak."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

@@ -152,3 +152,64 @@ def test_layers_fed_one_tensor_share_their_moments_only_while_they_are(split):
     # one set of moments for a and b while b's input is a's, else b's own (its shifted rows)
     assert (calib["a"].gram_train is calib["b"].gram_train) == (not split)
     assert torch.equal(calib["a"].gram_train, calib["b"].gram_train) == (not split)
+
+
+def _old_moments(model, names, batches, max_rows, val_every=VAL_EVERY):
+    """The moments as accumulated before the split-limited rows: every batch's full
+    float64 rows cut to what the split still takes, summed into float64 zeros."""
+    from lyoncompress.capture import input_rows
+
+    seen = {}
+    hooks = [
+        dict(model.named_modules())[name].register_forward_pre_hook(
+            lambda _, inputs, name=name: seen.__setitem__(name, inputs[0].detach())
+        )
+        for name in names
+    ]
+    n = {name: dict(model.named_modules())[name].in_features for name in names}
+    grams = {name: [torch.zeros(n[name], n[name], dtype=F64) for _ in range(2)] for name in names}
+    rows = {name: [0, 0] for name in names}
+    try:
+        for index, batch in enumerate(batches):
+            split = 1 if held_out(index, val_every) else 0
+            with torch.no_grad():
+                model(**batch)
+            for name in names:
+                taken = input_rows(seen[name], batch["attention_mask"])[: max_rows - rows[name][split]]
+                grams[name][split] += taken.T @ taken
+                rows[name][split] += len(taken)
+            if all(min(r) >= max_rows for r in rows.values()):
+                break
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return grams, rows
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 12, 10_000])
+def test_moments_from_the_rows_a_split_takes_equal_the_old_accumulation_bit_for_bit(max_rows):
+    torch.manual_seed(0)
+    model = _Tokens()
+    batches = _text_batches(9)
+    for batch in batches:  # a dead input feature beside an always-negative one: (0 * -x) sums to -0.0
+        batch["input_ids"][..., 0] = 0.0
+        batch["input_ids"][..., 1] = -batch["input_ids"][..., 1].abs() - 0.5
+    calib = capture_inputs(model, ["up", "down"], batches, max_samples=max_rows)
+    grams, rows = _old_moments(model, ["up", "down"], batches, max_rows)
+    for name in ("up", "down"):
+        for mine, old in ((calib[name].gram_train, grams[name][0]), (calib[name].gram_val, grams[name][1])):
+            assert torch.equal(mine, old)
+            assert torch.equal(torch.signbit(mine), torch.signbit(old))  # +0.0 where zeros gave +0.0
+        assert (calib[name].rows_train, calib[name].rows_val) == tuple(rows[name])
+
+
+def test_input_rows_with_a_limit_are_the_first_rows_of_the_whole_batch():
+    from lyoncompress.capture import input_rows
+
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))  # float32 (batch, seq, n)
+    mask = (torch.arange(6) < torch.tensor([[2], [6], [0], [3]])).long()
+    for given in (mask, None):
+        whole = input_rows(x, given)
+        assert whole.dtype == F64
+        for limit in (0, 1, 2, 5, len(whole), len(whole) + 3):
+            assert torch.equal(input_rows(x, given, limit), whole[:limit])

@@ -381,3 +381,61 @@ def test_capture_inputs_bounds_rows_and_skips_padding():
 def test_capture_inputs_rejects_non_linear_names():
     with pytest.raises(InputError, match="nn.Linear"):
         capture_inputs(nn.Sequential(nn.ReLU()), ["0"], [torch.randn(2, 3)])
+
+
+def _old_sqrt_factor(g: torch.Tensor, damping: float) -> torch.Tensor:
+    """The factor as computed before it was made in place: a damped copy, then a new L."""
+    damped = g.to(F64, copy=True)
+    damped.diagonal().add_(damping * float(damped.diagonal().mean().clamp_min(1e-300)))
+    return torch.linalg.cholesky(damped)
+
+
+@pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 600])
+def test_factor_made_in_the_damped_copy_equals_a_new_cholesky_bit_for_bit(n):
+    # n around the in-place transpose's 256-wide tiles; a rank-deficient moment (n/2 samples)
+    g = gram(_inputs(max(n // 2, 1), n, seed=n))
+    for moment in (g, g.float()):  # a float32 moment is damped in a float64 copy as before
+        factor = sqrt_factor(moment, 1e-4)
+        assert factor.dtype == F64 and factor.is_contiguous() and factor.stride() == (n, 1)
+        assert torch.equal(factor, _old_sqrt_factor(moment, 1e-4))
+        assert torch.equal(torch.signbit(factor), torch.signbit(_old_sqrt_factor(moment, 1e-4)))
+    assert torch.equal(g, gram(_inputs(max(n // 2, 1), n, seed=n)))  # the caller's moment is untouched
+
+
+@pytest.mark.parametrize("n", [1, 5, 256, 300, 513])
+def test_transpose_in_place_moves_every_entry(n):
+    from lyoncompress.refine.gram import _transpose_in_place
+
+    square = torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(n))
+    expected = square.T.clone()
+    assert _transpose_in_place(square) is square
+    assert torch.equal(square, expected)
+
+
+def test_finiteness_check_by_slabs_agrees_with_isfinite_everywhere():
+    from lyoncompress.refine.gram import all_finite, check_gram
+
+    g = gram(_inputs(50, 600, seed=1))
+    assert all_finite(g) and all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))
+    check_gram(g, 600)
+    for row, value in ((0, float("nan")), (599, float("inf")), (300, -float("inf"))):
+        bad = g.clone()
+        bad[row, 17] = value
+        assert not all_finite(bad) and not bool(torch.isfinite(bad).all())
+        with pytest.raises(InputError, match="NaN/Inf"):
+            check_gram(bad, 600)
+
+
+def test_in_place_output_error_products_equal_the_old_expressions_bit_for_bit():
+    g = gram(_inputs(400, 48, seed=8))
+    w = torch.randn(20, 48, generator=torch.Generator().manual_seed(9))  # float32, as layers are
+    approx = (w + 0.1 * torch.randn(20, 48, generator=torch.Generator().manual_seed(10))).to(torch.bfloat16)
+    w64 = w.to(F64)
+    old_energy = float(((w64 @ g) * w64).sum())
+    assert output_energy(w, g) == old_energy
+    e = w64 - approx.to(F64)
+    old_error = float((((e @ g) * e).sum().clamp_min(0.0) / old_energy).sqrt())
+    assert output_error(w, approx, g) == old_error
+    assert output_error(w, approx, g, old_energy) == old_error
+    assert output_error(w64, w64, g) == 0.0  # a float64 weight is copied, not changed in place
+    assert torch.equal(w64, w.to(F64))

@@ -204,3 +204,22 @@ def test_spilled_activations_of_a_dead_process_are_removed(tmp_path, monkeypatch
     hidden = torch.randn(2, 3, 4)
     spilled[0] = hidden
     assert torch.equal(spilled[0], hidden) and spilled[0].dtype == torch.float32
+
+
+def test_independent_fits_of_a_block_go_narrowest_input_first(tiny_llama, tmp_path, monkeypatch):
+    # a fit holds the moments of the block's layers not fitted yet: the widest (down_proj,
+    # 64 inputs here) goes last, with only its own beside it; sequential fits keep forward order
+    fit, names = calibrated.calibrated_layer, []
+
+    def recording(weight, layer, *args, **kwargs):
+        names.append(layer.name)
+        return fit(weight, layer, *args, **kwargs)
+
+    monkeypatch.setattr(calibrated, "calibrated_layer", recording)
+    factorize(tiny_llama, tmp_path / "out", Recipe(**FAST, stream="on"))
+    blocks = [names[i : i + 7] for i in range(0, len(names), 7)]
+    assert len(blocks) == 3 and all(b[-1].endswith("mlp.down_proj") for b in blocks)
+    assert all(len({block_index("model.layers", n) for n in b}) == 1 for b in blocks)
+    names.clear()
+    factorize(tiny_llama, tmp_path / "sequential", Recipe(**FAST, stream="on", sequential=True))
+    assert names[0].endswith("self_attn.q_proj") and names[6].endswith("mlp.down_proj")

@@ -52,6 +52,7 @@ from lyoncompress.blocks import (
     empty_model,
     find_blocks,
     map_large_allocations,
+    return_freed_memory,
 )
 from lyoncompress.capture import capture_inputs, capture_paired, forward_order
 from lyoncompress.checkpoint import Checkpoint
@@ -310,7 +311,11 @@ def _streamed(
             )
             calibration = {name: captured[local[name]] for name in todo}
             del captured  # the moments are freed as the fits pop them, not at the next block
-        order = [layer.name for layer in planned]
+            return_freed_memory()  # what the capture's passes left in the heap, before the fits
+        # independent fits go narrowest input first: a layer's fit then has beside it only
+        # the moments of layers at least as wide (a Llama down_proj's, 5632 wide: not the
+        # three 2048-wide pairs of the attention and the MLP's gate/up, 192 MiB)
+        order = [layer.name for layer in sorted(planned, key=lambda layer: layer.shape[1])]
         if recipe.sequential and planned:
             back = {v: k for k, v in local.items()}
             order = [back[n] for n in forward_order(reference, list(back), block_batches[0])]
@@ -336,6 +341,7 @@ def _streamed(
             if copied:
                 swap_factors(working, local[name], fitted)
             del fitted
+            return_freed_memory()  # the fit's work arrays, before the next fit
             if progress is not None:
                 progress(f"block {index + 1}/{len(stream)} {name}", len(seconds), len(layers))
         if recipe.distill_steps and planned:
