@@ -30,7 +30,6 @@ measured in this call, else rebuilt and evaluated again).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,7 +46,8 @@ from lyoncompress.errors import InputError
 from lyoncompress.evaluation import evaluate
 from lyoncompress.factorization.budget_search import gated_metric
 from lyoncompress.factorization.pipeline import factorize
-from lyoncompress.processes import alive, owned_scratch_folder
+from lyoncompress.frontier_claims import claim, locked, release
+from lyoncompress.processes import owned_scratch_folder
 from lyoncompress.quantization.formats import get_format
 from lyoncompress.quantization.pipeline import INTEGER_FORMATS, default_rescale, quantize
 from lyoncompress.recipe import (
@@ -397,7 +397,7 @@ def frontier(
                 section["artifact_passed"] = section["artifact_metric"] >= search.min_recovery
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        _release(out)
+        release(out)
     document = _write(out, settings, reference, measured, started, section)
     if plot:
         plot_frontier(document, out / "frontier.png")
@@ -534,59 +534,12 @@ def _take(out: Path, settings: dict[str, Any], job: _Job, measured: dict[str, Po
     other calls wrote meanwhile) and its unit not taken by another running call; if so,
     the unit is claimed for this call."""
     unit = job.label if job.structure is None else f"{job.structure} {job.budget:g}"
-    with _locked(out):
+    with locked(out):
         for label, point in _known_points(out / "frontier.json", settings).items():
             measured.setdefault(label, point)
         if job.label in measured:
             return False
-        claims = _read_claims(out)
-        holder = claims.get(unit)
-        if holder is not None and holder != os.getpid() and alive(holder):
-            return False
-        _write_claims(out, {k: v for k, v in claims.items() if alive(v)} | {unit: os.getpid()})
-    return True
-
-
-def _read_claims(out: Path) -> dict[str, int]:
-    path = out / ".frontier-claims.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:  # pragma: no cover - written whole by os.replace
-        return {}
-
-
-def _write_claims(out: Path, claims: dict[str, int]) -> None:
-    """Replace the claims file (removed when no claim is left); call under ``_locked``."""
-    path = out / ".frontier-claims.json"
-    if not claims:
-        path.unlink(missing_ok=True)
-        return
-    staging = out / f".frontier-claims.{os.getpid()}.tmp"
-    staging.write_text(json.dumps(claims))
-    staging.replace(path)
-
-
-def _release(out: Path) -> None:
-    """Drop this call's claims, and those of calls that are gone."""
-    with _locked(out):
-        claims = _read_claims(out)
-        _write_claims(out, {k: v for k, v in claims.items() if v != os.getpid() and alive(v)})
-
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """Hold an exclusive lock on ``out/.frontier.lock`` (where ``fcntl`` exists)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: parts must not run at the same time
-        yield
-        return
-    with open(out / ".frontier.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        return claim(out, unit)
 
 
 def _write(
@@ -600,7 +553,7 @@ def _write(
     """Write ``OUT/frontier.json``: the points of ``measured`` and, merged in first, the
     points other calls with the same settings wrote there meanwhile (``measured`` gains
     them, so the search and the plot see them too)."""
-    with _locked(out):
+    with locked(out):
         on_disk = _known_points(out / "frontier.json", settings)
         for label, point in on_disk.items():
             measured.setdefault(label, point)

@@ -29,6 +29,7 @@ LAYERS = {
     "lyoncompress.processes": 0,
     "lyoncompress.artifact": 1,
     "lyoncompress.checkpoint": 1,
+    "lyoncompress.frontier_claims": 1,
     "lyoncompress.output": 1,
     "lyoncompress.report": 1,
     "lyoncompress.factorization": 1,
